@@ -1,0 +1,90 @@
+"""Configuration: one dataclass per concern."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture, read from a Hugging Face ``config.json`` (Llama, Mistral, Mixtral)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]
+    num_experts: int = 0  # 0 = dense MLP
+    num_experts_per_tok: int = 0
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> ModelConfig:
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise NotImplementedError(f"rope_scaling type {rope_type!r} is not supported yet")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        heads = hf["num_attention_heads"]
+        return cls(
+            architecture=(hf.get("model_type") or "llama"),
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+            num_experts=hf.get("num_local_experts", 0) or 0,
+            num_experts_per_tok=hf.get("num_experts_per_tok", 0) or 0,
+        )
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | Path) -> ModelConfig:
+        return cls.from_hf(json.loads((Path(engine_dir) / "config.json").read_text()))
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache: ``num_blocks`` blocks of ``block_size`` token slots each.
+
+    Give ``num_blocks`` directly, or ``memory_bytes`` and the number is derived from the per-block size.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_bytes: int = 1 << 30
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits for one engine step."""
+
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 512  # prefill chunks + decodes per step
+    max_model_len: int = 2048  # prompt + output tokens of one sequence
+
+
+@dataclass
+class EngineConfig:
+    engine_dir: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_threads: int | None = None  # torch intra-op threads; None = torch's default

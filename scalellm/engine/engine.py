@@ -1,0 +1,172 @@
+"""The in-flight batching engine: one background loop thread over scheduler, model runner and sampler.
+
+Callers ``submit`` sequences and ``cancel`` them from any thread; the loop picks both up between steps,
+so a request that arrives while others generate joins at the next step, and a finished one leaves at once.
+Outputs are handed to each sequence's ``on_output`` callback from the loop thread: keep callbacks cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from scalellm.config import EngineConfig
+from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.model_runner import ModelRunner
+from scalellm.engine.sampler import sample
+from scalellm.engine.scheduler import ScheduledWork, Scheduler
+from scalellm.engine.sequence import RequestOutput, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    last_batch_size: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.model_config = self.runner.model_config
+        self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
+        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.stats = EngineStats()
+        self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._by_id: dict[str, Sequence] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ---- public API (any thread) ----
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="scalellm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> str | None:
+        """Why a request can never run (a message naming the bound), or None."""
+        total = prompt_len + max_tokens
+        if total > self.max_model_len:
+            return (f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
+                    f"context length of {self.max_model_len} tokens")
+        blocks = -(-total // self.blocks.block_size)
+        if blocks > self.blocks.num_blocks:
+            return (f"prompt + max_tokens = {total} tokens needs {blocks} KV-cache blocks but the cache "
+                    f"has {self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens")
+        return None
+
+    def submit(self, seq: Sequence) -> None:
+        problem = self.check_fits(len(seq.prompt_ids), seq.params.max_tokens)
+        if problem:
+            raise ValueError(problem)
+        self._inbox.put(("add", seq))
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    # ---- loop thread ----
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                kind, payload = item
+                if kind == "add":
+                    seq = payload
+                    self._by_id[seq.request_id] = seq
+                    self.scheduler.add(seq)
+                elif kind == "cancel" and payload in self._by_id:
+                    self._finish(self._by_id[payload], "cancelled")
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._drain_inbox(block=not self.scheduler.has_work())
+            if not self.scheduler.has_work():
+                continue
+            try:
+                self.step()
+            except Exception as exc:  # fail the running requests, keep serving the next ones
+                log.exception("engine step failed")
+                for seq in list(self._by_id.values()):
+                    self._finish(seq, "error", error=f"engine step failed: {exc}")
+
+    def step(self) -> list[ScheduledWork]:
+        work = self.scheduler.schedule()
+        if not work:
+            return work
+        logits = self.runner.run(work)
+        samplers = [w.seq for w in work if w.samples]
+        for w in work:
+            w.seq.num_computed += w.num_tokens
+            if w.seq.num_computed <= len(w.seq.prompt_ids):
+                self.stats.prompt_tokens += w.num_tokens
+        self.stats.steps += 1
+        self.stats.last_batch_size = len(work)
+        if samplers:
+            result = sample(logits, samplers)
+            for i, seq in enumerate(samplers):
+                lp = result.log_probs[i] if result.log_probs is not None else None
+                self._append_token(seq, result.token_ids[i], lp)
+        return work
+
+    def _append_token(self, seq: Sequence, token: int, log_prob: float | None) -> None:
+        p = seq.params
+        self.stats.generated_tokens += 1
+        if token in p.stop_token_ids and len(seq.output_ids) >= p.min_tokens:
+            self._finish(seq, "stop")
+            return
+        seq.output_ids.append(token)
+        if log_prob is not None:
+            seq.log_probs.append(log_prob)
+        for stop in p.stop_sequences:
+            if len(seq.output_ids) >= p.min_tokens + len(stop) and tuple(seq.output_ids[-len(stop):]) == stop:
+                del seq.output_ids[-len(stop):]
+                del seq.log_probs[len(seq.output_ids):]
+                self._finish(seq, "stop")
+                return
+        if len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+            return
+        self._emit(seq)
+
+    def _emit(self, seq: Sequence, finish_reason: str | None = None, error: str | None = None) -> None:
+        n = len(seq.output_ids) - (0 if finish_reason else seq.held_back())
+        out = RequestOutput(
+            request_id=seq.request_id,
+            token_ids=seq.prompt_ids + seq.output_ids[:n],
+            prompt_len=len(seq.prompt_ids),
+            num_output_tokens=n,
+            finish_reason=finish_reason,
+            log_probs=seq.log_probs[:n] if seq.params.return_log_probs else None,
+            error=error,
+        )
+        try:
+            seq.on_output(out)
+        except Exception:
+            log.exception("output callback failed for %s", seq.request_id)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self.scheduler.remove(seq)
+        self._by_id.pop(seq.request_id, None)
+        seq.finish_reason = reason
+        self._emit(seq, reason, error)
+

@@ -1,0 +1,86 @@
+"""A request inside the engine: its tokens, sampling parameters, cache blocks and progress."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding controls (the ensemble's sampling inputs, validated)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int = 0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # end of sequence ids
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # token sequences that end generation (not output)
+    bad_sequences: tuple[tuple[int, ...], ...] = ()  # token sequences never generated
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    return_log_probs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """What the engine reports after a step that changed a request."""
+
+    request_id: str
+    token_ids: list[int]  # prompt + every output token emitted so far (stop-sequence tails held back)
+    prompt_len: int
+    num_output_tokens: int
+    finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
+    log_probs: list[float] | None = None  # per emitted output token
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_output: Callable[[RequestOutput], None]
+    output_ids: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self) - self.num_computed
+
+    def held_back(self) -> int:
+        """Output tokens not yet safe to emit: a tail that could still grow into a stop sequence."""
+        out, best = self.output_ids, 0
+        for stop in self.params.stop_sequences:
+            for k in range(min(len(stop) - 1, len(out)), best, -1):
+                if tuple(out[-k:]) == stop[:k]:
+                    best = k
+                    break
+        return best
