@@ -1,0 +1,255 @@
+"""Build an engine from a checkpoint and render a relocatable Triton model repository around it.
+
+    python build_engines.py --checkpoint PATH --output-dir build/smollm2 [--dtype float32|bfloat16]
+        [--backend torch] [--max-model-len N] [--model-name ensemble] [--max-batch-size 64]
+        [--param name=value ...] [--templates model_repository] [--force]
+
+Writes OUTPUT/engine/ (see scalellm/models/checkpoint.py) and OUTPUT/model_repository/: every model
+directory of the templates is copied and the ${name} placeholders in its config.pbtxt are filled in.
+${engine_dir} becomes "../engine", a path RELATIVE TO THE MODEL REPOSITORY ROOT, so OUTPUT can be moved or
+mounted into a container; the llm model resolves it against the repository root, i.e. the parent of its own
+model directory (Path(args["model_repository"]).parent / engine_dir in a Python backend).
+
+The engine is rebuilt only when the checkpoint (path, size, mtime), dtype, backend or max_model_len changed,
+or with --force; the repository is re-rendered every time (it is cheap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scalellm.models.checkpoint import (
+    ENGINE_META_FILE,
+    atomic_directory,
+    checkpoint_format,
+    dtype_name,
+    load_checkpoint,
+    load_engine_config,
+    read_engine_meta,
+    save_engine,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_TEMPLATES = REPO_ROOT / "model_repository"
+DEFAULT_MAX_MODEL_LEN_CAP = 2048
+ENGINE_SUBDIR = "engine"
+REPOSITORY_SUBDIR = "model_repository"
+ENSEMBLE_TEMPLATE = "ensemble"
+PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def log(message: str) -> None:
+    print(f"[build_engines] {message}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help=".gguf file or Hugging Face directory")
+    parser.add_argument("--output-dir", required=True, type=Path, help="gets engine/ and model_repository/")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm"])
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help=f"default: min(max_position_embeddings, {DEFAULT_MAX_MODEL_LEN_CAP})",
+    )
+    parser.add_argument("--model-name", default=ENSEMBLE_TEMPLATE, help="name the ensemble is served as")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="fills ${max_batch_size}")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="fills ${NAME} in the templates (repeatable)",
+    )
+    parser.add_argument("--templates", type=Path, default=DEFAULT_TEMPLATES, help="templates dir")
+    parser.add_argument("--force", action="store_true", help="rebuild the engine even if it is up to date")
+    return parser.parse_args(argv)
+
+
+def scalellm_version() -> str:
+    """Installed package version, else scalellm.__version__, else pyproject.toml's, else "unknown"."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("scalellm-triton")
+    except metadata.PackageNotFoundError:
+        pass
+    import scalellm
+
+    if hasattr(scalellm, "__version__"):
+        return str(scalellm.__version__)
+    pyproject = REPO_ROOT / "pyproject.toml"
+    text = pyproject.read_text() if pyproject.is_file() else ""
+    found = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
+    return found.group(1) if found else "unknown"
+
+
+def source_fingerprint(checkpoint: Path) -> dict[str, Any]:
+    """Identity of a checkpoint for the up-to-date check: path, total size, newest mtime."""
+    fmt = checkpoint_format(checkpoint)
+    files = [checkpoint] if checkpoint.is_file() else [p for p in checkpoint.iterdir() if p.is_file()]
+    stats = [f.stat() for f in files]
+    return {
+        "source": str(checkpoint.resolve()),
+        "format": fmt,
+        "source_size": sum(s.st_size for s in stats),
+        "source_mtime_ns": max(s.st_mtime_ns for s in stats),
+    }
+
+
+def resolve_max_model_len(requested: int | None, config: dict[str, Any]) -> int:
+    """--max-model-len, or min(max_position_embeddings, 2048); never past what the model was trained for."""
+    limit = config.get("max_position_embeddings")
+    if requested is None:
+        return min(limit or DEFAULT_MAX_MODEL_LEN_CAP, DEFAULT_MAX_MODEL_LEN_CAP)
+    if requested < 1:
+        raise SystemExit(f"--max-model-len must be >= 1 (got {requested})")
+    if limit is not None and requested > limit:
+        raise SystemExit(f"--max-model-len {requested} exceeds the model's max_position_embeddings {limit}")
+    return requested
+
+
+def engine_up_to_date(engine_dir: Path, wanted: dict[str, Any], max_model_len: int | None) -> bool:
+    """True if engine_dir was built from the same checkpoint, dtype, backend and max_model_len."""
+    meta = read_engine_meta(engine_dir)
+    if meta is None or any(meta.get(key) != value for key, value in wanted.items()):
+        return False
+    return meta.get("max_model_len") == resolve_max_model_len(max_model_len, load_engine_config(engine_dir))
+
+
+def build_torch_engine(args: argparse.Namespace, engine_dir: Path, wanted: dict[str, Any]) -> None:
+    """Checkpoint -> HF-format engine directory with converted weights."""
+    start = time.perf_counter()
+    log(f"reading {wanted['format']} checkpoint {args.checkpoint}")
+    checkpoint = load_checkpoint(args.checkpoint)
+    max_model_len = resolve_max_model_len(args.max_model_len, checkpoint.config)
+    log(
+        f"read {len(checkpoint.state_dict)} tensors ({checkpoint.config.get('model_type')}) "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
+    write_start = time.perf_counter()
+    meta = {**wanted, "max_model_len": max_model_len, "built_with": scalellm_version()}
+    save_engine(
+        engine_dir,
+        checkpoint.config,
+        checkpoint.state_dict,
+        checkpoint.tokenizer,
+        args.dtype,
+        meta,
+        checkpoint.generation_config,
+    )
+    log(
+        f"wrote {engine_dir} ({args.dtype}, max_model_len {max_model_len}) "
+        f"in {time.perf_counter() - write_start:.1f}s; engine built in {time.perf_counter() - start:.1f}s"
+    )
+
+
+def parse_params(pairs: list[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not PLACEHOLDER.fullmatch(f"${{{name}}}"):
+            raise SystemExit(f"--param expects NAME=VALUE with NAME an identifier (got {pair!r})")
+        params[name] = value
+    return params
+
+
+def substitute(text: str, values: dict[str, str], where: Path) -> str:
+    """Fill ${name} placeholders; an unknown one is an error, not a silently broken config."""
+    unknown = sorted({name for name in PLACEHOLDER.findall(text) if name not in values})
+    if unknown:
+        raise SystemExit(
+            f"{where}: unknown placeholder(s) {', '.join('${' + n + '}' for n in unknown)}; "
+            f"known: {', '.join(sorted(values))} (add more with --param NAME=VALUE)"
+        )
+    return PLACEHOLDER.sub(lambda match: values[match.group(1)], text)
+
+
+def rename_model(config_text: str, old: str, new: str) -> str:
+    """Point a config.pbtxt's top-level `name:` at the model's new directory name."""
+    return re.sub(rf'^name:\s*"{re.escape(old)}"', f'name: "{new}"', config_text, flags=re.MULTILINE)
+
+
+def model_templates(templates: Path) -> list[Path]:
+    """The model directories of a templates directory (each becomes one Triton model)."""
+    entries = templates.iterdir() if templates.is_dir() else []
+    return sorted(p for p in entries if p.is_dir() and not p.name.startswith((".", "__")))
+
+
+def check_templates(templates: Path, values: dict[str, str]) -> None:
+    """Fail on unknown placeholders before minutes go into an engine build."""
+    for model_dir in model_templates(templates):
+        for config in model_dir.rglob("*.pbtxt"):
+            substitute(config.read_text(), values, config)
+
+
+def render_repository(templates: Path, out_repo: Path, values: dict[str, str], model_name: str) -> list[str]:
+    """Copy every model directory of templates into out_repo with its *.pbtxt placeholders filled."""
+    model_dirs = model_templates(templates)
+    if not model_dirs:
+        log(f"warning: no model templates in {templates}; the model repository is empty")
+    names = []
+    with atomic_directory(out_repo) as tmp:
+        for model_dir in model_dirs:
+            name = model_name if model_dir.name == ENSEMBLE_TEMPLATE else model_dir.name
+            target = tmp / name
+            shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            for config in target.rglob("*.pbtxt"):
+                text = substitute(config.read_text(), values, model_dir / config.relative_to(target))
+                if config == target / "config.pbtxt" and name != model_dir.name:
+                    text = rename_model(text, model_dir.name, name)
+                config.write_text(text)
+            names.append(name)
+    return names
+
+
+def template_values(args: argparse.Namespace) -> dict[str, str]:
+    values = {
+        "engine_dir": f"../{ENGINE_SUBDIR}",  # relative to the model repository root
+        "max_batch_size": str(args.max_batch_size),
+        "llm_instance_count": "1",
+    }
+    values.update(parse_params(args.param))
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.backend == "tensorrt_llm":
+        raise SystemExit("tensorrt_llm backend: not implemented yet")
+    if not args.checkpoint.exists():
+        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file or directory")
+    if args.max_batch_size < 1:
+        raise SystemExit(f"--max-batch-size must be >= 1 (got {args.max_batch_size})")
+    args.dtype = dtype_name(args.dtype)
+    values = template_values(args)
+    check_templates(args.templates, values)
+    try:
+        wanted = {**source_fingerprint(args.checkpoint), "backend": args.backend, "dtype": args.dtype}
+    except ValueError as error:
+        raise SystemExit(f"--checkpoint {error}") from None
+    engine_dir = args.output_dir / ENGINE_SUBDIR
+
+    if not args.force and engine_up_to_date(engine_dir, wanted, args.max_model_len):
+        log(f"engine up to date: {engine_dir} ({ENGINE_META_FILE} matches; --force rebuilds)")
+    else:
+        build_torch_engine(args, engine_dir, wanted)
+
+    start = time.perf_counter()
+    out_repo = args.output_dir / REPOSITORY_SUBDIR
+    models = render_repository(args.templates, out_repo, values, args.model_name)
+    log(f"rendered {out_repo} [{', '.join(models)}] in {time.perf_counter() - start:.2f}s")
+    log(f"done: serve with  python -m scalellm.serving --model-repository {out_repo}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
