@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Serve a built model with Triton in the foreground (Ctrl-C stops it cleanly). Works from any directory.
+#   scripts/serve.sh [--host H] [--http-port N] [--grpc-port N] [--metrics-port N] [--log-file F] [--log-verbose N]
+#                    [--any-tritonserver-option=value ...]
+# Env: SCALELLM_MODEL_DIR  a directory built by build_engines.py (default: build/smollm2, built on first run)
+#      SCALELLM_HOST, SCALELLM_HTTP_PORT, SCALELLM_GRPC_PORT, SCALELLM_METRICS_PORT  defaults of the flags
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -n "${SCALELLM_MODEL_DIR:-}" ]]; then
+    SCALELLM_MODEL_DIR="$(cd "$SCALELLM_MODEL_DIR" && pwd)"  # relative to where you are, not to the repo
+    export SCALELLM_MODEL_DIR
+fi
+bash "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+exec .venv/bin/python -m scalellm.serving \
+    --model-repository "${SCALELLM_MODEL_DIR:-build/smollm2}/model_repository" "$@"
