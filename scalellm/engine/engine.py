@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,7 @@ from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.sampler import sample
 from scalellm.engine.scheduler import ScheduledWork, Scheduler
-from scalellm.engine.sequence import RequestOutput, Sequence
+from scalellm.engine.sequence import RequestOutput, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +170,21 @@ class LLMEngine:
         seq.finish_reason = reason
         self._emit(seq, reason, error)
 
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+        """Submit ``prompts`` together and wait for all (in-process use: tests, benchmarks)."""
+        done = threading.Semaphore(0)
+        results: dict[int, RequestOutput] = {}
+
+        def on_output(index: int) -> Callable[[RequestOutput], None]:
+            def record(out: RequestOutput) -> None:
+                if out.finish_reason is not None:
+                    results[index] = out
+                    done.release()
+            return record
+
+        for i, ids in enumerate(prompts):
+            self.submit(Sequence(f"local-{id(results)}-{i}", list(ids), params, on_output(i)))
+        for _ in prompts:
+            done.acquire()
+        return [results[i] for i in range(len(prompts))]

@@ -37,7 +37,8 @@ CANCEL_POLL_S = 0.25
 
 @dataclass
 class RequestState:
-    request_id: str
+    request_id: str  # unique inside this instance
+    triton_id: str  # the client's request id (may be empty or shared)
     sender: object  # pb_utils.InferenceResponseSender
     stream: bool
     sent_upto: int  # tokens (prompt + output) whose text was already delivered
@@ -85,6 +86,12 @@ class TritonPythonModel:
     def execute(self, requests: list) -> None:
         for request in requests:
             sender = request.get_response_sender()
+            cancel = pb_utils.get_input_tensor_by_name(request, "cancel_request_id")
+            if cancel is not None:
+                self._cancel_by_triton_id(scalar(cancel.as_numpy(), "cancel_request_id"))
+                sender.send(pb_utils.InferenceResponse(output_tensors=[]),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
             try:
                 seq, state = self._parse(request, sender)
             except (InvalidInput, ValueError, TypeError) as exc:
@@ -97,6 +104,15 @@ class TritonPythonModel:
                 self._active.pop(state.request_id, None)
                 self._reject(sender, str(exc))
         return None
+
+    def _cancel_by_triton_id(self, triton_id: bytes | str) -> None:
+        """Explicit cancel by the client's request id.  Needed because Triton 2.51 does not pass a
+        cancelled ensemble request on to its composing models, so ``is_cancelled`` stays False here."""
+        triton_id = triton_id.decode() if isinstance(triton_id, bytes) else str(triton_id)
+        for state in list(self._active.values()):
+            if triton_id and state.triton_id == triton_id and not state.done:
+                pb_utils.Logger.log_info(f"llm: request {state.request_id} cancelled by the client")
+                self.engine.cancel(state.request_id)
 
     @staticmethod
     def _reject(sender, message: str) -> None:
@@ -116,7 +132,10 @@ class TritonPythonModel:
             ids, offsets = tensor.as_numpy().reshape(2, -1).tolist()
             return tuple(unflatten_word_ids(ids, offsets))
 
-        prompt = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
+        prompt_ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if prompt_ids is None or get("request_output_len") is None:
+            raise InvalidInput("input_ids and request_output_len are required (unless cancel_request_id is given)")
+        prompt = prompt_ids.as_numpy().reshape(-1).tolist()
         max_tokens = int(get("request_output_len"))
         beam_width = int(get("beam_width", 1))
         if beam_width != 1:
@@ -141,7 +160,10 @@ class TritonPythonModel:
         seed = get("seed", get("random_seed"))
         seed = random.getrandbits(63) if seed is None else int(seed) % (1 << 63)
         end_id = int(get("end_id", -1))
-        stop_ids = (end_id,) if get("end_id_given", False) else tuple({end_id, *self.eos_ids} - {-1})
+        if get("end_id_given", False):  # the client's end_id replaces the model's; -1 = none
+            stop_ids = (end_id,) if end_id >= 0 else ()
+        else:
+            stop_ids = tuple({end_id, *self.eos_ids} - {-1})
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -160,6 +182,7 @@ class TritonPythonModel:
         exclude_input = bool(get("exclude_input_in_output", True))
         state = RequestState(
             request_id=f"{request.request_id() or 'req'}-{next(self._ids)}",
+            triton_id=request.request_id(),
             sender=sender,
             stream=bool(get("streaming", False)),
             sent_upto=len(prompt) if exclude_input else 0,
@@ -189,6 +212,7 @@ class TritonPythonModel:
                 last_poll = time.monotonic()
                 for state in list(self._active.values()):
                     if not state.done and state.sender.is_cancelled():
+                        pb_utils.Logger.log_info(f"llm: request {state.request_id} cancelled by the client")
                         self.engine.cancel(state.request_id)
 
     def _send(self, state: RequestState, out: RequestOutput) -> None:

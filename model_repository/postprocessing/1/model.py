@@ -27,7 +27,7 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
-            def get(name: str) -> np.ndarray:
+            def get(name: str, request=request) -> np.ndarray:
                 return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
 
             window = get("TOKENS_BATCH").reshape(-1).tolist()

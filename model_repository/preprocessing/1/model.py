@@ -73,9 +73,10 @@ class TritonPythonModel:
             )
         end_id = scalar(self._input(request, "END_ID"), "end_id")
         pad_id = scalar(self._input(request, "PAD_ID"), "pad_id")
-        for name, value in (("end_id", end_id), ("pad_id", pad_id)):
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise InvalidInput(f"{name} must be in [0, {self.vocab_size}) (got {value})")
+        # end_id -1 means "no end token" (generate max_tokens), as in TensorRT-LLM.
+        for name, value, low in (("end_id", end_id, -1), ("pad_id", pad_id, 0)):
+            if value is not None and not low <= value < self.vocab_size:
+                raise InvalidInput(f"{name} must be in [{low}, {self.vocab_size}) (got {value})")
         resolved_end = self.default_end_id if end_id is None else end_id
         stop = encode_word_list(self.tokenizer, decode_words(self._input(request, "STOP_WORDS_DICT"), "stop_words"))
         bad = encode_word_list(self.tokenizer, decode_words(self._input(request, "BAD_WORDS_DICT"), "bad_words"))
@@ -90,6 +91,6 @@ class TritonPythonModel:
             i32("STOP_WORDS_IDS", [flatten_word_ids(stop)]),
             i32("BAD_WORDS_IDS", [flatten_word_ids(bad)]),
             i32("OUT_END_ID", [[resolved_end]]),
-            i32("OUT_PAD_ID", [[resolved_end if pad_id is None else pad_id]]),
+            i32("OUT_PAD_ID", [[max(resolved_end, 0) if pad_id is None else pad_id]]),
             pb_utils.Tensor("OUT_END_ID_GIVEN", np.asarray([[end_id is not None]], dtype=bool)),
         ]
