@@ -1,0 +1,64 @@
+"""Seeded sampling is a property of the request, not of the batch it happens to share."""
+
+from __future__ import annotations
+
+import torch
+
+from scalellm.engine.sampler import sample, uniform_from_counter
+from scalellm.engine.sequence import SamplingParams, Sequence
+
+
+def make_seq(params: SamplingParams, output: list[int] | None = None) -> Sequence:
+    seq = Sequence("s", [1, 2, 3], params, on_output=lambda out: None)
+    seq.output_ids = list(output or [])
+    return seq
+
+
+def test_counter_uniforms_are_uniform_and_deterministic():
+    seeds = torch.full((20000,), 7, dtype=torch.long)
+    u = uniform_from_counter(seeds, torch.arange(20000))
+    assert torch.equal(u, uniform_from_counter(seeds, torch.arange(20000)))
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.01
+    assert abs((u < 0.1).float().mean().item() - 0.1) < 0.01
+
+
+def test_same_seed_same_token_whatever_the_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1234)
+    alone = sample(logits[:1], [make_seq(params)]).token_ids[0]
+    others = [make_seq(SamplingParams(temperature=1.0, seed=i)) for i in range(5)]
+    mixed = sample(logits[[1, 2, 0, 3, 4, 5]], others[:2] + [make_seq(params)] + others[2:])
+    assert mixed.token_ids[2] == alone
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).expand(3000, 3).clone()
+    seqs = [make_seq(SamplingParams(temperature=1.0, seed=i)) for i in range(3000)]
+    counts = torch.bincount(torch.tensor(sample(logits, seqs).token_ids), minlength=3).float() / 3000
+    assert torch.allclose(counts, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(500, 4).clone()
+    top_k = [make_seq(SamplingParams(temperature=1.0, top_k=2, seed=i)) for i in range(500)]
+    assert set(sample(logits, top_k).token_ids) == {0, 1}
+    top_p = [make_seq(SamplingParams(temperature=1.0, top_p=0.6, seed=i)) for i in range(500)]
+    assert set(sample(logits, top_p).token_ids) == {0, 1}  # 0.5 < 0.6, so the second is needed too
+
+
+def test_min_tokens_and_bad_words_mask_tokens():
+    logits = torch.tensor([[5.0, 1.0, 0.0, 0.0]])
+    early = make_seq(SamplingParams(min_tokens=2, stop_token_ids=(0,)), output=[3])
+    assert sample(logits, [early]).token_ids == [1]
+    banned = make_seq(SamplingParams(bad_sequences=((2, 0),)), output=[2])
+    assert sample(logits, [banned]).token_ids == [1]
+
+
+def test_log_probs_are_the_models():
+    logits = torch.randn(2, 50)
+    seqs = [make_seq(SamplingParams(return_log_probs=True)), make_seq(SamplingParams(temperature=0.7, seed=3))]
+    result = sample(logits, seqs)
+    expected = torch.log_softmax(logits, -1)[[0, 1], result.token_ids]
+    assert torch.allclose(torch.tensor(result.log_probs), expected)
