@@ -63,12 +63,15 @@ class ModelConfig:
 class CacheConfig:
     """Paged KV cache: ``num_blocks`` blocks of ``block_size`` token slots each.
 
-    Give ``num_blocks`` directly, or ``memory_bytes`` and the number is derived from the per-block size.
+    Give ``num_blocks`` directly, or a memory budget: ``memory_fraction`` of the memory available when the
+    engine starts, else ``memory_bytes``.  Full blocks are shared between requests with a common prefix.
     """
 
     block_size: int = 16
     num_blocks: int | None = None
     memory_bytes: int = 1 << 30
+    memory_fraction: float | None = None
+    prefix_caching: bool = True
 
 
 @dataclass

@@ -41,7 +41,7 @@ class LLMEngine:
         self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
         self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
-        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.stats = EngineStats()
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
@@ -117,6 +117,7 @@ class LLMEngine:
         samplers = [w.seq for w in work if w.samples]
         for w in work:
             w.seq.num_computed += w.num_tokens
+            self.blocks.commit_full_blocks(w.seq)
             if w.seq.num_computed <= len(w.seq.prompt_ids):
                 self.stats.prompt_tokens += w.num_tokens
         self.stats.steps += 1
@@ -157,6 +158,7 @@ class LLMEngine:
             num_output_tokens=n,
             finish_reason=finish_reason,
             log_probs=seq.log_probs[:n] if seq.params.return_log_probs else None,
+            num_cached_tokens=seq.num_cached_tokens,
             error=error,
         )
         try:

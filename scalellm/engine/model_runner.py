@@ -13,11 +13,22 @@ from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def num_cache_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def num_cache_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
     if cache.num_blocks is not None:
         return cache.num_blocks
     per_block = 2 * cfg.num_layers * cache.block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-    return max(1, cache.memory_bytes // per_block)
+    budget = cache.memory_bytes
+    if cache.memory_fraction is not None:
+        budget = int(available_memory_bytes(device) * cache.memory_fraction)
+    return max(1, budget // per_block)
 
 
 class ModelRunner:
@@ -34,7 +45,7 @@ class ModelRunner:
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()
         self.block_size = config.cache.block_size
-        self.num_blocks = num_cache_blocks(self.model_config, config.cache, self.dtype)
+        self.num_blocks = num_cache_blocks(self.model_config, config.cache, self.dtype, self.device)
         c = self.model_config
         self.kv_caches = [
             torch.zeros(2, self.num_blocks * self.block_size, c.num_kv_heads, c.head_dim,

@@ -79,10 +79,13 @@ class Scheduler:
         # 2. Admit waiting sequences FCFS while budget, sequence slots and blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq, n):
+            cached = self.blocks.match_prefix(seq)
+            n = min(len(seq) - len(cached) * self.blocks.block_size, budget)
+            need = -(-(len(cached) * self.blocks.block_size + n) // self.blocks.block_size) - len(cached)
+            if need > self.blocks.free_after_taking(cached):
                 break
             self.waiting.popleft()
+            self.blocks.take_prefix(seq, cached)
             self.blocks.grow(seq, n)
             seq.status = Status.RUNNING
             self.running.append(seq)

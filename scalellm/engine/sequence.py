@@ -47,6 +47,7 @@ class RequestOutput:
     num_output_tokens: int
     finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
     log_probs: list[float] | None = None  # per emitted output token
+    num_cached_tokens: int = 0  # prefix-cache hits
     error: str | None = None
 
 
@@ -61,6 +62,8 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of the full blocks
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
 
