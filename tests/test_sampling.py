@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from scalellm.engine.sampler import sample, uniform_from_counter
+from scalellm.engine.sampler import apply_penalties, sample, uniform_from_counter
 from scalellm.engine.sequence import SamplingParams, Sequence
 
 
@@ -62,3 +62,27 @@ def test_log_probs_are_the_models():
     result = sample(logits, seqs)
     expected = torch.log_softmax(logits, -1)[[0, 1], result.token_ids]
     assert torch.allclose(torch.tensor(result.log_probs), expected)
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.07, 0.03]])).expand(500, 4).clone()
+    seqs = [make_seq(SamplingParams(temperature=1.0, min_p=0.2, seed=i)) for i in range(500)]
+    assert set(sample(logits, seqs).token_ids) == {0, 1}  # 0.07 < 0.2 x 0.6
+
+
+def test_penalties_match_an_independent_computation():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 20)
+    prompt, output = [1, 2, 3], [3, 5, 5, 7]
+    params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)
+    seq = Sequence("p", prompt, params, on_output=lambda out: None)
+    seq.output_ids = list(output)
+    expected = logits[0].clone()
+    for token in set(output):  # OpenAI-style: output tokens only
+        expected[token] -= 0.25 * output.count(token) + 0.5
+    for token in set(prompt + output):  # HF/CTRL-style: prompt and output
+        expected[token] = expected[token] / 1.3 if expected[token] > 0 else expected[token] * 1.3
+    assert sample(logits.clone(), [seq]).token_ids == [int(expected.argmax())]
+    penalised = logits.clone()
+    apply_penalties(penalised, [seq])
+    assert torch.allclose(penalised[0], expected)

@@ -38,7 +38,7 @@ class SampleResult:
     log_probs: list[float] | None  # model log-probability of each sampled token (None if nobody asked)
 
 
-def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
             or s.params.presence_penalty != 0.0 or s.params.frequency_penalty != 0.0]
     if not rows:
@@ -87,7 +87,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     want_log_probs = any(s.params.return_log_probs for s in seqs)
     model_log_probs = torch.log_softmax(logits, dim=-1) if want_log_probs else None
     logits = logits.clone()
-    _apply_penalties(logits, seqs)
+    apply_penalties(logits, seqs)
     _ban_tokens(logits, seqs)
 
     greedy = torch.tensor([s.params.greedy for s in seqs])
@@ -108,6 +108,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
             drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p.unsqueeze(1)
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             scaled = scaled.masked_fill(drop, float("-inf"))
+        min_p = torch.tensor([s.params.min_p for s in seqs])
+        if bool((min_p > 0).any()):
+            probs = scaled.softmax(dim=-1)
+            floor = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+            scaled = scaled.masked_fill(probs < floor, float("-inf"))
         cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
         seeds = torch.tensor([s.params.seed for s in seqs], dtype=torch.long)
         counters = torch.tensor([len(s.output_ids) for s in seqs], dtype=torch.long)

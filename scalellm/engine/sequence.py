@@ -16,6 +16,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability
     seed: int = 0
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()  # end of sequence ids

@@ -145,7 +145,9 @@ class TritonPythonModel:
         temperature = get("temperature")
         check_range("top_k", top_k, low=0, high=self.vocab_size)
         check_range("top_p", top_p, low=0.0, low_open=True, high=1.0)
-        sampling_asked = top_k > 1 or top_p < 1.0
+        min_p = float(get("min_p", 0.0))
+        check_range("min_p", min_p, low=0.0, high=1.0)
+        sampling_asked = top_k > 1 or top_p < 1.0 or min_p > 0.0
         temperature = float(temperature) if temperature is not None else (1.0 if sampling_asked else 0.0)
         check_range("temperature", temperature, low=0.0)
         repetition = float(get("repetition_penalty", 1.0))
@@ -169,6 +171,7 @@ class TritonPythonModel:
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            min_p=min_p,
             seed=seed,
             min_tokens=min_tokens,
             stop_token_ids=stop_ids,
@@ -243,6 +246,7 @@ class TritonPythonModel:
             pb_utils.Tensor("is_final", np.asarray([[final]], dtype=bool)),
             pb_utils.Tensor("finish_reason", np.asarray([[(out.finish_reason or "").encode()]], dtype=object)),
             pb_utils.Tensor("num_output_tokens", np.asarray([[out.num_output_tokens]], dtype=np.int32)),
+            pb_utils.Tensor("num_cached_tokens", np.asarray([[out.num_cached_tokens]], dtype=np.int32)),
             pb_utils.Tensor("cum_log_probs",
                             np.asarray([[cum] if log_probs is not None else []], dtype=np.float32)),
             pb_utils.Tensor("output_log_probs",

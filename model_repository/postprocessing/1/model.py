@@ -15,6 +15,7 @@ from scalellm.triton_io import model_parameters, resolve_engine_dir
 PASS_THROUGH = {
     "FINISH_REASON": "OUT_FINISH_REASON",
     "NUM_OUTPUT_TOKENS": "OUT_NUM_OUTPUT_TOKENS",
+    "NUM_CACHED_TOKENS": "OUT_NUM_CACHED_TOKENS",
     "CUM_LOG_PROBS": "OUT_CUM_LOG_PROBS",
     "OUTPUT_LOG_PROBS": "OUT_OUTPUT_LOG_PROBS",
 }
