@@ -1,0 +1,142 @@
+"""Turn ``generate(prompt, **sampling)`` arguments into ensemble inputs (pure, no I/O).
+
+The tensor names, Triton datatypes and shapes are the ensemble contract (tensorrtllm_backend's
+``inflight_batcher_llm`` names): batch 1, so scalars are ``[1, 1]`` and word lists ``[1, n]``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MAX_TOKENS = 128
+# Seconds an explicit cancel (see the transports' ``cancel``) may take; it is best effort.
+CANCEL_TIMEOUT_S = 2.0
+
+# keyword argument -> (ensemble input name, Triton datatype). BYTES entries are word lists.
+SAMPLING_INPUTS: Mapping[str, tuple[str, str]] = {
+    "max_tokens": ("max_tokens", "INT32"),
+    "temperature": ("temperature", "FP32"),
+    "top_k": ("top_k", "INT32"),
+    "top_p": ("top_p", "FP32"),
+    "seed": ("seed", "UINT64"),
+    "stop": ("stop_words", "BYTES"),
+    "bad_words": ("bad_words", "BYTES"),
+    "exclude_input_in_output": ("exclude_input_in_output", "BOOL"),
+    "return_log_probs": ("return_log_probs", "BOOL"),
+    "repetition_penalty": ("repetition_penalty", "FP32"),
+    "presence_penalty": ("presence_penalty", "FP32"),
+    "frequency_penalty": ("frequency_penalty", "FP32"),
+    "min_tokens": ("min_tokens", "INT32"),
+    "end_id": ("end_id", "INT32"),
+    "pad_id": ("pad_id", "INT32"),
+    "beam_width": ("beam_width", "INT32"),
+    "length_penalty": ("length_penalty", "FP32"),
+}
+
+INPUT_DTYPES: Mapping[str, str] = {
+    "text_input": "BYTES",
+    "stream": "BOOL",
+    **{name: dtype for name, dtype in SAMPLING_INPUTS.values()},
+}
+
+_INT_BOUNDS = {"INT32": (-(2**31), 2**31 - 1), "UINT64": (0, 2**64 - 1)}
+_NUMPY_DTYPES = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BOOL": np.bool_}
+
+
+def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, Any]:
+    """Ensemble inputs for one request as ``{input name: JSON-able value}``.
+
+    Only ``text_input``, ``max_tokens`` (default 128), ``stream`` and the sampling arguments the
+    caller set (not None) are included, so the server's defaults apply to the rest. Word lists
+    (``stop``, ``bad_words``) accept a str or a list of str; empty lists are left out.
+    Raises TypeError for an unknown argument or a value of the wrong type, ValueError for an
+    integer outside the input's datatype range.
+    """
+    unknown = sorted(set(sampling) - set(SAMPLING_INPUTS))
+    if unknown:
+        raise TypeError(f"unexpected sampling argument(s): {', '.join(unknown)}; "
+                        f"expected some of: {', '.join(SAMPLING_INPUTS)}")
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str (got {type(prompt).__name__})")
+    sampling = {"max_tokens": DEFAULT_MAX_TOKENS, **sampling}
+    fields: dict[str, Any] = {"text_input": prompt}
+    for key, value in sampling.items():
+        if value is None:
+            continue
+        name, dtype = SAMPLING_INPUTS[key]
+        value = _coerce(key, value, dtype)
+        if value == []:
+            continue
+        fields[name] = value
+    fields["stream"] = bool(stream)
+    return fields
+
+
+def _coerce(key: str, value: Any, dtype: str) -> Any:
+    """Check one argument against its datatype; return it as a plain Python value."""
+    if dtype == "BYTES":
+        words = [value] if isinstance(value, str) else value
+        if not isinstance(words, list | tuple) or not all(isinstance(w, str) for w in words):
+            raise TypeError(f"{key} must be a str or a list of str (got {value!r})")
+        return list(words)
+    if dtype == "BOOL":
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{key} must be a bool (got {value!r})")
+        return bool(value)
+    if isinstance(value, bool):  # bool is an int subclass; True as a temperature is a mistake
+        raise TypeError(f"{key} must be a number (got {value!r})")
+    if dtype == "FP32":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{key} must be a number (got {value!r})") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{key} must be finite (got {number})")
+        return number
+    try:
+        integer = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{key} must be an int (got {value!r})") from None
+    low, high = _INT_BOUNDS[dtype]
+    if not low <= integer <= high:
+        raise ValueError(f"{key} must be in [{low}, {high}] for {dtype} (got {integer})")
+    return integer
+
+
+def new_request_id() -> str:
+    """A unique Triton request id, so an abandoned request can be cancelled explicitly by id."""
+    return uuid.uuid4().hex
+
+
+def to_arrays(fields: Mapping[str, Any]) -> list[tuple[str, np.ndarray, str]]:
+    """``(name, array, Triton datatype)`` per input, shaped ``[1, 1]`` or ``[1, n]`` (batch of one)."""
+    arrays = []
+    for name, value in fields.items():
+        dtype = INPUT_DTYPES[name]
+        if dtype == "BYTES":
+            items = value if isinstance(value, list) else [value]
+            array = np.array([[item.encode("utf-8") for item in items]], dtype=np.object_)
+        else:
+            array = np.array([[value]], dtype=_NUMPY_DTYPES[dtype])
+        arrays.append((name, array, dtype))
+    return arrays
+
+
+def normalize_url(url: str | None, protocol: str) -> str:
+    """``host:port`` for gRPC, ``http(s)://host:port`` for HTTP; the default port follows Triton's."""
+    if protocol not in ("grpc", "http"):
+        raise ValueError(f"protocol must be 'grpc' or 'http' (got {protocol!r})")
+    if url is None:
+        return "127.0.0.1:8001" if protocol == "grpc" else "http://127.0.0.1:8000"
+    url = url.rstrip("/")
+    if protocol == "grpc":
+        for scheme in ("grpc://", "http://"):
+            url = url.removeprefix(scheme)
+        return url
+    return url if "://" in url else f"http://{url}"
