@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,17 +21,37 @@ from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.sampler import sample
 from scalellm.engine.scheduler import ScheduledWork, Scheduler
-from scalellm.engine.sequence import RequestOutput, SamplingParams, Sequence
+from scalellm.engine.sequence import RequestOutput, RequestTimings, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EngineStats:
+    """Totals since start."""
+
     steps: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    last_batch_size: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded, recomputation included)
+    generated_tokens: int = 0  # tokens sampled, end-of-sequence included
+
+
+@dataclass
+class StepStats:
+    """What one step did, for metrics (handed to ``LLMEngine.on_step``)."""
+
+    batch_size: int
+    prefill_tokens: int
+    decode_tokens: int
+    generated_tokens: int
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    preemptions_total: int
+    prefix_hit_tokens_total: int
+    duration_s: float
+    ttft_s: list[float] = field(default_factory=list)  # arrival -> first token, for requests that got one
+    itl_s: list[float] = field(default_factory=list)  # gaps between consecutive tokens of a request
 
 
 class LLMEngine:
@@ -44,6 +65,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.stats = EngineStats()
+        self.on_step: Callable[[StepStats], None] | None = None  # called from the loop thread
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._by_id: dict[str, Sequence] = {}
         self._thread: threading.Thread | None = None
@@ -110,23 +132,52 @@ class LLMEngine:
                     self._finish(seq, "error", error=f"engine step failed: {exc}")
 
     def step(self) -> list[ScheduledWork]:
+        start = time.perf_counter()
         work = self.scheduler.schedule()
         if not work:
             return work
+        now_ns = time.time_ns()
+        for w in work:
+            w.seq.first_scheduled_ns = w.seq.first_scheduled_ns or now_ns
         logits = self.runner.run(work)
         samplers = [w.seq for w in work if w.samples]
+        prefill = 0
         for w in work:
+            if w.seq.num_computed < len(w.seq.prompt_ids):
+                prefill += w.num_tokens
             w.seq.num_computed += w.num_tokens
             self.blocks.commit_full_blocks(w.seq)
-            if w.seq.num_computed <= len(w.seq.prompt_ids):
-                self.stats.prompt_tokens += w.num_tokens
         self.stats.steps += 1
-        self.stats.last_batch_size = len(work)
+        self.stats.prompt_tokens += prefill
+        ttft, itl = [], []
         if samplers:
             result = sample(logits, samplers)
+            now_ns = time.time_ns()
             for i, seq in enumerate(samplers):
+                if seq.first_token_ns:
+                    itl.append((now_ns - seq.last_token_ns) / 1e9)
+                else:
+                    seq.first_token_ns = now_ns
+                    ttft.append((now_ns - seq.arrival_ns) / 1e9)
+                seq.last_token_ns = now_ns
                 lp = result.log_probs[i] if result.log_probs is not None else None
                 self._append_token(seq, result.token_ids[i], lp)
+        if self.on_step is not None:
+            self.on_step(StepStats(
+                batch_size=len(work),
+                prefill_tokens=prefill,
+                decode_tokens=sum(w.num_tokens for w in work) - prefill,
+                generated_tokens=len(samplers),
+                running=len(self.scheduler.running),
+                waiting=len(self.scheduler.waiting),
+                kv_blocks_used=self.blocks.num_used,
+                kv_blocks_total=self.blocks.num_blocks,
+                preemptions_total=self.scheduler.num_preemptions,
+                prefix_hit_tokens_total=self.blocks.prefix_hit_tokens,
+                duration_s=time.perf_counter() - start,
+                ttft_s=ttft,
+                itl_s=itl,
+            ))
         return work
 
     def _append_token(self, seq: Sequence, token: int, log_prob: float | None) -> None:
@@ -159,6 +210,7 @@ class LLMEngine:
             finish_reason=finish_reason,
             log_probs=seq.log_probs[:n] if seq.params.return_log_probs else None,
             num_cached_tokens=seq.num_cached_tokens,
+            timings=RequestTimings(seq.arrival_ns, seq.first_scheduled_ns, seq.first_token_ns, seq.last_token_ns),
             error=error,
         )
         try:

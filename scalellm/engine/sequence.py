@@ -39,6 +39,16 @@ class Status(enum.Enum):
 
 
 @dataclass
+class RequestTimings:
+    """Wall-clock (time.time_ns) marks, comparable across processes on one machine; 0 = not yet."""
+
+    arrival_ns: int = 0
+    first_scheduled_ns: int = 0
+    first_token_ns: int = 0
+    last_token_ns: int = 0
+
+
+@dataclass
 class RequestOutput:
     """What the engine reports after a step that changed a request."""
 
@@ -49,6 +59,7 @@ class RequestOutput:
     finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
     log_probs: list[float] | None = None  # per emitted output token
     num_cached_tokens: int = 0  # prefix-cache hits
+    timings: RequestTimings = field(default_factory=RequestTimings)
     error: str | None = None
 
 
@@ -66,7 +77,11 @@ class Sequence:
     block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of the full blocks
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finish_reason: str | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
+    arrival_time: float = field(default_factory=time.monotonic)  # FCFS order, preemption victims
+    arrival_ns: int = field(default_factory=time.time_ns)
+    first_scheduled_ns: int = 0
+    first_token_ns: int = 0
+    last_token_ns: int = 0
 
     @property
     def token_ids(self) -> list[int]:
