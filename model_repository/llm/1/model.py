@@ -22,6 +22,7 @@ import triton_python_backend_utils as pb_utils
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import RequestOutput, SamplingParams, Sequence
+from scalellm.metrics import EngineMetrics
 from scalellm.tokenization import detokenize_window, unflatten_word_ids
 from scalellm.triton_io import (
     InvalidInput,
@@ -33,6 +34,8 @@ from scalellm.triton_io import (
 )
 
 CANCEL_POLL_S = 0.25
+# tensorrtllm_backend's names for the engine's wall-clock (time.time_ns) marks of a request
+PERF_OUTPUTS = ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")
 
 
 @dataclass
@@ -43,6 +46,7 @@ class RequestState:
     stream: bool
     sent_upto: int  # tokens (prompt + output) whose text was already delivered
     sent_log_probs: int = 0
+    perf_metrics: bool = False  # return the engine's timestamps (return_perf_metrics)
     done: bool = False
 
 
@@ -68,6 +72,9 @@ class TritonPythonModel:
             num_threads=int(params.get("num_threads", 0)) or None,
         )
         self.engine = LLMEngine(config)
+        labels = {"model": args["model_name"], "version": args["model_version"],
+                  "instance": args["model_instance_name"]}
+        self.engine.on_step = EngineMetrics(pb_utils, labels).record
         self.vocab_size = self.engine.model_config.vocab_size
         self.eos_ids = tuple(self.engine.model_config.eos_token_ids)
         self._ids = itertools.count()
@@ -188,6 +195,7 @@ class TritonPythonModel:
             triton_id=request.request_id(),
             sender=sender,
             stream=bool(get("streaming", False)),
+            perf_metrics=bool(get("return_perf_metrics", False)),
             sent_upto=len(prompt) if exclude_input else 0,
         )
         seq = Sequence(state.request_id, prompt, params, on_output=lambda out: self._outbox.put((state, out)))
@@ -252,5 +260,11 @@ class TritonPythonModel:
             pb_utils.Tensor("output_log_probs",
                             np.asarray([[log_probs if log_probs is not None else []]], dtype=np.float32)),
         ]
+        t = out.timings
+        marks = (t.arrival_ns, t.first_scheduled_ns, t.first_token_ns, t.last_token_ns)
+        if not state.perf_metrics:
+            marks = (0, 0, 0, 0)
+        for name, value in zip(PERF_OUTPUTS, marks, strict=True):
+            tensors.append(pb_utils.Tensor(name, np.asarray([[value]], dtype=np.int64)))
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         state.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)

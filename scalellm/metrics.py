@@ -1,0 +1,75 @@
+"""Engine metrics on Triton's own Prometheus endpoint (port 8002), through the Python backend's metrics API.
+
+Every family is prefixed ``scalellm_`` and labelled with the Triton model and instance, next to Triton's own
+``nv_inference_*`` families.  Updated once per engine step from the step's summary, not per token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scalellm.engine.engine import StepStats
+
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+# name -> (kind, help); kinds map to pb_utils.MetricFamily.{COUNTER, GAUGE, HISTOGRAM}
+FAMILIES: dict[str, tuple[str, str]] = {
+    "scalellm_requests_running": ("GAUGE", "Requests being generated (holding KV-cache blocks)"),
+    "scalellm_requests_waiting": ("GAUGE", "Requests queued or preempted, waiting for a step"),
+    "scalellm_kv_cache_blocks_used": ("GAUGE", "KV-cache blocks in use"),
+    "scalellm_kv_cache_blocks_total": ("GAUGE", "KV-cache blocks in the pool"),
+    "scalellm_prompt_tokens_total": ("COUNTER", "Prompt tokens computed (prefix-cache hits excluded)"),
+    "scalellm_generation_tokens_total": ("COUNTER", "Tokens sampled (end-of-sequence included)"),
+    "scalellm_prefix_cache_hit_tokens_total": ("COUNTER", "Prompt tokens served from the prefix cache"),
+    "scalellm_preemptions_total": ("COUNTER", "Requests preempted when KV-cache blocks ran out"),
+    "scalellm_engine_steps_total": ("COUNTER", "Engine steps run"),
+    "scalellm_batch_size": ("HISTOGRAM", "Sequences per engine step"),
+    "scalellm_time_to_first_token_seconds": ("HISTOGRAM", "Arrival at the llm model to first token"),
+    "scalellm_inter_token_latency_seconds": ("HISTOGRAM", "Time between consecutive tokens of a request"),
+}
+BUCKETS = {
+    "scalellm_batch_size": BATCH_BUCKETS,
+    "scalellm_time_to_first_token_seconds": TTFT_BUCKETS,
+    "scalellm_inter_token_latency_seconds": ITL_BUCKETS,
+}
+
+
+class EngineMetrics:
+    def __init__(self, pb_utils: Any, labels: dict[str, str]) -> None:
+        self.m: dict[str, Any] = {}
+        self._families = []  # keep the families alive as long as their metrics
+        for name, (kind, description) in FAMILIES.items():
+            family = pb_utils.MetricFamily(name=name, description=description,
+                                           kind=getattr(pb_utils.MetricFamily, kind))
+            self._families.append(family)
+            if kind == "HISTOGRAM":
+                self.m[name] = family.Metric(labels=labels, buckets=BUCKETS[name])
+            else:
+                self.m[name] = family.Metric(labels=labels)
+        self._last_preemptions = 0
+        self._last_prefix_hits = 0
+
+    def record(self, s: StepStats) -> None:
+        m = self.m
+        m["scalellm_requests_running"].set(s.running)
+        m["scalellm_requests_waiting"].set(s.waiting)
+        m["scalellm_kv_cache_blocks_used"].set(s.kv_blocks_used)
+        m["scalellm_kv_cache_blocks_total"].set(s.kv_blocks_total)
+        m["scalellm_engine_steps_total"].increment(1)
+        m["scalellm_batch_size"].observe(s.batch_size)
+        if s.prefill_tokens:
+            m["scalellm_prompt_tokens_total"].increment(s.prefill_tokens)
+        if s.generated_tokens:
+            m["scalellm_generation_tokens_total"].increment(s.generated_tokens)
+        if s.preemptions_total > self._last_preemptions:
+            m["scalellm_preemptions_total"].increment(s.preemptions_total - self._last_preemptions)
+            self._last_preemptions = s.preemptions_total
+        if s.prefix_hit_tokens_total > self._last_prefix_hits:
+            m["scalellm_prefix_cache_hit_tokens_total"].increment(s.prefix_hit_tokens_total - self._last_prefix_hits)
+            self._last_prefix_hits = s.prefix_hit_tokens_total
+        for value in s.ttft_s:
+            m["scalellm_time_to_first_token_seconds"].observe(value)
+        for value in s.itl_s:
+            m["scalellm_inter_token_latency_seconds"].observe(value)
