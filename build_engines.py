@@ -2,7 +2,7 @@
 
     python build_engines.py --checkpoint PATH --output-dir build/smollm2 [--dtype float32|bfloat16]
         [--backend torch] [--max-model-len N] [--model-name ensemble] [--max-batch-size 64]
-        [--param name=value ...] [--templates model_repository] [--force]
+        [--param name=value ...] [--templates model_repository] [--moe-experts N] [--force]
 
 Writes OUTPUT/engine/ (see scalellm/models/checkpoint.py) and OUTPUT/model_repository/: every model
 directory of the templates is copied and the ${name} placeholders in its config.pbtxt are filled in.
@@ -10,7 +10,13 @@ ${engine_dir} becomes "../engine", a path RELATIVE TO THE MODEL REPOSITORY ROOT,
 mounted into a container; the llm model resolves it against the repository root, i.e. the parent of its own
 model directory (Path(args["model_repository"]).parent / engine_dir in a Python backend).
 
-The engine is rebuilt only when the checkpoint (path, size, mtime), dtype, backend or max_model_len changed,
+--moe-experts N builds a Mixtral engine from a dense Llama/Mistral checkpoint ("sparse upcycling"): every
+expert is a copy of the layer's MLP, top-2 routing, and a random router (normal(0, 0.02), fixed seed; see
+scalellm/models/upcycle.py). With identical experts the MoE model reproduces the dense model's outputs, which
+makes it a test oracle for the MoE path. It is saved in Mixtral's Hugging Face layout (transformers loads it).
+
+The engine is rebuilt only when the checkpoint (path, size, mtime), dtype, backend, max_model_len or
+--moe-experts changed,
 or with --force; the repository is re-rendered every time (it is cheap).
 """
 
@@ -24,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scalellm.models import upcycle
 from scalellm.models.checkpoint import (
     ENGINE_META_FILE,
     atomic_directory,
@@ -70,6 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fills ${NAME} in the templates (repeatable)",
     )
     parser.add_argument("--templates", type=Path, default=DEFAULT_TEMPLATES, help="templates dir")
+    parser.add_argument(
+        "--moe-experts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="build a Mixtral with N experts, each a copy of the dense MLP (top-2, random router: "
+        f"normal(0, {upcycle.ROUTER_STD}), seed {upcycle.ROUTER_SEED}); outputs equal the dense model's",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild the engine even if it is up to date")
     return parser.parse_args(argv)
 
@@ -135,12 +150,20 @@ def build_torch_engine(args: argparse.Namespace, engine_dir: Path, wanted: dict[
         f"read {len(checkpoint.state_dict)} tensors ({checkpoint.config.get('model_type')}) "
         f"in {time.perf_counter() - start:.1f}s"
     )
+    config, state_dict = checkpoint.config, checkpoint.state_dict
+    if args.moe_experts:
+        try:
+            config, state_dict = upcycle.upcycle(config, state_dict, args.moe_experts)
+        except ValueError as error:
+            raise SystemExit(f"--moe-experts: {error}") from None
+        log(f"upcycled to a Mixtral: {args.moe_experts} copies of each MLP, top-{upcycle.TOP_K}, random router")
     write_start = time.perf_counter()
     meta = {**wanted, "max_model_len": max_model_len, "built_with": scalellm_version()}
+    meta = {key: value for key, value in meta.items() if value is not None}  # dense: no moe_experts_from_dense
     save_engine(
         engine_dir,
-        checkpoint.config,
-        checkpoint.state_dict,
+        config,
+        state_dict,
         checkpoint.tokenizer,
         args.dtype,
         meta,
@@ -229,11 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file or directory")
     if args.max_batch_size < 1:
         raise SystemExit(f"--max-batch-size must be >= 1 (got {args.max_batch_size})")
+    if args.moe_experts is not None and args.moe_experts < upcycle.TOP_K:
+        raise SystemExit(f"--moe-experts must be >= {upcycle.TOP_K} (got {args.moe_experts})")
     args.dtype = dtype_name(args.dtype)
     values = template_values(args)
     check_templates(args.templates, values)
     try:
-        wanted = {**source_fingerprint(args.checkpoint), "backend": args.backend, "dtype": args.dtype}
+        wanted = {**source_fingerprint(args.checkpoint), "backend": args.backend, "dtype": args.dtype,
+                  "moe_experts_from_dense": args.moe_experts}  # None (dense) matches a meta without the key
     except ValueError as error:
         raise SystemExit(f"--checkpoint {error}") from None
     engine_dir = args.output_dir / ENGINE_SUBDIR

@@ -2,7 +2,8 @@
 
 A checkpoint is a GGUF file or a Hugging Face directory (config.json + *.safetensors). Both are read into
 the same three things: a full HF config dict, a state dict with HF tensor names, and a tokenizer. Tensor names
-pass through untouched, so this module is architecture-agnostic (Llama now, Mixtral later).
+pass through untouched, so this module is architecture-agnostic (Llama, Mistral, Mixtral); only a Mixtral GGUF
+needs help, from gguf_moe.py, because transformers drops its experts.
 
 An engine directory is an HF-format directory (transformers can load it as the reference) plus
 scalellm_engine.json. Reading it back (`load_engine_state`) is a plain safetensors load: GGUF dequantisation
@@ -72,15 +73,28 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
-    """Dequantise a GGUF file through transformers (it also un-permutes Llama's q/k rows)."""
+    """Dequantise a GGUF file through transformers (it also un-permutes Llama's q/k rows).
+
+    A Mixtral GGUF (llama architecture with expert_count) loses its experts in transformers: they are read
+    by scalellm/models/gguf_moe.py instead.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from scalellm.models import gguf_moe
+
     path = Path(path).resolve()
+    reader = gguf_moe.open_gguf(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     config = _clean_config(model.config.to_dict(), architecture=type(model).__name__)
     state_dict = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    return Checkpoint(config, state_dict, tokenizer, model.generation_config, "gguf")
+    generation_config = model.generation_config
+    del model
+    if gguf_moe.expert_counts(reader)[0]:
+        print("Mixtral GGUF: transformers reads it as a dense Llama (MLPs reported MISSING above are expected); "
+              "its experts are read by scalellm.models.gguf_moe", flush=True)
+        config, state_dict = gguf_moe.to_mixtral(reader, config, state_dict)
+    return Checkpoint(config, state_dict, tokenizer, generation_config, "gguf")
 
 
 def load_hf_checkpoint(path: str | Path) -> Checkpoint:

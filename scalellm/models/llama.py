@@ -1,7 +1,9 @@
-"""Llama / Mistral decoder in plain PyTorch: RMSNorm, RoPE, GQA attention over a paged KV cache, SwiGLU.
+"""Llama / Mistral / Mixtral decoder in plain PyTorch: RMSNorm, RoPE, GQA attention over a paged KV cache,
+and a SwiGLU MLP (dense) or a sparse mixture of SwiGLU experts (Mixtral, ``cfg.num_experts > 0``).
 
 Weights use Hugging Face tensor names; q/k/v and gate/up are fused at load time so each layer runs
-three GEMMs instead of five over the step's flat token batch.
+three GEMMs instead of five over the step's flat token batch; Mixtral's per-expert w1/w3 and w2 are stacked
+into 3-D tensors (see scalellm/models/moe.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,16 @@ from torch import nn
 
 from scalellm.config import ModelConfig
 from scalellm.models.attention import AttentionBatch, paged_attention
+from scalellm.models.moe import SparseMoE
+
+# transformers 5 holds Mixtral's MoE in memory as mlp.gate / mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then
+# up) / mlp.experts.down_proj [E, H, I] (its save_pretrained converts back to per-expert w1/w2/w3): same layout
+# as ours, other names.
+FUSED_MOE_NAMES = {
+    ".mlp.gate.weight": ".block_sparse_moe.gate.weight",
+    ".mlp.experts.gate_up_proj": ".block_sparse_moe.w13",
+    ".mlp.experts.down_proj": ".block_sparse_moe.w2",
+}
 
 
 class RMSNorm(nn.Module):
@@ -92,11 +104,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.is_moe = cfg.num_experts > 0
+        if self.is_moe:
+            self.block_sparse_moe = SparseMoE(
+                cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+            )
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, positions, rope, kv_cache, batch) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ffn = self.block_sparse_moe if self.is_moe else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -127,8 +146,13 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], assign: bool = False) -> None:
-        """Load HF-named weights (``model.layers.0.self_attn.q_proj.weight`` ...), fusing q/k/v and gate/up."""
-        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+        """Load HF-named weights (``model.layers.0.self_attn.q_proj.weight`` ...), fusing q/k/v and gate/up.
+
+        Mixtral: ``block_sparse_moe.gate`` is the router; ``block_sparse_moe.experts.{e}.w1/w3/w2`` (gate, up,
+        down: the layout of real checkpoints and of transformers' save_pretrained) are stacked into
+        ``w13``/``w2``; transformers' fused ``mlp.experts.gate_up_proj``/``down_proj`` are taken as they are.
+        """
+        sd = {_fused_moe_name(k.removeprefix("model.")): v for k, v in sd.items()}
         if "lm_head.weight" not in sd:
             sd["lm_head.weight"] = sd["embed_tokens.weight"]
         ours: dict[str, torch.Tensor] = {}
@@ -141,9 +165,31 @@ class LlamaForCausalLM(nn.Module):
             elif ".mlp.gate_proj." in name:
                 pre = name.split(".gate_proj.")[0]
                 ours[f"{pre}.gate_up_proj.weight"] = torch.cat([tensor, sd[f"{pre}.up_proj.weight"]], dim=0)
-            elif not any(s in name for s in (".k_proj.", ".v_proj.", ".up_proj.", "rotary_emb")):
+            elif name.endswith(".block_sparse_moe.experts.0.w1.weight"):
+                pre = name.removesuffix(".experts.0.w1.weight")
+                ours[f"{pre}.w13"], ours[f"{pre}.w2"] = _stack_experts(sd, pre, self.config.num_experts)
+            elif not any(s in name for s in (".k_proj.", ".v_proj.", ".up_proj.", "rotary_emb", ".experts.")):
                 ours[name] = tensor
         missing, unexpected = self.load_state_dict(ours, strict=False, assign=assign)
         missing = [m for m in missing if not m.startswith("rope.")]
         if missing or unexpected:
             raise ValueError(f"weights do not match the model: missing={missing} unexpected={unexpected}")
+
+
+def _fused_moe_name(name: str) -> str:
+    for theirs, ours in FUSED_MOE_NAMES.items():
+        if name.endswith(theirs):
+            return name.removesuffix(theirs) + ours
+    return name
+
+
+def _stack_experts(sd: dict[str, torch.Tensor], pre: str, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert HF w1 (gate), w3 (up), w2 (down) of one layer -> w13 [E, 2I, H], w2 [E, H, I]."""
+    def expert(e: int, w: str) -> torch.Tensor:
+        name = f"{pre}.experts.{e}.{w}.weight"
+        if name not in sd:
+            raise ValueError(f"weights do not match the model: missing {name} ({num_experts} experts configured)")
+        return sd[name]
+
+    w13 = torch.stack([torch.cat([expert(e, "w1"), expert(e, "w3")], dim=0) for e in range(num_experts)])
+    return w13, torch.stack([expert(e, "w2") for e in range(num_experts)])

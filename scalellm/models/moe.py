@@ -1,0 +1,51 @@
+"""Mixtral's sparse mixture of experts over the step's flat token batch.
+
+router logits -> softmax (float32) -> top-k -> renormalise the k weights to sum to 1 -> each token's hidden
+state goes through its k SwiGLU experts -> weighted sum.
+
+Batched by expert, not by token: the T*k (token, expert) assignments are sorted by expert once, the tokens
+gathered in that order, and each expert that got any tokens runs one SwiGLU over its contiguous slice; one
+``index_add_`` scatters the weighted results back.  The Python loop is over experts (E iterations), never
+over tokens.  Expert weights are fused 3-D parameters: ``w13[e]`` = cat(gate (HF w1), up (HF w3)) rows,
+``w2[e]`` = down.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}] (got {top_k})")
+        self.num_experts, self.top_k, self.intermediate = num_experts, top_k, intermediate
+        self.gate = nn.Linear(hidden, num_experts, bias=False)  # the router
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([T, k] float32 weights summing to 1 per token, [T, k] expert ids), as Mixtral routes."""
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+        weights, experts = self.route(x)
+        flat_experts = experts.flatten()  # assignment a = token a // k, its (a % k)-th choice
+        order = flat_experts.argsort(stable=True)
+        tokens = order // self.top_k  # token of each assignment, grouped by expert
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()  # one host sync per layer
+        xs = x.index_select(0, tokens)
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up = F.linear(xs[start : start + n], self.w13[e]).split(self.intermediate, dim=-1)
+                ys[start : start + n] = F.linear(F.silu(gate) * up, self.w2[e])
+                start += n
+        ys = (ys * weights.flatten()[order].unsqueeze(1)).to(x.dtype)  # weights stay float32, as in HF
+        return torch.zeros_like(x).index_add_(0, tokens, ys)
