@@ -18,7 +18,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from ._request import CANCEL_TIMEOUT_S, new_request_id, to_arrays
+from ._request import CANCEL_TIMEOUT_S, DRAIN_TIMEOUT_S, new_request_id, to_arrays
 from ._response import Outputs, output_text
 from ._types import ScaleLLMError, timed_out
 
@@ -76,8 +76,9 @@ class GrpcTransport:
     def responses(self, fields: Mapping[str, Any]) -> Generator[Outputs, None, None]:
         """Every data response of one request, as it arrives.
 
-        Leaving early (an exception, or the caller closing the generator) closes the stream with
-        ``cancel_requests=True`` and then sends an explicit ``cancel`` for the request's id.
+        Leaving early (an exception, or the caller closing the generator) sends an explicit ``cancel``
+        for the request's id and reads the stream to its final response (see ``DRAIN_TIMEOUT_S``);
+        only if that does not come is the stream closed with ``cancel_requests=True``.
         """
         inputs = infer_inputs(fields)  # before borrowing a client: bad input raises cleanly
         request_id = new_request_id()
@@ -106,9 +107,10 @@ class GrpcTransport:
         except InferenceServerException as exc:
             raise triton_error(exc) from None
         finally:
-            self._finish(client, cancel=not finished, reuse=reusable)
             if sent and not finished and not rejected:
                 self.cancel(request_id)
+                finished = self._drain(arrivals)
+            self._finish(client, cancel=not finished, reuse=reusable)
 
     def cancel(self, request_id: str) -> None:
         """Stop request ``request_id`` in the ``cancel_model`` step (best effort, never raises).
@@ -134,6 +136,20 @@ class GrpcTransport:
         except Exception:  # cancellation is best effort
             pass
         self._finish(client, cancel=not answered, reuse=answered)
+
+    @staticmethod
+    def _drain(arrivals: queue.SimpleQueue) -> bool:
+        """Discard responses until the final one (True) or the drain deadline / an error (False)."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while True:
+            try:
+                result, error = arrivals.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if error is not None:
+                return False
+            if is_last(*read_response(result)):
+                return True
 
     def _send(self, client: grpcclient.InferenceServerClient, arrivals: queue.SimpleQueue,
               inputs: list[grpcclient.InferInput], request_id: str) -> None:

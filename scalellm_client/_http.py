@@ -14,7 +14,7 @@ from collections.abc import Generator, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from ._request import CANCEL_TIMEOUT_S, new_request_id
+from ._request import CANCEL_TIMEOUT_S, DRAIN_TIMEOUT_S, new_request_id
 from ._response import SSEParser, error_message, parse_event
 from ._types import ScaleLLMError, timed_out
 
@@ -65,8 +65,8 @@ class HttpTransport:
         return parse_event(body.decode("utf-8", errors="replace"))
 
     def stream(self, fields: Mapping[str, Any]) -> Generator[dict[str, Any], None, None]:
-        """Each SSE event of ``generate_stream``; leaving early closes the connection and sends an
-        explicit ``cancel`` for the request's id."""
+        """Each SSE event of ``generate_stream``; leaving early sends an explicit ``cancel`` for the
+        request's id and reads the stream to its end (closing the connection only if that fails)."""
         request_id = new_request_id()
         deadline = self._deadline()
         conn, response = self._post("generate_stream", fields, "text/event-stream", deadline, request_id)
@@ -87,11 +87,25 @@ class HttpTransport:
         except OSError as exc:
             raise ScaleLLMError(f"HTTP stream failed: {exc}") from None
         finally:
+            if not done:
+                self.cancel(request_id)
+                done = self._drain(conn, response)
             if done:
                 self._release(conn, response)
             else:
                 conn.close()
-                self.cancel(request_id)
+
+    @staticmethod
+    def _drain(conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> bool:
+        """Read an abandoned stream to its end (True) within ``DRAIN_TIMEOUT_S``, else False."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        try:
+            while True:
+                _arm(conn, deadline)
+                if not response.readline():
+                    return True
+        except OSError:
+            return False
 
     def cancel(self, request_id: str) -> None:
         """Stop request ``request_id`` in the ``cancel_model`` step (best effort, never raises).

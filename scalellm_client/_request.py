@@ -17,6 +17,10 @@ import numpy as np
 DEFAULT_MAX_TOKENS = 128
 # Seconds an explicit cancel (see the transports' ``cancel``) may take; it is best effort.
 CANCEL_TIMEOUT_S = 2.0
+# After an explicit cancel, how long to keep reading the abandoned stream for its final ("cancelled") response.
+# Triton 2.51 leaks an ensemble request that Triton itself cancels (closed gRPC stream, dropped HTTP
+# connection): it stays in flight forever. Ended by the llm model instead, it is released normally.
+DRAIN_TIMEOUT_S = 5.0
 
 # keyword argument -> (ensemble input name, Triton datatype). BYTES entries are word lists.
 SAMPLING_INPUTS: Mapping[str, tuple[str, str]] = {

@@ -23,7 +23,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
 from ._grpc import cancel_inputs, infer_inputs, is_last, read_response, triton_error
-from ._request import CANCEL_TIMEOUT_S, build_request, new_request_id, normalize_url
+from ._request import CANCEL_TIMEOUT_S, DRAIN_TIMEOUT_S, build_request, new_request_id, normalize_url
 from ._response import Outputs, SSEParser, error_message, parse_event, single, to_chunk, to_completion
 from ._types import Completion, ScaleLLMError, StreamChunk, timed_out
 
@@ -44,8 +44,9 @@ class AioGrpcTransport:
         return self._client
 
     async def responses(self, fields: Mapping[str, Any]) -> AsyncGenerator[Outputs, None]:
-        """Every data response of one request; leaving early cancels the call and then sends an
-        explicit ``cancel`` for the request's id."""
+        """Every data response of one request; leaving early sends an explicit ``cancel`` for the
+        request's id and reads the call to its final response, cancelling the call only if that fails
+        (see ``DRAIN_TIMEOUT_S``)."""
         request = {"model_name": self._model, "inputs": infer_inputs(fields), "request_id": new_request_id()}
         call = self._open().stream_infer(_once(request), stream_timeout=self._timeout_s)
         finished = rejected = False
@@ -67,10 +68,11 @@ class AioGrpcTransport:
                 raise timed_out() from None
             raise ScaleLLMError(_rpc_details(exc), status=str(exc.code())) from None
         finally:
+            if not finished and not rejected:
+                await self.cancel(request["request_id"])
+                finished = await _drain_to_last(call)
             if not finished:
-                call.cancel()  # the server cancels the gRPC stream
-                if not rejected:
-                    await self.cancel(request["request_id"])
+                call.cancel()  # the server cancels the gRPC stream (Triton 2.51 then leaks the request)
         if not finished:
             raise ScaleLLMError("the server ended the stream without a final response")
         await _drain(call)
@@ -111,9 +113,40 @@ async def _drain(call: AsyncIterator[Any]) -> None:
         pass
 
 
+async def _drain_to_last(call: AsyncIterator[Any]) -> bool:
+    """Discard an abandoned call's responses until its final one (True), within ``DRAIN_TIMEOUT_S``."""
+
+    async def until_last() -> bool:
+        async for result, error in call:
+            if error is not None:
+                return False
+            if is_last(*read_response(result)):
+                return True
+        return False
+
+    try:
+        return await asyncio.shield(asyncio.wait_for(until_last(), DRAIN_TIMEOUT_S))
+    except (asyncio.TimeoutError, grpc.RpcError, InferenceServerException):
+        return False
+
+
 def _rpc_details(exc: grpc.RpcError) -> str:
     details = getattr(exc, "details", None)
     return (details() if callable(details) else None) or str(exc)
+
+
+async def _drain_sse(content: aiohttp.StreamReader) -> bool:
+    """Read an abandoned SSE stream to its end (True) within ``DRAIN_TIMEOUT_S``."""
+
+    async def until_end() -> bool:
+        async for _ in content:
+            pass
+        return True
+
+    try:
+        return await asyncio.shield(asyncio.wait_for(until_end(), DRAIN_TIMEOUT_S))
+    except (asyncio.TimeoutError, aiohttp.ClientError):
+        return False
 
 
 class AioHttpTransport:
@@ -150,8 +183,8 @@ class AioHttpTransport:
         return parse_event(body.decode("utf-8", errors="replace"))
 
     async def stream(self, fields: Mapping[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        """Each SSE event of ``generate_stream``; leaving early closes the connection and sends an
-        explicit ``cancel`` for the request's id."""
+        """Each SSE event of ``generate_stream``; leaving early sends an explicit ``cancel`` for the
+        request's id and reads the stream to its end, dropping the connection only if that fails."""
         headers = {"Accept": "text/event-stream"}
         request_id = new_request_id()
         done = False  # the stream was read to its end, or the server refused the request
@@ -174,14 +207,14 @@ class AioHttpTransport:
                     done = True
                 finally:
                     if not done:
-                        response.close()  # drop the connection: the server stops streaming
+                        await self.cancel(request_id)
+                        done = await _drain_sse(response.content)
+                    if not done:
+                        response.close()  # drop the connection (Triton 2.51 then leaks the request)
         except asyncio.TimeoutError:
             raise timed_out() from None
         except aiohttp.ClientError as exc:
             raise ScaleLLMError(f"HTTP stream failed: {exc}") from None
-        finally:
-            if not done:
-                await self.cancel(request_id)
 
     async def cancel(self, request_id: str) -> None:
         """Stop request ``request_id`` in the ``cancel_model`` step (best effort, never raises).
