@@ -57,6 +57,15 @@ def _log_probs(outputs: Outputs) -> list[float] | None:
     return [float(x) for x in array.reshape(-1)]
 
 
+PERF_OUTPUTS = ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")
+
+
+def _timings(outputs: Outputs) -> dict[str, int] | None:
+    """The engine's marks, or None when the server sent none (return_perf_metrics not set: all 0)."""
+    marks = {name: _int(outputs, name) for name in PERF_OUTPUTS}
+    return marks if any(marks.values()) else None
+
+
 def to_completion(outputs: Outputs) -> Completion:
     return Completion(
         text=output_text(outputs, "text_output"),
@@ -64,6 +73,8 @@ def to_completion(outputs: Outputs) -> Completion:
         finish_reason=output_text(outputs, "finish_reason"),
         cum_log_prob=_cum_log_prob(outputs),
         log_probs=_log_probs(outputs),
+        num_cached_tokens=_int(outputs, "num_cached_tokens"),
+        timings=_timings(outputs),
     )
 
 
@@ -72,6 +83,7 @@ def to_chunk(outputs: Outputs) -> StreamChunk:
         text=output_text(outputs, "text_output"),
         num_tokens=_int(outputs, "num_output_tokens"),
         finish_reason=output_text(outputs, "finish_reason"),
+        timings=_timings(outputs),
     )
 
 

@@ -14,6 +14,8 @@ class Completion:
     finish_reason: str
     cum_log_prob: float | None = None
     log_probs: list[float] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the server's prefix cache
+    timings: dict[str, int] | None = None  # engine wall-clock marks (ns), with return_perf_metrics=True
 
 
 @dataclass
@@ -24,6 +26,7 @@ class StreamChunk:
     text: str
     num_tokens: int
     finish_reason: str
+    timings: dict[str, int] | None = None  # engine wall-clock marks (ns), with return_perf_metrics=True
 
 
 class ScaleLLMError(Exception):

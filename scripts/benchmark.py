@@ -1,0 +1,298 @@
+"""Serving benchmark, the vLLM ``benchmark_serving`` way, plus where the time goes.
+
+    .venv/bin/python scripts/benchmark.py                       # starts its own server on free ports
+    .venv/bin/python scripts/benchmark.py --concurrency 1 8 32 64 --targets grpc http engine \\
+        --input-len 32 --output-len 64 --output build/bench.json --plot docs/benchmark.png
+
+Targets: the ensemble over gRPC streaming, over HTTP ``generate_stream``, and the engine in process (no Triton,
+same engine directory, same token ids) as the baseline.  Each level keeps C requests in flight (or, with
+``--request-rate``, sends them as a Poisson process capped at C).  Output lengths are fixed (``end_id=-1``).
+Per request: TTFT, TPOT = (E2E - TTFT) / (n - 1), ITL, E2E.  End-to-end efficiency = target tokens/s over
+engine tokens/s at the same C, from the same run.  With ``return_perf_metrics`` each request also splits its
+E2E into stages (client -> llm arrival, queue, prefill, decode, last token -> client), and Triton's statistics
+API gives preprocessing / postprocessing compute per execution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scalellm.serving import TritonServer, free_ports  # noqa: E402
+from scalellm_client import AsyncClient  # noqa: E402
+
+WORDS = "the of and to in is was for on that with as by at from his her they this which".split()
+STAGES = ("client -> llm arrival", "queue", "prefill", "decode", "last token -> client")
+
+
+def synthetic_prompt(index: int, words: int) -> str:
+    """Distinct prompts of a fixed length (each of these common words is one token for SmolLM2)."""
+    return f"Request {index}: " + " ".join(WORDS[(index * 7 + i * 3) % len(WORDS)] for i in range(words))
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    if len(values) == 1:
+        return {"mean": values[0], "p50": values[0], "p90": values[0], "p99": values[0]}
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {"mean": statistics.fmean(values), "p50": q[49], "p90": q[89], "p99": q[98]}
+
+
+def request_metrics(start: float, token_times: list[float], tokens: int) -> dict:
+    ttft = token_times[0] - start if token_times else float("nan")
+    e2e = (token_times[-1] if token_times else time.perf_counter()) - start
+    return {"ttft": ttft, "e2e": e2e, "tokens": tokens,
+            "tpot": (e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0,
+            "itl": [b - a for a, b in zip(token_times, token_times[1:], strict=False)]}
+
+
+# ---- through Triton -------------------------------------------------------------------------------------
+async def one_request(client: AsyncClient, prompt: str, output_len: int) -> dict:
+    sent_ns, start = time.time_ns(), time.perf_counter()
+    times, tokens, timings = [], 0, None
+    async for chunk in client.stream_chunks(prompt, max_tokens=output_len, end_id=-1, return_perf_metrics=True):
+        if chunk.num_tokens > tokens:
+            times.extend([time.perf_counter()] * (chunk.num_tokens - tokens))
+            tokens = chunk.num_tokens
+        timings = chunk.timings or timings
+    done_ns = time.time_ns()
+    result = request_metrics(start, times, tokens)
+    if timings:
+        marks = [sent_ns, timings["arrival_time_ns"], timings["first_scheduled_time_ns"],
+                 timings["first_token_time_ns"], timings["last_token_time_ns"], done_ns]
+        result["stages"] = {name: (b - a) / 1e9 for name, a, b in zip(STAGES, marks, marks[1:], strict=False)}
+    return result
+
+
+async def run_server_level(url: str, protocol: str, c: int, n: int, args) -> tuple[list[dict], float]:
+    async with AsyncClient(url, protocol=protocol, timeout_s=600) as client:
+        await one_request(client, synthetic_prompt(99_999, args.input_len), 2)  # warm the connection
+        gate, rng = asyncio.Semaphore(c), random.Random(0)
+
+        async def gated(i: int, delay: float) -> dict:
+            await asyncio.sleep(delay)
+            async with gate:
+                return await one_request(client, synthetic_prompt(i, args.input_len), args.output_len)
+
+        delays, t = [], 0.0
+        for _ in range(n):
+            delays.append(t)
+            t += rng.expovariate(args.request_rate) if args.request_rate else 0.0
+        start = time.perf_counter()
+        results = await asyncio.gather(*(gated(i, d) for i, d in enumerate(delays)))
+        return results, time.perf_counter() - start
+
+
+def triton_compute_ns(http_url: str, model: str) -> tuple[int, int]:
+    """(total compute_infer ns, executions) of a model so far, from Triton's statistics API."""
+    with urllib.request.urlopen(f"{http_url}/v2/models/{model}/stats") as response:
+        stats = json.loads(response.read())["model_stats"][0]
+    return int(stats["inference_stats"]["compute_infer"]["ns"]), int(stats["execution_count"])
+
+
+# ---- in process -----------------------------------------------------------------------------------------
+def run_engine_level(engine, tokenizer, c: int, n: int, args) -> tuple[list[dict], float]:
+    from scalellm.engine.sequence import SamplingParams, Sequence
+
+    gate, finished, lock = threading.Semaphore(c), threading.Semaphore(0), threading.Lock()
+    results: list[dict] = []
+    params = SamplingParams(max_tokens=args.output_len, stop_token_ids=())
+
+    def submit(i: int) -> None:
+        start, times, seen = time.perf_counter(), [], [0]
+
+        def on_output(out) -> None:
+            now = time.perf_counter()
+            times.extend([now] * (out.num_output_tokens - seen[0]))
+            seen[0] = out.num_output_tokens
+            if out.finish_reason is not None:
+                with lock:
+                    results.append(request_metrics(start, times, out.num_output_tokens))
+                gate.release()
+                finished.release()
+
+        ids = tokenizer.encode(synthetic_prompt(i, args.input_len)).ids
+        engine.submit(Sequence(f"bench-{c}-{i}", ids, params, on_output))
+
+    rng = random.Random(0)
+    start = time.perf_counter()
+    for i in range(n):
+        gate.acquire()
+        submit(i)
+        if args.request_rate:
+            time.sleep(rng.expovariate(args.request_rate))
+    for _ in range(n):
+        finished.acquire()
+    return results, time.perf_counter() - start
+
+
+def level_summary(target: str, c: int, results: list[dict], duration: float) -> dict:
+    tokens = sum(r["tokens"] for r in results)
+    summary = {
+        "target": target, "concurrency": c, "requests": len(results), "duration_s": duration,
+        "request_throughput": len(results) / duration, "output_throughput": tokens / duration,
+        "ttft_s": summarize([r["ttft"] for r in results]), "tpot_s": summarize([r["tpot"] for r in results]),
+        "itl_s": summarize([x for r in results for x in r["itl"]]), "e2e_s": summarize([r["e2e"] for r in results]),
+    }
+    staged = [r for r in results if "stages" in r]
+    if staged:
+        summary["stages_s"] = {name: summarize([r["stages"][name] for r in staged]) for name in STAGES}
+        summary["stages_sum_over_e2e"] = statistics.fmean(
+            sum(r["stages"].values()) / r["e2e"] for r in staged)
+    return summary
+
+
+def markdown_table(levels: list[dict]) -> str:
+    lines = ["| target | C | req/s | out tok/s | efficiency | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50 ms "
+             "| E2E p50/p99 s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for lv in levels:
+        eff = f"{lv['efficiency']:.2f}" if "efficiency" in lv else "-"
+        lines.append(
+            f"| {lv['target']} | {lv['concurrency']} | {lv['request_throughput']:.2f} | "
+            f"{lv['output_throughput']:.1f} | {eff} | {lv['ttft_s']['p50'] * 1e3:.0f} / "
+            f"{lv['ttft_s']['p99'] * 1e3:.0f} | {lv['tpot_s']['p50'] * 1e3:.1f} / {lv['tpot_s']['p99'] * 1e3:.1f} | "
+            f"{lv['itl_s'].get('p50', 0) * 1e3:.1f} | {lv['e2e_s']['p50']:.2f} / {lv['e2e_s']['p99']:.2f} |")
+    return "\n".join(lines)
+
+
+def breakdown_table(level: dict) -> str:
+    lines = [f"{level['target']}, C = {level['concurrency']}", "",
+             "| stage | p50 ms | p99 ms | mean ms |", "|---|---:|---:|---:|"]
+    for name, s in level["stages_s"].items():
+        lines.append(f"| {name} | {s['p50'] * 1e3:.1f} | {s['p99'] * 1e3:.1f} | {s['mean'] * 1e3:.1f} |")
+    for model, per_exec in level.get("triton_compute_ms_per_execution", {}).items():
+        lines.append(f"| ({model} compute per execution) | | | {per_exec:.2f} |")
+    lines.append(f"| sum of stages / E2E | | | {level['stages_sum_over_e2e']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(levels: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for target in dict.fromkeys(lv["target"] for lv in levels):
+        rows = [lv for lv in levels if lv["target"] == target]
+        cs = [lv["concurrency"] for lv in rows]
+        axes[0].plot(cs, [lv["output_throughput"] for lv in rows], marker="o", label=target)
+        axes[1].plot(cs, [lv["ttft_s"]["p50"] * 1e3 for lv in rows], marker="o", label=target)
+        axes[2].plot(cs, [lv["tpot_s"]["p50"] * 1e3 for lv in rows], marker="o", label=target)
+    for ax, title in zip(axes, ("output tokens/s", "TTFT p50 (ms)", "TPOT p50 (ms)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="gRPC host:port of a running server (default: start one)")
+    parser.add_argument("--http-url", help="its HTTP URL (for the http target and Triton statistics)")
+    parser.add_argument("--model-dir", default=str(ROOT / "build" / "smollm2"))
+    parser.add_argument("--targets", nargs="+", default=["grpc", "http", "engine"],
+                        choices=["grpc", "http", "engine"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--http-concurrency", type=int, nargs="+", help="levels for the http target (default: all)")
+    parser.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2 x C)")
+    parser.add_argument("--request-rate", type=float, default=0.0, help="Poisson arrivals per second (0: all at once)")
+    parser.add_argument("--input-len", type=int, default=32, help="prompt words (about one token each)")
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--output", type=Path, help="JSON results")
+    parser.add_argument("--plot", type=Path, help="PNG: throughput, TTFT and TPOT against concurrency")
+    args = parser.parse_args()
+    from tqdm import tqdm
+
+    server, grpc_url, http_url = None, args.url, args.http_url
+    if grpc_url is None and {"grpc", "http"} & set(args.targets):
+        http_port, grpc_port, metrics_port = free_ports(3)
+        server = TritonServer(Path(args.model_dir) / "model_repository", http_port=http_port, grpc_port=grpc_port,
+                              metrics_port=metrics_port, log_file=ROOT / "build" / "benchmark-server.log")
+        server.start()
+        server.wait_ready(300)
+        grpc_url, http_url = server.grpc_url, server.http_url
+    engine = tokenizer = None
+    if "engine" in args.targets:
+        from scalellm.config import CacheConfig, EngineConfig
+        from scalellm.engine.engine import LLMEngine
+        from scalellm.tokenization import load_tokenizer
+
+        engine_dir = Path(args.model_dir) / "engine"  # same knobs as model_repository/llm/config.pbtxt
+        engine = LLMEngine(EngineConfig(engine_dir=str(engine_dir), cache=CacheConfig(memory_bytes=1 << 30)))
+        engine.start()
+        tokenizer = load_tokenizer(engine_dir)
+
+    plan = [(t, c) for c in args.concurrency for t in args.targets
+            if not (t == "http" and args.http_concurrency and c not in args.http_concurrency)]
+    levels = []
+    try:
+        for target, c in tqdm(plan, desc="benchmark", unit="level"):
+            n = args.requests_per_level or max(4, 2 * c)
+            stats_before = {}
+            if target == "engine":
+                results, duration = run_engine_level(engine, tokenizer, c, n, args)
+            else:
+                if http_url:
+                    stats_before = {m: triton_compute_ns(http_url, m) for m in ("preprocessing", "postprocessing")}
+                url = grpc_url if target == "grpc" else http_url
+                results, duration = asyncio.run(run_server_level(url, target, c, n, args))
+            level = level_summary(target, c, results, duration)
+            if stats_before:
+                level["triton_compute_ms_per_execution"] = {}
+                for model, (ns0, count0) in stats_before.items():
+                    ns1, count1 = triton_compute_ns(http_url, model)
+                    level["triton_compute_ms_per_execution"][model] = (ns1 - ns0) / max(1, count1 - count0) / 1e6
+            levels.append(level)
+            tqdm.write(f"{target:6s} C={c:3d} {level['output_throughput']:7.1f} tok/s  TTFT p50 "
+                       f"{level['ttft_s']['p50'] * 1e3:6.0f} ms  TPOT p50 {level['tpot_s']['p50'] * 1e3:5.1f} ms")
+    finally:
+        if server is not None:
+            server.stop()
+        if engine is not None:
+            engine.stop()
+
+    baseline = {lv["concurrency"]: lv["output_throughput"] for lv in levels if lv["target"] == "engine"}
+    for lv in levels:
+        if lv["concurrency"] in baseline:
+            lv["efficiency"] = lv["output_throughput"] / baseline[lv["concurrency"]]
+    print()
+    print(markdown_table(levels))
+    for lv in levels:
+        if "stages_s" in lv and lv["concurrency"] in (min(args.concurrency), max(args.concurrency)):
+            print()
+            print(breakdown_table(lv))
+            ok = abs(lv["stages_sum_over_e2e"] - 1) <= 0.10
+            print(f"stages add up to E2E within 10%: {'yes' if ok else 'NO'} ({lv['stages_sum_over_e2e']:.3f})")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                "load_average": os.getloadavg(), "input_len": args.input_len, "output_len": args.output_len,
+                "request_rate": args.request_rate, "command": " ".join(sys.argv)}
+        args.output.write_text(json.dumps({"meta": meta, "levels": levels}, indent=2))
+        print(f"\nwrote {args.output}")
+    if args.plot:
+        plot(levels, args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
