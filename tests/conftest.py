@@ -35,6 +35,7 @@ class RunningServer:
     grpc_url: str  # host:port
     http_url: str  # http://host:port
     log_file: Path
+    metrics_url: str  # http://host:port/metrics
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace")
@@ -82,7 +83,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     log_file = triton.log_file
     assert log_file is not None
     try:
-        yield RunningServer(grpc_url=triton.grpc_url, http_url=triton.http_url, log_file=log_file)
+        yield RunningServer(grpc_url=triton.grpc_url, http_url=triton.http_url, log_file=log_file,
+                            metrics_url=triton.metrics_url)
     finally:
         code = triton.stop()
     leaked = [line for line in log_file.read_text(errors="replace").splitlines() if IN_FLIGHT.search(line)]
