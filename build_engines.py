@@ -2,10 +2,20 @@
 
     python build_engines.py --checkpoint PATH --output-dir build/smollm2 [--dtype float32|bfloat16]
         [--backend torch] [--max-model-len N] [--model-name ensemble] [--max-batch-size 64]
+        [--decoupled-mode true|false] [--llm-model-name llm]
         [--param name=value ...] [--templates model_repository] [--moe-experts N] [--force]
 
 Writes OUTPUT/engine/ (see scalellm/models/checkpoint.py) and OUTPUT/model_repository/: every model
 directory of the templates is copied and the ${name} placeholders in its config.pbtxt are filled in.
+Each model's inputs/outputs (${io}) and the ensemble's steps (${ensemble_steps}) are rendered from the
+request contract (scalellm/triton/contract.py); the llm's engine parameters default to scalellm/config.py's
+values (--param max_num_seqs=32 overrides one).
+
+--decoupled-mode (like tensorrtllm_backend's fill_template decoupled_mode): true (default) serves streaming
+(gRPC stream_infer, HTTP generate_stream) and num_return_sequences > 1; false serves plain KServe v2 infer
+(HTTP /v2/models/ensemble/infer, gRPC ModelInfer) and HTTP generate, one response per request.
+--llm-model-name tensorrt_llm serves the llm model under tensorrtllm_backend's name, for tools that call it
+by that name.
 ${engine_dir} becomes "../engine", a path RELATIVE TO THE MODEL REPOSITORY ROOT, so OUTPUT can be moved or
 mounted into a container; the llm model resolves it against the repository root, i.e. the parent of its own
 model directory (Path(args["model_repository"]).parent / engine_dir in a Python backend).
@@ -30,17 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scalellm.models import upcycle
-from scalellm.models.checkpoint import (
-    ENGINE_META_FILE,
-    atomic_directory,
-    checkpoint_format,
-    dtype_name,
-    load_checkpoint,
-    load_engine_config,
-    read_engine_meta,
-    save_engine,
-)
+from scalellm.triton.params import default_parameters
+from scalellm.triton.render import ensemble_section, io_section
+
+# The engine-building imports (torch, safetensors) happen inside the functions that need them, so that
+# `python build_engines.py --help` works without torch.
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TEMPLATES = REPO_ROOT / "model_repository"
@@ -48,6 +52,9 @@ DEFAULT_MAX_MODEL_LEN_CAP = 2048
 ENGINE_SUBDIR = "engine"
 REPOSITORY_SUBDIR = "model_repository"
 ENSEMBLE_TEMPLATE = "ensemble"
+LLM_TEMPLATE = "llm"
+ENGINE_META_FILE = "scalellm_engine.json"  # written by scalellm.models.checkpoint.save_engine
+MOE_TOP_K = 2  # scalellm.models.upcycle.TOP_K
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -56,7 +63,8 @@ def log(message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help=".gguf file or Hugging Face directory")
     parser.add_argument("--output-dir", required=True, type=Path, help="gets engine/ and model_repository/")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -69,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model-name", default=ENSEMBLE_TEMPLATE, help="name the ensemble is served as")
     parser.add_argument("--max-batch-size", type=int, default=64, help="fills ${max_batch_size}")
+    parser.add_argument("--decoupled-mode", default="true", choices=["true", "false"],
+                        help="true: streaming, several responses per request; false: KServe infer, one response")
+    parser.add_argument("--llm-model-name", default=LLM_TEMPLATE,
+                        help="name the llm model is served as (tensorrt_llm: tensorrtllm_backend's name)")
     parser.add_argument(
         "--param",
         action="append",
@@ -82,8 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         metavar="N",
-        help="build a Mixtral with N experts, each a copy of the dense MLP (top-2, random router: "
-        f"normal(0, {upcycle.ROUTER_STD}), seed {upcycle.ROUTER_SEED}); outputs equal the dense model's",
+        help="build a Mixtral with N experts, each a copy of the dense MLP (top-2, random router, fixed seed; "
+        "see scalellm/models/upcycle.py); outputs equal the dense model's",
     )
     parser.add_argument("--force", action="store_true", help="rebuild the engine even if it is up to date")
     return parser.parse_args(argv)
@@ -109,6 +121,8 @@ def scalellm_version() -> str:
 
 def source_fingerprint(checkpoint: Path) -> dict[str, Any]:
     """Identity of a checkpoint for the up-to-date check: path, total size, newest mtime."""
+    from scalellm.models.checkpoint import checkpoint_format
+
     fmt = checkpoint_format(checkpoint)
     files = [checkpoint] if checkpoint.is_file() else [p for p in checkpoint.iterdir() if p.is_file()]
     stats = [f.stat() for f in files]
@@ -134,6 +148,8 @@ def resolve_max_model_len(requested: int | None, config: dict[str, Any]) -> int:
 
 def engine_up_to_date(engine_dir: Path, wanted: dict[str, Any], max_model_len: int | None) -> bool:
     """True if engine_dir was built from the same checkpoint, dtype, backend and max_model_len."""
+    from scalellm.models.checkpoint import load_engine_config, read_engine_meta
+
     meta = read_engine_meta(engine_dir)
     if meta is None or any(meta.get(key) != value for key, value in wanted.items()):
         return False
@@ -142,6 +158,9 @@ def engine_up_to_date(engine_dir: Path, wanted: dict[str, Any], max_model_len: i
 
 def build_torch_engine(args: argparse.Namespace, engine_dir: Path, wanted: dict[str, Any]) -> None:
     """Checkpoint -> HF-format engine directory with converted weights."""
+    from scalellm.models import upcycle
+    from scalellm.models.checkpoint import load_checkpoint, save_engine
+
     start = time.perf_counter()
     log(f"reading {wanted['format']} checkpoint {args.checkpoint}")
     checkpoint = load_checkpoint(args.checkpoint)
@@ -211,22 +230,45 @@ def check_templates(templates: Path, values: dict[str, str]) -> None:
     """Fail on unknown placeholders before minutes go into an engine build."""
     for model_dir in model_templates(templates):
         for config in model_dir.rglob("*.pbtxt"):
-            substitute(config.read_text(), values, config)
+            substitute(config.read_text(), model_values(model_dir.name, values), config)
+
+
+def model_values(template: str, values: dict[str, str]) -> dict[str, str]:
+    """values plus the contract's rendering for one template: ${io} and, for the ensemble, ${ensemble_steps}."""
+    llm_name = values.get("llm_model_name", LLM_TEMPLATE)
+    contract_model = {ENSEMBLE_TEMPLATE: "ensemble", LLM_TEMPLATE: "llm"}.get(template, template)
+    rendered = {"ensemble_steps": ensemble_section(llm_name)}
+    try:
+        rendered["io"] = io_section(contract_model)
+    except KeyError:  # a template the contract does not know: it spells out its own inputs/outputs
+        pass
+    return {**rendered, **values}
+
+
+def served_name(template: str, values: dict[str, str], model_name: str) -> str:
+    if template == ENSEMBLE_TEMPLATE:
+        return model_name
+    if template == LLM_TEMPLATE:
+        return values.get("llm_model_name", LLM_TEMPLATE)
+    return template
 
 
 def render_repository(templates: Path, out_repo: Path, values: dict[str, str], model_name: str) -> list[str]:
     """Copy every model directory of templates into out_repo with its *.pbtxt placeholders filled."""
+    from scalellm.models.checkpoint import atomic_directory
+
     model_dirs = model_templates(templates)
     if not model_dirs:
         log(f"warning: no model templates in {templates}; the model repository is empty")
     names = []
     with atomic_directory(out_repo) as tmp:
         for model_dir in model_dirs:
-            name = model_name if model_dir.name == ENSEMBLE_TEMPLATE else model_dir.name
+            name = served_name(model_dir.name, values, model_name)
             target = tmp / name
             shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             for config in target.rglob("*.pbtxt"):
-                text = substitute(config.read_text(), values, model_dir / config.relative_to(target))
+                text = substitute(config.read_text(), model_values(model_dir.name, values),
+                                  model_dir / config.relative_to(target))
                 if config == target / "config.pbtxt" and name != model_dir.name:
                     text = rename_model(text, model_dir.name, name)
                 config.write_text(text)
@@ -239,6 +281,9 @@ def template_values(args: argparse.Namespace) -> dict[str, str]:
         "engine_dir": f"../{ENGINE_SUBDIR}",  # relative to the model repository root
         "max_batch_size": str(args.max_batch_size),
         "llm_instance_count": "1",
+        "decoupled_mode": args.decoupled_mode,
+        "llm_model_name": args.llm_model_name,
+        **default_parameters(),
     }
     values.update(parse_params(args.param))
     return values
@@ -252,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file or directory")
     if args.max_batch_size < 1:
         raise SystemExit(f"--max-batch-size must be >= 1 (got {args.max_batch_size})")
-    if args.moe_experts is not None and args.moe_experts < upcycle.TOP_K:
-        raise SystemExit(f"--moe-experts must be >= {upcycle.TOP_K} (got {args.moe_experts})")
+    if args.moe_experts is not None and args.moe_experts < MOE_TOP_K:
+        raise SystemExit(f"--moe-experts must be >= {MOE_TOP_K} (got {args.moe_experts})")
+    from scalellm.models.checkpoint import dtype_name
+
     args.dtype = dtype_name(args.dtype)
     values = template_values(args)
     check_templates(args.templates, values)

@@ -6,6 +6,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Tokens generated when a request gives no max_tokens: vLLM's and OpenAI's completions default.
+DEFAULT_MAX_TOKENS = 16
+
 
 @dataclass(frozen=True)
 class ModelConfig:

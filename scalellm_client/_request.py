@@ -70,7 +70,7 @@ def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, An
                         f"expected some of: {', '.join(SAMPLING_INPUTS)}")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str (got {type(prompt).__name__})")
-    sampling = {"max_tokens": DEFAULT_MAX_TOKENS, **sampling}
+    sampling = {"max_tokens": DEFAULT_MAX_TOKENS, "exclude_input_in_output": True, **sampling}  # server default: echo
     fields: dict[str, Any] = {"text_input": prompt}
     for key, value in sampling.items():
         if value is None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from scalellm.triton.contract import ENSEMBLE_INPUTS
 from scalellm_client import build_request
 from scalellm_client._request import (
     DEFAULT_MAX_TOKENS,
@@ -17,16 +15,13 @@ from scalellm_client._request import (
     to_arrays,
 )
 
-ENSEMBLE_CONFIG = Path(__file__).resolve().parents[1] / "model_repository" / "ensemble" / "config.pbtxt"
 TRITON_TYPES = {"BYTES": "TYPE_STRING", "INT32": "TYPE_INT32", "FP32": "TYPE_FP32", "BOOL": "TYPE_BOOL",
                 "UINT64": "TYPE_UINT64"}
 
 
 def ensemble_inputs() -> dict[str, str]:
-    """``{input name: TYPE_*}`` from the ensemble's config template (the contract the server loads)."""
-    text = ENSEMBLE_CONFIG.read_text()
-    section = text[text.index("input ["):text.index("output [")]
-    return dict(re.findall(r'name:\s*"(\w+)"\s*data_type:\s*(TYPE_\w+)', section))
+    """``{input name: TYPE_*}`` from the request contract (build_engines.py renders the ensemble from it)."""
+    return {t.name: f"TYPE_{t.dtype}" for t in ENSEMBLE_INPUTS}
 
 
 def test_every_input_the_client_sends_is_in_the_ensemble_contract() -> None:
@@ -38,9 +33,10 @@ def test_every_input_the_client_sends_is_in_the_ensemble_contract() -> None:
 
 def test_defaults_send_only_what_is_needed() -> None:
     assert build_request("Hi", stream=False) == {"text_input": "Hi", "max_tokens": DEFAULT_MAX_TOKENS,
-                                                 "stream": False}
+                                                 "exclude_input_in_output": True, "stream": False}
     fields = build_request("Hi", stream=True, temperature=None, top_k=None, stop=[])
-    assert fields == {"text_input": "Hi", "max_tokens": DEFAULT_MAX_TOKENS, "stream": True}
+    assert fields == {"text_input": "Hi", "max_tokens": DEFAULT_MAX_TOKENS, "exclude_input_in_output": True,
+                      "stream": True}
 
 
 def test_sampling_arguments_map_to_ensemble_names() -> None:

@@ -1,4 +1,4 @@
-"""Windowed incremental detokenisation with the real SmolLM2 tokenizer: streamed deltas == one-shot decode."""
+"""Incremental detokenisation with context with the real SmolLM2 tokenizer: streamed deltas == one-shot decode."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from scalellm.tokenization import (
+    ChatTemplate,
+    context_tail,
     decode_delta,
-    detokenize_window,
     encode_word_list,
     flatten_word_ids,
     load_tokenizer,
@@ -37,13 +38,13 @@ def tokenizer():
 
 
 def stream_text(tokenizer, token_ids: list[int], prompt_len: int, step: int) -> str:
-    """Replay the llm model's windows the way a stream of ``step`` tokens per response would."""
-    text, sent = [], prompt_len
-    ends = list(range(prompt_len + step, len(token_ids), step)) + [len(token_ids)]
-    for end in ends:
-        window, read_offset = detokenize_window(token_ids[:end], sent)
-        text.append(decode_delta(tokenizer, window, read_offset, final=end == len(token_ids)))
-        sent = end
+    """Replay what the llm model sends when it streams ``step`` new tokens per response, with context."""
+    text, shown = [], context_tail(token_ids[:prompt_len], [])
+    for start in range(prompt_len, len(token_ids), step):
+        new = token_ids[start:start + step]
+        final = start + step >= len(token_ids)
+        text.append(decode_delta(tokenizer, shown + new, len(shown), final))
+        shown = context_tail(shown, new)
     return "".join(text)
 
 
@@ -52,7 +53,7 @@ def stream_text(tokenizer, token_ids: list[int], prompt_len: int, step: int) -> 
 def test_streamed_deltas_equal_one_shot_decode(tokenizer, text, step):
     prompt = tokenizer.encode("Say:").ids
     output = tokenizer.encode(" " + text, add_special_tokens=False).ids
-    one_shot = decode_delta(tokenizer, *detokenize_window(prompt + output, len(prompt)), final=True)
+    one_shot = decode_delta(tokenizer, prompt + output, len(prompt), final=True)
     assert one_shot == " " + text  # the leading space of the first output token survives
     assert stream_text(tokenizer, prompt + output, len(prompt), step) == one_shot
 
@@ -68,3 +69,15 @@ def test_stop_word_variants_and_flat_layout(tokenizer):
     seqs = encode_word_list(tokenizer, ["Paris", ""])
     assert tuple(tokenizer.encode(" Paris", add_special_tokens=False).ids) in seqs
     assert unflatten_word_ids(*flatten_word_ids(seqs)) == seqs
+
+
+@pytest.mark.parametrize("text", ["What is the capital of France?", "  spaced  \n", "{{ not jinja }} é 🎉"])
+def test_chat_template_matches_transformers(text):
+    """Preprocessing renders the model's template with jinja2 (transformers cannot load in the Triton stub);
+    it must give exactly transformers' apply_chat_template text."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(ENGINE_DIR))
+    expected = reference.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert ChatTemplate(ENGINE_DIR).user_prompt(text) == expected

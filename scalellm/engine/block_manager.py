@@ -28,10 +28,6 @@ class BlockManager:
         self.prefix_hit_tokens = 0
 
     @property
-    def num_free(self) -> int:
-        return len(self.free_blocks)
-
-    @property
     def num_used(self) -> int:
         return self.num_blocks - len(self.free_blocks)
 

@@ -21,18 +21,9 @@ from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.sampler import sample
 from scalellm.engine.scheduler import ScheduledWork, Scheduler
-from scalellm.engine.sequence import RequestOutput, RequestTimings, SamplingParams, Sequence
+from scalellm.engine.sequence import FinishedRequest, RequestOutput, RequestTimings, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    """Totals since start."""
-
-    steps: int = 0
-    prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded, recomputation included)
-    generated_tokens: int = 0  # tokens sampled, end-of-sequence included
 
 
 @dataclass
@@ -41,7 +32,6 @@ class StepStats:
 
     batch_size: int
     prefill_tokens: int
-    decode_tokens: int
     generated_tokens: int
     running: int
     waiting: int
@@ -49,7 +39,6 @@ class StepStats:
     kv_blocks_total: int
     preemptions_total: int
     prefix_hit_tokens_total: int
-    duration_s: float
     ttft_s: list[float] = field(default_factory=list)  # arrival -> first token, for requests that got one
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive tokens of a request
 
@@ -64,7 +53,6 @@ class LLMEngine:
         self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
         self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.stats = EngineStats()
         self.on_step: Callable[[StepStats], None] | None = None  # called from the loop thread
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._by_id: dict[str, Sequence] = {}
@@ -132,7 +120,6 @@ class LLMEngine:
                     self._finish(seq, "error", error=f"engine step failed: {exc}")
 
     def step(self) -> list[ScheduledWork]:
-        start = time.perf_counter()
         work = self.scheduler.schedule()
         if not work:
             return work
@@ -147,8 +134,6 @@ class LLMEngine:
                 prefill += w.num_tokens
             w.seq.num_computed += w.num_tokens
             self.blocks.commit_full_blocks(w.seq)
-        self.stats.steps += 1
-        self.stats.prompt_tokens += prefill
         ttft, itl = [], []
         if samplers:
             result = sample(logits, samplers)
@@ -166,7 +151,6 @@ class LLMEngine:
             self.on_step(StepStats(
                 batch_size=len(work),
                 prefill_tokens=prefill,
-                decode_tokens=sum(w.num_tokens for w in work) - prefill,
                 generated_tokens=len(samplers),
                 running=len(self.scheduler.running),
                 waiting=len(self.scheduler.waiting),
@@ -174,7 +158,6 @@ class LLMEngine:
                 kv_blocks_total=self.blocks.num_blocks,
                 preemptions_total=self.scheduler.num_preemptions,
                 prefix_hit_tokens_total=self.blocks.prefix_hit_tokens,
-                duration_s=time.perf_counter() - start,
                 ttft_s=ttft,
                 itl_s=itl,
             ))
@@ -182,7 +165,6 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, log_prob: float | None) -> None:
         p = seq.params
-        self.stats.generated_tokens += 1
         if token in p.stop_token_ids and len(seq.output_ids) >= p.min_tokens:
             self._finish(seq, "stop")
             return
@@ -201,14 +183,15 @@ class LLMEngine:
         self._emit(seq)
 
     def _emit(self, seq: Sequence, finish_reason: str | None = None, error: str | None = None) -> None:
+        """Report the output tokens not reported before (all of them once the request is finished)."""
         n = len(seq.output_ids) - (0 if finish_reason else seq.held_back())
+        start, seq.num_reported = seq.num_reported, max(n, seq.num_reported)
         out = RequestOutput(
             request_id=seq.request_id,
-            token_ids=seq.prompt_ids + seq.output_ids[:n],
-            prompt_len=len(seq.prompt_ids),
-            num_output_tokens=n,
+            new_token_ids=seq.output_ids[start:n],
+            num_output_tokens=seq.num_reported,
             finish_reason=finish_reason,
-            log_probs=seq.log_probs[:n] if seq.params.return_log_probs else None,
+            new_log_probs=seq.log_probs[start:n] if seq.params.return_log_probs else None,
             num_cached_tokens=seq.num_cached_tokens,
             timings=RequestTimings(seq.arrival_ns, seq.first_scheduled_ns, seq.first_token_ns, seq.last_token_ns),
             error=error,
@@ -224,21 +207,26 @@ class LLMEngine:
         seq.finish_reason = reason
         self._emit(seq, reason, error)
 
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[FinishedRequest]:
         """Submit ``prompts`` together and wait for all (in-process use: tests, benchmarks)."""
         done = threading.Semaphore(0)
-        results: dict[int, RequestOutput] = {}
+        results: dict[int, FinishedRequest] = {}
+        seqs: list[Sequence] = []
 
         def on_output(index: int) -> Callable[[RequestOutput], None]:
             def record(out: RequestOutput) -> None:
                 if out.finish_reason is not None:
-                    results[index] = out
+                    seq = seqs[index]
+                    log_probs = list(seq.log_probs) if params.return_log_probs else None
+                    results[index] = FinishedRequest(seq.prompt_ids + seq.output_ids, len(seq.output_ids),
+                                                     out.finish_reason, log_probs, seq.num_cached_tokens)
                     done.release()
             return record
 
         for i, ids in enumerate(prompts):
-            self.submit(Sequence(f"local-{id(results)}-{i}", list(ids), params, on_output(i)))
+            seqs.append(Sequence(f"local-{id(results)}-{i}", list(ids), params, on_output(i)))
+        for seq in seqs:
+            self.submit(seq)
         for _ in prompts:
             done.acquire()
         return [results[i] for i in range(len(prompts))]

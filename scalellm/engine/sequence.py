@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from scalellm.config import DEFAULT_MAX_TOKENS
+
 
 @dataclass
 class SamplingParams:
     """Per-request decoding controls (the ensemble's sampling inputs, validated)."""
 
-    max_tokens: int = 16
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -50,17 +52,27 @@ class RequestTimings:
 
 @dataclass
 class RequestOutput:
-    """What the engine reports after a step that changed a request."""
+    """What the engine reports after a step that changed a request: only what is new since the last report."""
 
     request_id: str
-    token_ids: list[int]  # prompt + every output token emitted so far (stop-sequence tails held back)
-    prompt_len: int
-    num_output_tokens: int
+    new_token_ids: list[int]  # output tokens not reported before (stop-sequence tails held back)
+    num_output_tokens: int  # output tokens reported so far, these included
     finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "error"
-    log_probs: list[float] | None = None  # per emitted output token
+    new_log_probs: list[float] | None = None  # log-probs of new_token_ids (with return_log_probs)
     num_cached_tokens: int = 0  # prefix-cache hits
     timings: RequestTimings = field(default_factory=RequestTimings)
     error: str | None = None
+
+
+@dataclass
+class FinishedRequest:
+    """A whole finished request (``LLMEngine.generate``)."""
+
+    token_ids: list[int]  # prompt + output
+    num_output_tokens: int
+    finish_reason: str
+    log_probs: list[float] | None = None
+    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -76,6 +88,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of the full blocks
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_reported: int = 0  # output tokens already handed to on_output
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)  # FCFS order, preemption victims
     arrival_ns: int = field(default_factory=time.time_ns)

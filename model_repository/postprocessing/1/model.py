@@ -1,7 +1,6 @@
-"""Detokenise each ``llm`` response: the text its token window adds (see ``scalellm.tokenization``).
+"""The ``postprocessing`` model: a ``pb_utils`` adapter over ``scalellm.triton.postprocess.postprocess``.
 
-Stateless per response, so it works whether a request streams one response or many; the other
-outputs of ``llm`` pass through so every ensemble response comes from this one step.
+Stateless per response, so it works whether a request streams one response or many.
 """
 
 from __future__ import annotations
@@ -9,20 +8,9 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from scalellm.tokenization import decode_delta, load_tokenizer
-from scalellm.triton_io import model_parameters, resolve_engine_dir
-
-PASS_THROUGH = {
-    "FINISH_REASON": "OUT_FINISH_REASON",
-    "NUM_OUTPUT_TOKENS": "OUT_NUM_OUTPUT_TOKENS",
-    "NUM_CACHED_TOKENS": "OUT_NUM_CACHED_TOKENS",
-    "ARRIVAL_TIME_NS": "OUT_ARRIVAL_TIME_NS",
-    "FIRST_SCHEDULED_TIME_NS": "OUT_FIRST_SCHEDULED_TIME_NS",
-    "FIRST_TOKEN_TIME_NS": "OUT_FIRST_TOKEN_TIME_NS",
-    "LAST_TOKEN_TIME_NS": "OUT_LAST_TOKEN_TIME_NS",
-    "CUM_LOG_PROBS": "OUT_CUM_LOG_PROBS",
-    "OUTPUT_LOG_PROBS": "OUT_OUTPUT_LOG_PROBS",
-}
+from scalellm.tokenization import load_tokenizer
+from scalellm.triton.postprocess import postprocess
+from scalellm.triton.tensors import model_parameters, resolve_engine_dir
 
 
 class TritonPythonModel:
@@ -32,15 +20,11 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
-            def get(name: str, request=request) -> np.ndarray:
-                return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+            def get(name: str, request=request) -> np.ndarray | None:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                return None if tensor is None else tensor.as_numpy()
 
-            window = get("TOKENS_BATCH").reshape(-1).tolist()
-            read_offset = int(get("READ_OFFSET").reshape(-1)[0])
-            final = bool(get("IS_FINAL").reshape(-1)[0])
-            text = decode_delta(self.tokenizer, window, read_offset, final)
-            tensors = [pb_utils.Tensor("OUTPUT", np.asarray([[text.encode("utf-8")]], dtype=object))]
-            for src, dst in PASS_THROUGH.items():
-                tensors.append(pb_utils.Tensor(dst, get(src)))
+            outputs = postprocess(self.tokenizer, get)
+            tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses

@@ -1,4 +1,4 @@
-"""Small helpers shared by the Python-backend models in ``model_repository/``.
+"""Small array helpers shared by the Python-backend models in ``model_repository/``.
 
 Kept free of ``triton_python_backend_utils`` so they can be imported (and tested) outside Triton.
 """
@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from scalellm.triton.contract import Field
 
 
 class InvalidInput(ValueError):
@@ -45,7 +49,7 @@ def scalar(array: np.ndarray | None, name: str, default: Any = None) -> Any:
     value = flat[0]
     if isinstance(value, bytes | np.bytes_):
         return value
-    return value.item()
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
@@ -76,3 +80,18 @@ def decode_words(array: np.ndarray | None, name: str) -> list[str]:
         except UnicodeDecodeError as exc:
             raise InvalidInput(f"{name} is not valid UTF-8: {exc}") from None
     return [w for w in words if w]
+
+
+def is_set(array: np.ndarray | None) -> bool:
+    """Whether an optional input asks for something: present, non-empty, and not all false/empty strings."""
+    if array is None:
+        return False
+    flat = np.asarray(array).reshape(-1)
+    return any(bool(v) for v in flat)
+
+
+def check_refused(get: Callable[[str], np.ndarray | None], fields: Iterable[Field]) -> None:
+    """Refuse, naming it, any field of the contract that is declared but not implemented."""
+    for f in fields:
+        if f.refused and is_set(get(f.model_input)):
+            raise InvalidInput(f"{f.name} is not supported: {f.refused}")

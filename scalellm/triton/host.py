@@ -1,0 +1,165 @@
+"""An engine serving Triton requests: parse, submit, stream responses back, cancel.
+
+The engine's loop thread only queues outputs; a sender thread turns them into responses, so response IPC
+never stalls the engine.  ``num_return_sequences`` > 1: the first sequence is submitted alone and its
+siblings (seeds ``seed + i``) once it has produced output, i.e. once its prompt's full KV blocks are in the
+prefix cache, so they share those blocks instead of recomputing them.
+
+Triton-free: the ``llm`` model adapts ``pb_utils`` senders to :class:`Responder`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from scalellm.engine.engine import LLMEngine
+from scalellm.engine.sequence import RequestOutput, Sequence
+from scalellm.triton import response
+from scalellm.triton.request import EngineLimits, Get, LLMRequest, parse
+from scalellm.triton.tensors import InvalidInput, scalar
+
+log = logging.getLogger(__name__)
+CANCEL_POLL_S = 0.25
+
+
+class Responder(Protocol):
+    def send(self, tensors: dict[str, np.ndarray] | None, error: str | None = None, final: bool = False,
+             invalid: bool = False) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass
+class Active:
+    triton_id: str
+    responder: Responder
+    request: LLMRequest
+    seqs: list[response.SequenceProgress]
+    engine_ids: list[str]
+    pending: list[Sequence] = field(default_factory=list)  # siblings waiting for the first sequence's prefill
+    finished: bool = False
+
+
+class EngineHost:
+    def __init__(self, engine: LLMEngine, decoupled: bool, on_log=log.info) -> None:
+        self.engine = engine
+        self.limits = EngineLimits(
+            vocab_size=engine.model_config.vocab_size, eos_token_ids=tuple(engine.model_config.eos_token_ids),
+            check_fits=engine.check_fits, max_model_len=engine.max_model_len, decoupled=decoupled)
+        self.on_log = on_log
+        self._ids = itertools.count()
+        self._outbox: queue.Queue[tuple[Active, int, RequestOutput] | None] = queue.Queue()
+        self._active: dict[int, Active] = {}
+        self._thread = threading.Thread(target=self._send_loop, name="llm-sender", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self._outbox.put(None)
+        self._thread.join(timeout=10)
+
+    # ---- requests in ----
+    def handle(self, get: Get, triton_id: str, responder: Responder) -> None:
+        cancel = get("cancel_request_id")
+        if cancel is not None or scalar(get("stop"), "stop", False):
+            target = triton_id if cancel is None else scalar(cancel, "cancel_request_id")
+            self.cancel(target.decode() if isinstance(target, bytes) else str(target))
+            responder.send({}, final=True)
+            return
+        try:
+            request = parse(get, self.limits)
+        except (InvalidInput, ValueError, TypeError) as exc:
+            responder.send(None, error=str(exc), final=True, invalid=True)
+            return
+        key = next(self._ids)
+        seqs = [response.start(request, i) for i in range(len(request.samples))]
+        engine_ids = [f"{triton_id or 'req'}-{key}-{i}" for i in range(len(seqs))]
+        active = Active(triton_id, responder, request, seqs, engine_ids)
+        sequences = [Sequence(engine_ids[i], list(request.prompt), params, self._on_output(active, i))
+                     for i, params in enumerate(request.samples)]
+        active.pending = sequences[1:]
+        self._active[key] = active
+        self.engine.submit(sequences[0])  # fits: parse checked it
+
+    def _on_output(self, active: Active, index: int):
+        return lambda out: self._outbox.put((active, index, out))
+
+    def cancel(self, triton_id: str) -> None:
+        """Cancel by the client's request id (Triton 2.51 does not pass an ensemble's cancellation on)."""
+        for active in list(self._active.values()):
+            if triton_id and active.triton_id == triton_id and not active.finished:
+                self._cancel(active)
+
+    def _cancel(self, active: Active, reason: str = "cancelled by the client") -> None:
+        self.on_log(f"llm: request {active.engine_ids[0]} {reason}")
+        if active.pending:  # siblings never submitted: nothing of theirs will come
+            active.pending = []
+            for seq in active.seqs[1:]:
+                seq.done = True
+        for engine_id, seq in zip(active.engine_ids, active.seqs, strict=True):
+            if not seq.done:
+                self.engine.cancel(engine_id)
+
+    # ---- responses out ----
+    def _send_loop(self) -> None:
+        last_poll = time.monotonic()
+        while True:
+            try:
+                item = self._outbox.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                active, index, out = item
+                try:
+                    self._send(active, index, out)
+                except Exception as exc:  # a client gone mid-stream must not stop the sender
+                    self._finish(active)
+                    self._cancel(active, f"stopped: sending a response failed: {exc}")
+            if time.monotonic() - last_poll >= CANCEL_POLL_S:
+                last_poll = time.monotonic()
+                for active in list(self._active.values()):
+                    if not active.finished and active.responder.is_cancelled():
+                        self._cancel(active)
+
+    def _finish(self, active: Active) -> None:
+        active.finished = True
+        for key, other in list(self._active.items()):
+            if other is active:
+                del self._active[key]
+
+    def _send(self, active: Active, index: int, out: RequestOutput) -> None:
+        if active.finished:
+            return
+        if index == 0 and active.pending:  # the first sequence's prompt blocks are now in the prefix cache
+            siblings, active.pending = active.pending, []
+            if out.finish_reason in ("cancelled", "error"):
+                for seq in active.seqs[1:]:
+                    seq.done = True
+            else:
+                for sibling in siblings:
+                    self.engine.submit(sibling)
+        if out.error:
+            self._finish(active)
+            self._cancel(active, f"failed: {out.error}")
+            active.responder.send(None, error=out.error, final=True)
+            return
+        tensors = response.tensors(active.request, active.seqs[index], out)
+        if tensors is None:
+            return
+        final = all(seq.done for seq in active.seqs) and not active.pending
+        if final:
+            self._finish(active)
+        active.responder.send(tensors, final=final)

@@ -1,0 +1,81 @@
+"""Engine outputs -> ``llm`` response tensors, in tensorrtllm_backend's shapes ([batch, beam, ...], batch 1).
+
+Streaming: each response holds only its new tokens (the prompt is never streamed, as in TensorRT-LLM).
+Not streaming: one response with every output token, the prompt first unless ``exclude_input_in_output``.
+``context_ids`` (ours) carries the tokens shown just before, so postprocessing can detokenise byte-exactly.
+Optional outputs appear only when asked for (``return_log_probs``, ``return_perf_metrics``,
+``return_num_input_tokens``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scalellm.engine.sequence import RequestOutput
+from scalellm.tokenization import context_tail
+from scalellm.triton.request import LLMRequest
+
+PERF_OUTPUTS = ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")
+
+
+@dataclass
+class SequenceProgress:
+    """One returned sequence of a request: what was already sent."""
+
+    index: int  # sequence_index
+    shown: list[int]  # the last tokens already shown (detokenisation context)
+    tokens: list[int] = field(default_factory=list)  # not streaming: the output so far
+    log_probs: list[float] = field(default_factory=list)  # not streaming: the output's log-probs so far
+    cum_log_prob: float = 0.0
+    done: bool = False
+
+
+def start(request: LLMRequest, index: int) -> SequenceProgress:
+    shown = [] if not request.stream and not request.exclude_input else context_tail(request.prompt, [])
+    return SequenceProgress(index=index, shown=shown)
+
+
+def _i32(value: int) -> np.ndarray:
+    return np.asarray([[value]], dtype=np.int32)
+
+
+def tensors(request: LLMRequest, seq: SequenceProgress, out: RequestOutput) -> dict[str, np.ndarray] | None:
+    """The response for ``out``, or None when there is nothing to send yet."""
+    final = out.finish_reason is not None
+    new, new_lp = out.new_token_ids, out.new_log_probs or []
+    seq.cum_log_prob += float(sum(new_lp))
+    if not request.stream:
+        seq.tokens += new
+        seq.log_probs += new_lp
+        if not final:
+            return None
+        new = seq.tokens if request.exclude_input else request.prompt + seq.tokens
+        new_lp = seq.log_probs
+    elif not new and not final:
+        return None
+    context = seq.shown
+    seq.shown = context_tail(seq.shown, new)
+    seq.done = final
+    result = {
+        "output_ids": np.asarray([[new]], dtype=np.int32).reshape(1, 1, len(new)),
+        "sequence_length": _i32(len(new)),
+        "context_ids": np.asarray([[context]], dtype=np.int32).reshape(1, 1, len(context)),
+        "finish_reason": np.asarray([[(out.finish_reason or "").encode()]], dtype=object),
+        "num_output_tokens": _i32(out.num_output_tokens),
+        "num_cached_tokens": _i32(out.num_cached_tokens),
+        "batch_index": _i32(0),
+        "sequence_index": _i32(seq.index),
+    }
+    if request.num_input_tokens:
+        result["num_input_tokens"] = _i32(len(request.prompt))
+    if out.new_log_probs is not None:
+        result["cum_log_probs"] = np.asarray([[seq.cum_log_prob]], dtype=np.float32)
+        result["output_log_probs"] = np.asarray(new_lp, dtype=np.float32).reshape(1, 1, -1)
+    if request.perf_metrics:
+        t = out.timings
+        marks = (t.arrival_ns, t.first_scheduled_ns, t.first_token_ns, t.last_token_ns)
+        for name, mark in zip(PERF_OUTPUTS, marks, strict=True):
+            result[name] = np.asarray([[mark]], dtype=np.int64)
+    return result
