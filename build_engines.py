@@ -67,13 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help=".gguf file or Hugging Face directory")
     parser.add_argument("--output-dir", required=True, type=Path, help="gets engine/ and model_repository/")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    parser.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm"], help="engine backend")
     parser.add_argument(
         "--max-model-len",
         type=int,
         default=None,
-        help=f"default: min(max_position_embeddings, {DEFAULT_MAX_MODEL_LEN_CAP})",
+        help=f"context length; unset: min(max_position_embeddings, {DEFAULT_MAX_MODEL_LEN_CAP})",
     )
     parser.add_argument("--model-name", default=ENSEMBLE_TEMPLATE, help="name the ensemble is served as")
     parser.add_argument("--max-batch-size", type=int, default=64, help="fills ${max_batch_size}")

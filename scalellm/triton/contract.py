@@ -7,8 +7,9 @@ Names, types and dims follow NVIDIA tensorrtllm_backend's ``inflight_batcher_llm
 defaults from them; the client's torch-free request table is checked against them by a test.
 
 Ensemble inputs are declared once, in :data:`REQUEST_FIELDS`: the model that reads a field and its name
-there.  Adding an optional sampling field = one ``Field`` row here + the engine reading it + the client's
-request table.
+there.  A field with ``param`` is read, range-checked and handed to ``SamplingParams`` by the llm parser
+without further code, so adding an optional sampling field = one ``Field`` row here + the engine reading it
+(``SamplingParams`` and the sampler) + the client's request table.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class Field:
     doc: str = ""
     refused: str = ""  # non-empty: accepted by the schema but refused with this reason when set
     required: bool = False
+    param: str = ""  # a SamplingParams attribute the llm parser fills from this field, checked against:
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is out of bounds
 
 
 # ---- the request: ensemble inputs ------------------------------------------------------------------------
@@ -71,16 +76,19 @@ REQUEST_FIELDS: tuple[Field, ...] = (
           doc="0 = greedy; absent: 1.0 if top_k > 1, 0 < top_p < 1 or min_p > 0, else greedy"),
     Field("top_k", "INT32", LLM, "runtime_top_k", default=0, doc="0 = off"),
     Field("top_p", "FP32", LLM, "runtime_top_p", default=0.0, doc="0 = off (as in TensorRT-LLM); (0, 1]"),
-    Field("min_p", "FP32", LLM, "min_p", default=0.0, doc="ours: [0, 1]"),
+    Field("min_p", "FP32", LLM, "min_p", default=0.0, doc="ours", param="min_p", low=0.0, high=1.0),
     Field("length_penalty", "FP32", LLM, "len_penalty", default=1.0, doc="beam search only: no effect"),
-    Field("repetition_penalty", "FP32", LLM, "repetition_penalty", default=1.0, doc="> 0"),
-    Field("presence_penalty", "FP32", LLM, "presence_penalty", default=0.0, doc="[-2, 2]"),
-    Field("frequency_penalty", "FP32", LLM, "frequency_penalty", default=0.0, doc="[-2, 2]"),
+    Field("repetition_penalty", "FP32", LLM, "repetition_penalty", default=1.0,
+          param="repetition_penalty", low=0.0, low_open=True),
+    Field("presence_penalty", "FP32", LLM, "presence_penalty", default=0.0,
+          param="presence_penalty", low=-2.0, high=2.0),
+    Field("frequency_penalty", "FP32", LLM, "frequency_penalty", default=0.0,
+          param="frequency_penalty", low=-2.0, high=2.0),
     Field("min_length", "INT32", LLM, "min_length", default=0, doc="no end before this many tokens"),
     Field("min_tokens", "INT32", LLM, "min_tokens", doc="ours: alias of min_length"),
     Field("random_seed", "UINT64", LLM, "random_seed", doc="absent: random"),
     Field("seed", "UINT64", LLM, "seed", doc="ours: alias of random_seed"),
-    Field("return_log_probs", "BOOL", LLM, "return_log_probs", default=False),
+    Field("return_log_probs", "BOOL", LLM, "return_log_probs", default=False, param="return_log_probs"),
     Field("return_perf_metrics", "BOOL", LLM, "return_perf_metrics", default=False,
           doc="adds the four *_time_ns outputs"),
     Field("return_num_input_tokens", "BOOL", LLM, "return_num_input_tokens", default=False,

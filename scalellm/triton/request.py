@@ -14,10 +14,11 @@ import numpy as np
 
 from scalellm.engine.sequence import SamplingParams
 from scalellm.tokenization import unflatten_word_ids
-from scalellm.triton.contract import LLM_FIELDS
+from scalellm.triton.contract import LLM_FIELDS, Field
 from scalellm.triton.tensors import InvalidInput, check_range, check_refused, scalar
 
 Get = Callable[[str], "np.ndarray | None"]
+CASTS = {"FP32": float, "INT32": int, "UINT64": int, "BOOL": bool}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,14 @@ def _words(get: Get, name: str) -> tuple[tuple[int, ...], ...]:
         return ()
     ids, offsets = np.asarray(tensor).reshape(2, -1).tolist()
     return tuple(unflatten_word_ids(ids, offsets))
+
+
+def _checked(f: Field, value: object) -> object:
+    """A plain field's value as its SamplingParams type, within the contract's bounds."""
+    value = CASTS[f.dtype](value)
+    if f.dtype != "BOOL":
+        check_range(f.name, value, low=f.low, high=f.high, low_open=f.low_open)
+    return value
 
 
 def parse(get: Get, limits: EngineLimits) -> LLMRequest:
@@ -87,17 +96,12 @@ def parse(get: Get, limits: EngineLimits) -> LLMRequest:
     top_p = float(value("runtime_top_p"))
     check_range("top_p", top_p, low=0.0, high=1.0)
     top_p = top_p or 1.0  # 0 = off, as in TensorRT-LLM
-    min_p = float(value("min_p"))
-    check_range("min_p", min_p, low=0.0, high=1.0)
+    plain = {f.param: _checked(f, value(name)) for name, f in LLM_FIELDS.items() if f.param}
+    min_p = plain["min_p"]
     temperature = value("temperature")
     sampling_asked = top_k > 1 or top_p < 1.0 or min_p > 0.0
     temperature = float(temperature) if temperature is not None else (1.0 if sampling_asked else 0.0)
     check_range("temperature", temperature, low=0.0)
-    repetition = float(value("repetition_penalty"))
-    check_range("repetition_penalty", repetition, low=0.0, low_open=True)
-    presence, frequency = float(value("presence_penalty")), float(value("frequency_penalty"))
-    check_range("presence_penalty", presence, low=-2.0, high=2.0)
-    check_range("frequency_penalty", frequency, low=-2.0, high=2.0)
     check_range("length_penalty", float(value("len_penalty")))  # beam search only: no effect here
     min_tokens = value("min_tokens")
     min_tokens = int(value("min_length") if min_tokens is None else min_tokens)
@@ -112,10 +116,9 @@ def parse(get: Get, limits: EngineLimits) -> LLMRequest:
         check_range("end_id", end_id, low=-1, high=limits.vocab_size - 1)
         stop_ids = (end_id,) if end_id >= 0 else ()
     base = dict(
-        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        min_tokens=min_tokens, stop_token_ids=tuple(stop_ids), stop_sequences=_words(get, "stop_words_list"),
-        bad_sequences=_words(get, "bad_words_list"), repetition_penalty=repetition, presence_penalty=presence,
-        frequency_penalty=frequency, return_log_probs=bool(value("return_log_probs")),
+        plain, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_tokens=min_tokens,
+        stop_token_ids=tuple(stop_ids), stop_sequences=_words(get, "stop_words_list"),
+        bad_sequences=_words(get, "bad_words_list"),
     )
     samples = [SamplingParams(seed=(seed + i) % (1 << 63), **base) for i in range(n)]
     return LLMRequest(
