@@ -167,6 +167,8 @@ def test_optional_outputs_only_when_asked(server: RunningServer) -> None:
     assert full["num_input_tokens"] > 8 and full["num_output_tokens"] == plain["num_output_tokens"]
     assert 0 < full["arrival_time_ns"] <= full["first_token_time_ns"] <= full["last_token_time_ns"]
     assert full["cum_log_probs"] < 0
+    assert full["kv_cache_alloc_total_blocks"] == full["kv_cache_alloc_new_blocks"] + full["kv_cache_reused_blocks"]
+    assert full["kv_cache_reused_blocks"] > 0  # the same prompt was just served: its full blocks are cached
 
 
 def test_max_tokens_is_optional(server: RunningServer) -> None:

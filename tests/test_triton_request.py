@@ -33,7 +33,7 @@ def fits(prompt_len: int, max_tokens: int) -> str | None:
 
 
 LIMITS = EngineLimits(vocab_size=100, eos_token_ids=(2,), check_fits=fits, max_model_len=MAX_MODEL_LEN,
-                      decoupled=True)
+                      decoupled=True, block_size=16)
 
 
 def inputs(**values: object):

@@ -90,7 +90,7 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("seed", "UINT64", LLM, "seed", doc="ours: alias of random_seed"),
     Field("return_log_probs", "BOOL", LLM, "return_log_probs", default=False, param="return_log_probs"),
     Field("return_perf_metrics", "BOOL", LLM, "return_perf_metrics", default=False,
-          doc="adds the four *_time_ns outputs"),
+          doc="adds the *_time_ns, kv_cache_* and draft-token outputs"),
     Field("return_num_input_tokens", "BOOL", LLM, "return_num_input_tokens", default=False,
           doc="adds num_input_tokens"),
     Field("return_num_output_tokens", "BOOL", LLM, "return_num_output_tokens", default=False,
@@ -159,6 +159,12 @@ LLM_OUTPUTS = [
     Tensor("first_scheduled_time_ns", "INT64"),
     Tensor("first_token_time_ns", "INT64"),
     Tensor("last_token_time_ns", "INT64"),
+    Tensor("kv_cache_alloc_new_blocks", "INT32"),
+    Tensor("kv_cache_reused_blocks", "INT32"),
+    Tensor("kv_cache_alloc_total_blocks", "INT32"),
+    Tensor("acceptance_rate", "FP32"),  # speculative decoding: always 0 here
+    Tensor("total_accepted_draft_tokens", "INT32"),
+    Tensor("total_draft_tokens", "INT32"),
 ]
 # llm output -> (postprocessing input, postprocessing output, ensemble output); output_ids/sequence_length
 # become text_output.

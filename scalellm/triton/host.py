@@ -53,7 +53,8 @@ class EngineHost:
         self.engine = engine
         self.limits = EngineLimits(
             vocab_size=engine.model_config.vocab_size, eos_token_ids=tuple(engine.model_config.eos_token_ids),
-            check_fits=engine.check_fits, max_model_len=engine.max_model_len, decoupled=decoupled)
+            check_fits=engine.check_fits, max_model_len=engine.max_model_len, decoupled=decoupled,
+            block_size=engine.blocks.block_size)
         self.on_log = on_log
         self._ids = itertools.count()
         self._outbox: queue.Queue[tuple[Active, int, RequestOutput] | None] = queue.Queue()
@@ -156,7 +157,7 @@ class EngineHost:
             self._cancel(active, f"failed: {out.error}")
             active.responder.send(None, error=out.error, final=True)
             return
-        tensors = response.tensors(active.request, active.seqs[index], out)
+        tensors = response.tensors(active.request, active.seqs[index], out, self.limits.block_size)
         if tensors is None:
             return
         final = all(seq.done for seq in active.seqs) and not active.pending

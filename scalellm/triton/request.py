@@ -27,6 +27,7 @@ class EngineLimits:
     eos_token_ids: tuple[int, ...]
     check_fits: Callable[[int, int], str | None]  # LLMEngine.check_fits: why (prompt, max_tokens) can never run
     max_model_len: int
+    block_size: int  # KV-cache block size, for the kv_cache_* perf outputs
     decoupled: bool  # the model's transaction policy: several responses per request allowed
 
 

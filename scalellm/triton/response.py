@@ -41,7 +41,8 @@ def _i32(value: int) -> np.ndarray:
     return np.asarray([[value]], dtype=np.int32)
 
 
-def tensors(request: LLMRequest, seq: SequenceProgress, out: RequestOutput) -> dict[str, np.ndarray] | None:
+def tensors(request: LLMRequest, seq: SequenceProgress, out: RequestOutput,
+            block_size: int = 16) -> dict[str, np.ndarray] | None:
     """The response for ``out``, or None when there is nothing to send yet."""
     final = out.finish_reason is not None
     new, new_lp = out.new_token_ids, out.new_log_probs or []
@@ -78,4 +79,9 @@ def tensors(request: LLMRequest, seq: SequenceProgress, out: RequestOutput) -> d
         marks = (t.arrival_ns, t.first_scheduled_ns, t.first_token_ns, t.last_token_ns)
         for name, mark in zip(PERF_OUTPUTS, marks, strict=True):
             result[name] = np.asarray([[mark]], dtype=np.int64)
+        total = -(-(len(request.prompt) + out.num_output_tokens) // block_size)
+        reused = out.num_cached_tokens // block_size
+        result |= {"kv_cache_alloc_new_blocks": _i32(total - reused), "kv_cache_reused_blocks": _i32(reused),
+                   "kv_cache_alloc_total_blocks": _i32(total), "acceptance_rate": np.zeros((1, 1), np.float32),
+                   "total_accepted_draft_tokens": _i32(0), "total_draft_tokens": _i32(0)}
     return result
