@@ -10,7 +10,15 @@ from pathlib import Path
 
 from build_engines import DEFAULT_TEMPLATES, model_templates, model_values, substitute
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
-from scalellm.triton.contract import ENSEMBLE_INPUTS, MODEL_TENSORS, REQUEST_FIELDS, ensemble_steps
+from scalellm.triton.contract import (
+    ENSEMBLE_INPUTS,
+    MODEL_TENSORS,
+    OFFICIAL_LLM_INPUTS,
+    OFFICIAL_LLM_OUTPUTS,
+    REQUEST_FIELDS,
+    ensemble_steps,
+    ensemble_tensors,
+)
 from scalellm.triton.params import default_parameters, engine_config
 from scalellm_client._request import INPUT_DTYPES, SAMPLING_INPUTS
 
@@ -82,3 +90,17 @@ def test_docs_describe_every_request_field() -> None:
     docs = (ROOT / "docs" / "ensemble.md").read_text()
     missing = [f.name for f in REQUEST_FIELDS if f"`{f.name}`" not in docs]
     assert not missing, f"docs/ensemble.md does not describe {missing}"
+
+
+def test_an_ensemble_around_nvidias_tensorrt_llm_reads_only_what_it_declares() -> None:
+    """The GPU path puts NVIDIA's tensorrt_llm between our preprocessing and postprocessing."""
+    inputs, outputs = ensemble_tensors(OFFICIAL_LLM_INPUTS, OFFICIAL_LLM_OUTPUTS)
+    steps = ensemble_steps(OFFICIAL_LLM_INPUTS, OFFICIAL_LLM_OUTPUTS)
+    (_, llm_in, llm_out) = steps[1]
+    assert set(llm_in) <= OFFICIAL_LLM_INPUTS and set(llm_out) <= OFFICIAL_LLM_OUTPUTS
+    assert {"min_p", "seed", "apply_chat_template"} & {t.name for t in inputs} == {"apply_chat_template"}
+    assert "finish_reason" not in {t.name for t in outputs} and "text_output" in {t.name for t in outputs}
+    post_inputs = {t.name for t in MODEL_TENSORS["postprocessing"][0]}
+    assert set(steps[2][1]) <= post_inputs and "CONTEXT_IDS" not in steps[2][1]
+    wired = {tensor for _, ins, _ in steps for tensor in ins.values()}
+    assert all(t.name in wired for t in inputs), "Triton refuses an ensemble input no step reads"

@@ -194,16 +194,50 @@ MODEL_TENSORS = {
 
 # ---- the ensemble's wiring: (model, {model input: ensemble tensor}, {model output: ensemble tensor}) ------
 PRE_TO_LLM = {"INPUT_ID": "input_ids", "STOP_WORDS_IDS": "stop_words_list", "BAD_WORDS_IDS": "bad_words_list"}
+# What NVIDIA's tensorrt_llm model (r25.05) declares, for an ensemble with it in front of our postprocessing:
+# pass these to ensemble_steps / ensemble_tensors and the ensemble keeps only what that model reads and writes.
+OFFICIAL_LLM_INPUTS = frozenset({
+    "input_ids", "input_lengths", "request_output_len", "num_return_sequences", "end_id", "pad_id",
+    "stop_words_list", "bad_words_list", "beam_width", "temperature", "runtime_top_k", "runtime_top_p",
+    "len_penalty", "repetition_penalty", "min_length", "presence_penalty", "frequency_penalty", "random_seed",
+    "return_log_probs", "return_context_logits", "return_generation_logits", "return_perf_metrics",
+    "exclude_input_in_output", "streaming", "guided_decoding_guide_type", "guided_decoding_guide"})
+OFFICIAL_LLM_OUTPUTS = frozenset({
+    "output_ids", "sequence_length", "cum_log_probs", "output_log_probs", "batch_index", "sequence_index",
+    "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns",
+    "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "acceptance_rate",
+    "total_accepted_draft_tokens", "total_draft_tokens"})
 
 
-def ensemble_steps() -> list[tuple[str, dict[str, str], dict[str, str]]]:
-    pre_in = {f.model_input: f.name for f in REQUEST_FIELDS if f.reader == PRE}
+def _llm_fields(llm_inputs: frozenset[str] | None) -> list[Field]:
+    return [f for f in REQUEST_FIELDS if f.reader != LLM or llm_inputs is None or f.model_input in llm_inputs]
+
+
+def _passed(llm_outputs: frozenset[str] | None) -> list[str]:
+    return [name for name in PASS_THROUGH if llm_outputs is None or name in llm_outputs]
+
+
+def ensemble_tensors(llm_inputs: frozenset[str] | None = None,
+                     llm_outputs: frozenset[str] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """The ensemble's inputs and outputs; with the middle model's tensor names given, only what it has."""
+    inputs = [Tensor(f.name, f.dtype, f.dims, optional=not f.required) for f in _llm_fields(llm_inputs)]
+    passed = set(_passed(llm_outputs))
+    return inputs, [t for t in ENSEMBLE_OUTPUTS if t.name == "text_output" or t.name in passed]
+
+
+def ensemble_steps(llm_inputs: frozenset[str] | None = None,
+                   llm_outputs: frozenset[str] | None = None) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+    """The three steps; ``llm_inputs``/``llm_outputs``: the middle model's tensor names (default: our llm's)."""
+    fields, passed = _llm_fields(llm_inputs), _passed(llm_outputs)
+    pre_in = {f.model_input: f.name for f in fields if f.reader == PRE}
     pre_out = {out: f"_{out}" for out in PRE_TO_LLM}
-    llm_in = {f.model_input: f.name for f in REQUEST_FIELDS if f.reader == LLM}
+    llm_in = {f.model_input: f.name for f in fields if f.reader == LLM}
     llm_in.update({llm_name: f"_{pre_name}" for pre_name, llm_name in PRE_TO_LLM.items()})
-    llm_out = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH", "context_ids": "_CONTEXT_IDS"}
-    llm_out.update({name: f"_{name.upper()}" for name in PASS_THROUGH})
-    post_in = {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH", "CONTEXT_IDS": "_CONTEXT_IDS"}
-    post_in.update({name.upper(): f"_{name.upper()}" for name in PASS_THROUGH})
-    post_out = {"OUTPUT": "text_output", **{f"OUT_{name.upper()}": name for name in PASS_THROUGH}}
+    llm_out = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH"}
+    post_in = {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"}
+    if llm_outputs is None or "context_ids" in llm_outputs:
+        llm_out["context_ids"] = post_in["CONTEXT_IDS"] = "_CONTEXT_IDS"
+    llm_out.update({name: f"_{name.upper()}" for name in passed})
+    post_in.update({name.upper(): f"_{name.upper()}" for name in passed})
+    post_out = {"OUTPUT": "text_output", **{f"OUT_{name.upper()}": name for name in passed}}
     return [(PRE, pre_in, pre_out), (LLM, llm_in, llm_out), (POST, post_in, post_out)]

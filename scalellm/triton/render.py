@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from scalellm.triton.contract import LLM, MODEL_TENSORS, Tensor, ensemble_steps
+from scalellm.triton.contract import LLM, MODEL_TENSORS, Tensor, ensemble_steps, ensemble_tensors
 
 
 def _tensor(t: Tensor) -> str:
@@ -21,16 +21,22 @@ def _block(kind: str, tensors: list[Tensor], outputs: bool) -> str:
     return f"{kind} [\n" + ",\n".join(_tensor(t) for t in tensors) + "\n]"
 
 
-def io_section(model: str) -> str:
-    """The ``input [...]`` and ``output [...]`` blocks of ``model`` (preprocessing, llm, postprocessing, ensemble)."""
-    inputs, outputs = MODEL_TENSORS[model]
+def io_section(model: str, llm_inputs: frozenset[str] | None = None,
+               llm_outputs: frozenset[str] | None = None) -> str:
+    """The ``input [...]`` and ``output [...]`` blocks of ``model`` (preprocessing, llm, postprocessing, ensemble).
+
+    For the ensemble, ``llm_inputs``/``llm_outputs`` name the middle model's tensors when it is not ours
+    (e.g. ``contract.OFFICIAL_LLM_INPUTS`` / ``OFFICIAL_LLM_OUTPUTS`` for NVIDIA's tensorrt_llm).
+    """
+    inputs, outputs = ensemble_tensors(llm_inputs, llm_outputs) if model == "ensemble" else MODEL_TENSORS[model]
     return _block("input", inputs, outputs=False) + "\n" + _block("output", outputs, outputs=True)
 
 
-def ensemble_section(llm_model_name: str = LLM) -> str:
+def ensemble_section(llm_model_name: str = LLM, llm_inputs: frozenset[str] | None = None,
+                     llm_outputs: frozenset[str] | None = None) -> str:
     """``ensemble_scheduling { step [...] }`` wiring preprocessing -> llm -> postprocessing."""
     steps = []
-    for model, inputs, outputs in ensemble_steps():
+    for model, inputs, outputs in ensemble_steps(llm_inputs, llm_outputs):
         name = llm_model_name if model == LLM else model
         maps = [f'      input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items()]
         maps += [f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items()]
