@@ -72,8 +72,9 @@ _NUMPY_DTYPES = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BO
 def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, Any]:
     """Ensemble inputs for one request as ``{input name: JSON-able value}``.
 
-    Only ``text_input``, ``max_tokens`` (default 128), ``stream`` and the sampling arguments the
-    caller set (not None) are included, so the server's defaults apply to the rest. Word lists
+    Only ``text_input``, ``max_tokens`` (default 128), ``exclude_input_in_output`` (default True: the
+    answer without the prompt), ``stream`` and the sampling arguments the caller set (not None) are
+    included, so the server's defaults apply to the rest. Word lists
     (``stop``, ``bad_words``) accept a str or a list of str; empty lists are left out.
     ``chat=True`` asks the server to apply the model's chat template to the prompt (one user turn).
     Raises TypeError for an unknown argument or a value of the wrong type, ValueError for an
@@ -85,7 +86,7 @@ def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, An
                         f"expected some of: {', '.join(SAMPLING_INPUTS)}")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str (got {type(prompt).__name__})")
-    sampling = {"max_tokens": DEFAULT_MAX_TOKENS, **sampling}
+    sampling = {"max_tokens": DEFAULT_MAX_TOKENS, "exclude_input_in_output": True, **sampling}  # server default: echo
     fields: dict[str, Any] = {"text_input": prompt}
     for key, value in sampling.items():
         if value is None:
