@@ -12,7 +12,7 @@ from .client import Client
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scalellm-client", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(prog="scalellm-client",
                                      description="Send one prompt to a ScaleLLM server and print the answer.")
     parser.add_argument("prompt")
     parser.add_argument("--chat", "--chatml", action="store_true",
@@ -20,15 +20,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--system", help="with --chat: format the prompt as ChatML here, with this system message")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
     parser.add_argument("--url", help="host:port (default 127.0.0.1:8001 for grpc, 127.0.0.1:8000 for http)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default="ensemble")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    parser.add_argument("--temperature", type=float, help="0: greedy (server default)")
-    parser.add_argument("--top-k", type=int, help="0: off (server default)")
-    parser.add_argument("--top-p", type=float, help="0 or 1: off (server default)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default: %(default)s")
+    parser.add_argument("--model", default="ensemble", help="default: %(default)s")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="default: %(default)s")
+    parser.add_argument("--temperature", type=float, help="default: the server's (greedy)")
+    parser.add_argument("--top-k", type=int, help="default: the server's (0: off)")
+    parser.add_argument("--top-p", type=float, help="default: the server's (off)")
+    parser.add_argument("--seed", type=int, help="default: random")
     parser.add_argument("--stop", nargs="+", metavar="WORD", help="stop sequences")
-    parser.add_argument("-n", "--num-return-sequences", type=int, help="completions to generate (not with --stream)")
+    parser.add_argument("-n", "--num-return-sequences", type=int,
+                        help="completions to generate (default: 1; not with --stream)")
     parser.add_argument("--timeout", type=float, help="seconds (default: no limit)")
     return parser.parse_args(argv)
 

@@ -138,11 +138,10 @@ class GrpcTransport(_Target):
     def generate(self, fields: Mapping[str, Any], decoupled: bool) -> list[Outputs]:
         if decoupled:
             return list(self.stream(fields))
-        request_id = new_request_id()
+        inputs, request_id = infer_inputs(fields), new_request_id()
         client, _ = self._pool.borrow()
         try:
-            result = client.infer(self._model, infer_inputs(fields), request_id=request_id,
-                                  client_timeout=self._timeout_s)
+            result = client.infer(self._model, inputs, request_id=request_id, client_timeout=self._timeout_s)
         except InferenceServerException as exc:
             self._pool.give_back(client)
             error = triton_error(exc)

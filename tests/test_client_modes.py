@@ -81,6 +81,15 @@ def test_cli_chat_answers(server: RunningServer) -> None:
     assert "Paris" in done.stdout
 
 
+def test_cli_prints_every_sequence(server: RunningServer, requires_contract: None) -> None:
+    cli = Path(sys.prefix) / "bin" / "scalellm-client"
+    done = subprocess.run([str(cli), "--chat", "-n", "2", "--url", server.grpc_url, QUESTION], cwd=ROOT,
+                          capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line[:4] for line in lines] == ["[0] ", "[1] "] and all("Paris" in line for line in lines), lines
+
+
 def test_several_sequences_in_streamed_chunks_and_completions(client: Client, requires_contract: None) -> None:
     sampling = {"max_tokens": 24, "temperature": 1.0, "seed": 7, "num_return_sequences": 3}
     first = client.generate("Write one sentence about the sea.", chat=True, **sampling)
