@@ -2,6 +2,16 @@
 
 The tensor names, Triton datatypes and shapes are the ensemble contract (tensorrtllm_backend's
 ``inflight_batcher_llm`` names): batch 1, so scalars are ``[1, 1]`` and word lists ``[1, n]``.
+
+Why the client cancels explicitly (the transports' ``cancel`` methods do what this says):
+Triton 2.51 does not pass a cancelled *ensemble* request on to its composing models, so closing the
+gRPC stream or the HTTP connection alone leaves the ``llm`` step generating for a client that has
+gone, and Triton then counts the request in flight forever. Every request therefore carries a unique
+request id (the HTTP JSON ``id``), which the ensemble passes on to ``llm``, and ``llm`` accepts a
+control request holding only ``cancel_request_id``. A client that leaves a request early sends that
+control request, then reads the abandoned stream to its final ("cancelled") response, so the request
+is released normally; only if that response does not come within ``DRAIN_TIMEOUT_S`` is the stream
+or connection dropped.
 """
 
 from __future__ import annotations
@@ -10,21 +20,22 @@ import math
 import operator
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ._types import ScaleLLMError
+from .chat import chatml
+
 DEFAULT_MAX_TOKENS = 128
-# Seconds an explicit cancel (see the transports' ``cancel``) may take; it is best effort.
-CANCEL_TIMEOUT_S = 2.0
-# After an explicit cancel, how long to keep reading the abandoned stream for its final ("cancelled") response.
-# Triton 2.51 leaks an ensemble request that Triton itself cancels (closed gRPC stream, dropped HTTP
-# connection): it stays in flight forever. Ended by the llm model instead, it is released normally.
-DRAIN_TIMEOUT_S = 5.0
+CANCEL_TIMEOUT_S = 2.0  # seconds an explicit cancel may take; it is best effort
+DRAIN_TIMEOUT_S = 5.0  # after a cancel, how long to wait for the abandoned request's final response
 
 # keyword argument -> (ensemble input name, Triton datatype). BYTES entries are word lists.
 SAMPLING_INPUTS: Mapping[str, tuple[str, str]] = {
     "max_tokens": ("max_tokens", "INT32"),
+    "chat": ("apply_chat_template", "BOOL"),
     "temperature": ("temperature", "FP32"),
     "top_k": ("top_k", "INT32"),
     "top_p": ("top_p", "FP32"),
@@ -32,9 +43,12 @@ SAMPLING_INPUTS: Mapping[str, tuple[str, str]] = {
     "seed": ("seed", "UINT64"),
     "stop": ("stop_words", "BYTES"),
     "bad_words": ("bad_words", "BYTES"),
+    "num_return_sequences": ("num_return_sequences", "INT32"),
     "exclude_input_in_output": ("exclude_input_in_output", "BOOL"),
     "return_log_probs": ("return_log_probs", "BOOL"),
     "return_perf_metrics": ("return_perf_metrics", "BOOL"),
+    "return_num_input_tokens": ("return_num_input_tokens", "BOOL"),
+    "return_num_output_tokens": ("return_num_output_tokens", "BOOL"),
     "repetition_penalty": ("repetition_penalty", "FP32"),
     "presence_penalty": ("presence_penalty", "FP32"),
     "frequency_penalty": ("frequency_penalty", "FP32"),
@@ -58,9 +72,11 @@ _NUMPY_DTYPES = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BO
 def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, Any]:
     """Ensemble inputs for one request as ``{input name: JSON-able value}``.
 
-    Only ``text_input``, ``max_tokens`` (default 128), ``stream`` and the sampling arguments the
-    caller set (not None) are included, so the server's defaults apply to the rest. Word lists
+    Only ``text_input``, ``max_tokens`` (default 128), ``exclude_input_in_output`` (default True: the
+    answer without the prompt), ``stream`` and the sampling arguments the caller set (not None) are
+    included, so the server's defaults apply to the rest. Word lists
     (``stop``, ``bad_words``) accept a str or a list of str; empty lists are left out.
+    ``chat=True`` asks the server to apply the model's chat template to the prompt (one user turn).
     Raises TypeError for an unknown argument or a value of the wrong type, ValueError for an
     integer outside the input's datatype range.
     """
@@ -77,7 +93,7 @@ def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, An
             continue
         name, dtype = SAMPLING_INPUTS[key]
         value = _coerce(key, value, dtype)
-        if value == []:
+        if value == [] or (key == "chat" and value is False):
             continue
         fields[name] = value
     fields["stream"] = bool(stream)
@@ -113,6 +129,52 @@ def _coerce(key: str, value: Any, dtype: str) -> Any:
     if not low <= integer <= high:
         raise ValueError(f"{key} must be in [{low}, {high}] for {dtype} (got {integer})")
     return integer
+
+
+def one_sequence(sampling: Mapping[str, Any]) -> None:
+    """``stream()`` yields one text; several sequences' deltas interleave, so they need ``stream_chunks``."""
+    if sampling.get("num_return_sequences") not in (None, 1):
+        raise ValueError("stream() joins the deltas of one sequence: with num_return_sequences > 1 use "
+                         "stream_chunks(), whose chunks carry the sequence's index")
+
+
+def num_sequences(fields: Mapping[str, Any]) -> int:
+    """How many sequences (each ending with its own ``finish_reason``) the request asks for."""
+    return max(1, int(fields.get("num_return_sequences", 1)))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the client needs to know of the served model: its transaction policy and its inputs."""
+
+    decoupled: bool
+    inputs: frozenset[str]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelInfo:
+        """From Triton's model configuration as JSON (HTTP ``/config``; gRPC's is wrapped in ``config``)."""
+        config = config.get("config", config)
+        policy = config.get("model_transaction_policy") or {}
+        return cls(decoupled=bool(policy.get("decoupled", False)),
+                   inputs=frozenset(tensor["name"] for tensor in config.get("input", [])))
+
+
+def for_model(fields: Mapping[str, Any], model: str, info: ModelInfo) -> dict[str, Any]:
+    """``fields`` as ``model`` can serve them.
+
+    A model that is not decoupled answers each request with exactly one response, so it cannot
+    stream: asking it to is a ScaleLLMError. ``chat=True`` against a server whose ensemble has no
+    ``apply_chat_template`` input (older builds) falls back to formatting the prompt as ChatML here
+    (SmolLM2's template, see ``chat.chatml``).
+    """
+    if fields.get("stream") and not info.decoupled:
+        raise ScaleLLMError(f"model {model!r} is not decoupled (one response per request), so it cannot "
+                            "stream: call generate(), or serve a repository built in decoupled mode")
+    adapted = dict(fields)
+    if adapted.get("apply_chat_template") and "apply_chat_template" not in info.inputs:
+        del adapted["apply_chat_template"]
+        adapted["text_input"] = chatml(adapted["text_input"])
+    return adapted
 
 
 def new_request_id() -> str:

@@ -1,4 +1,9 @@
-"""Prompt formatting for chat models without a tokenizer on the client."""
+"""ChatML on the client: a documented fallback for servers without the ``apply_chat_template`` input.
+
+Prefer ``chat=True`` (``--chat`` on the command line): the server's preprocessing then applies the
+model's own chat template. ``chatml`` is what the client sends instead when the model does not declare
+that input (builds before it), and what ``--system`` uses to set a system message.
+"""
 
 from __future__ import annotations
 

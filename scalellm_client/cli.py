@@ -1,12 +1,13 @@
-"""``scalellm-client "prompt" [--stream] ...``: one request from the command line."""
+"""``scalellm-client "prompt" [--chat] [--stream] ...``: one request from the command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ._request import DEFAULT_MAX_TOKENS
 from ._types import ScaleLLMError
-from .chat import SMOLLM2_SYSTEM, chatml
+from .chat import chatml
 from .client import Client
 
 
@@ -14,30 +15,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scalellm-client",
                                      description="Send one prompt to a ScaleLLM server and print the answer.")
     parser.add_argument("prompt")
+    parser.add_argument("--chat", "--chatml", action="store_true",
+                        help="ask the server to apply the model's chat template (a chat model needs it to answer)")
+    parser.add_argument("--system", help="with --chat: format the prompt as ChatML here, with this system message")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
     parser.add_argument("--url", help="host:port (default 127.0.0.1:8001 for grpc, 127.0.0.1:8000 for http)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default="ensemble")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default: %(default)s")
+    parser.add_argument("--model", default="ensemble", help="default: %(default)s")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="default: %(default)s")
+    parser.add_argument("--temperature", type=float, help="default: the server's (greedy)")
+    parser.add_argument("--top-k", type=int, help="default: the server's (0: off)")
+    parser.add_argument("--top-p", type=float, help="default: the server's (off)")
+    parser.add_argument("--seed", type=int, help="default: random")
     parser.add_argument("--stop", nargs="+", metavar="WORD", help="stop sequences")
-    parser.add_argument("--chatml", action="store_true", help="wrap the prompt in SmolLM2's chat template")
-    parser.add_argument("--system", help=f"system message with --chatml (default: {SMOLLM2_SYSTEM!r})")
+    parser.add_argument("-n", "--num-return-sequences", type=int,
+                        help="completions to generate (default: 1; not with --stream)")
     parser.add_argument("--timeout", type=float, help="seconds (default: no limit)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.system is not None and not args.chatml:
-        print("scalellm-client: --system needs --chatml", file=sys.stderr)
+    if args.system is not None and not args.chat:
+        print("scalellm-client: --system needs --chat", file=sys.stderr)
         return 2
-    prompt = chatml(args.prompt, args.system) if args.chatml else args.prompt
-    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "seed": args.seed, "stop": args.stop}
+    if args.stream and (args.num_return_sequences or 1) > 1:
+        print("scalellm-client: --stream prints one sequence; drop --stream for -n > 1", file=sys.stderr)
+        return 2
+    prompt = args.prompt if args.system is None else chatml(args.prompt, args.system)
+    sampling = {"max_tokens": args.max_tokens, "chat": args.chat and args.system is None,
+                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+                "stop": args.stop, "num_return_sequences": args.num_return_sequences}
     printed = False
     try:
         with Client(args.url, protocol=args.protocol, model=args.model, timeout_s=args.timeout) as client:
@@ -47,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                     sys.stdout.write(delta)
                     sys.stdout.flush()
             else:
-                sys.stdout.write(client.generate(prompt, **sampling).text)
+                texts = client.generate(prompt, **sampling).texts
+                sys.stdout.write(texts[0] if len(texts) == 1 else "\n".join(f"[{i}] {t}" for i, t in enumerate(texts)))
     except ScaleLLMError as exc:
         if printed:
             sys.stdout.write("\n")

@@ -1,8 +1,8 @@
 """Synchronous client for the ScaleLLM ensemble over gRPC or HTTP.
 
     with Client() as llm:
-        print(llm.generate("What is the capital of France?", max_tokens=32).text)
-        for delta in llm.stream("Tell me a story", temperature=0.8):
+        print(llm.generate("What is the capital of France?", chat=True, max_tokens=32).text)
+        for delta in llm.stream("Tell me a story", chat=True, temperature=0.8):
             print(delta, end="", flush=True)
 
 A Client may be shared between threads: every call has its own gRPC stream (pooled gRPC clients)
@@ -12,76 +12,81 @@ or HTTP connection (pooled keep-alive connections).
 from __future__ import annotations
 
 from collections.abc import Generator
+from contextlib import closing
 from typing import Any
 
-from ._grpc import GrpcTransport
-from ._http import HttpTransport
-from ._request import build_request, normalize_url
-from ._response import single, to_chunk, to_completion
+from ._request import build_request, for_model, normalize_url, num_sequences, one_sequence
+from ._response import to_chunk, to_completion
 from ._types import Completion, StreamChunk
+from .grpc import GrpcTransport
+from .http import HttpTransport
 
 
-class Client:
-    """Talks to Triton's ``model`` (the ensemble) at ``url``.
+class ClientBase:
+    """Talks to Triton's ``model`` (default: the ensemble) at ``url``; ``Client`` and ``AsyncClient``
+    take the same arguments and sampling keywords.
 
-    ``url`` defaults to 127.0.0.1:8001 (gRPC) or 127.0.0.1:8000 (HTTP), with or without
-    ``http://``. ``timeout_s`` bounds each whole call (a stream included); None waits forever.
-    Every request carries a unique request id; ``cancel_model`` (the ensemble's decoupled ``llm``
-    step) is where an abandoned request is cancelled by that id (see the transports' ``cancel``).
+    - ``url``: host:port, with or without ``http://``; default 127.0.0.1:8001 (gRPC) or 127.0.0.1:8000 (HTTP).
+    - ``protocol``: "grpc" or "http".
+    - ``model``: the model to call. Whether it is decoupled (streams) is read from its configuration
+      on the first call: a decoupled model is called over the streaming API, one that is not with
+      plain infer (``stream`` then raises ScaleLLMError).
+    - ``timeout_s``: bounds each whole call, a stream included; None waits forever.
+    - ``cancel_model``: the step that stops an abandoned request by id (the ensemble's ``llm``; see
+      ``_request``'s docstring for why).
 
-    Sampling arguments (all optional; only those set are sent, the server's defaults apply to the
-    rest): max_tokens (default 128), temperature, top_k, top_p, seed, stop (str or list of str),
-    bad_words, exclude_input_in_output, return_log_probs, repetition_penalty, presence_penalty,
-    frequency_penalty, min_tokens, end_id, pad_id, beam_width, length_penalty.
-    Server-side failures raise ScaleLLMError with the server's message.
+    Sampling keywords (all optional; only those set are sent, the server's defaults apply to the rest):
+    max_tokens (default 128), chat (apply the model's chat template to the prompt), temperature, top_k,
+    top_p (0 or 1: off), min_p, seed, stop (str or list of str), bad_words, num_return_sequences (the
+    completions are in ``Completion.choices``), exclude_input_in_output, return_log_probs,
+    return_perf_metrics, return_num_input_tokens, return_num_output_tokens, repetition_penalty,
+    presence_penalty, frequency_penalty, min_tokens, end_id (-1: no end token), pad_id, beam_width,
+    length_penalty. Server-side failures raise ScaleLLMError with the server's message.
     """
+
+    transports: dict[str, type]
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = "ensemble",
                  timeout_s: float | None = None, cancel_model: str = "llm") -> None:
         self.url = normalize_url(url, protocol)
         self.protocol = protocol
         self.model = model
-        self._transport: GrpcTransport | HttpTransport = (
-            GrpcTransport(self.url, model, timeout_s, cancel_model) if protocol == "grpc"
-            else HttpTransport(self.url, model, timeout_s, cancel_model))
+        self._transport = self.transports[protocol](self.url, model, timeout_s, cancel_model)
+
+
+class Client(ClientBase):
+    __doc__ = ClientBase.__doc__
+    transports = {"grpc": GrpcTransport, "http": HttpTransport}
 
     def generate(self, prompt: str, **sampling: Any) -> Completion:
-        """The whole completion in one response (``stream=false``)."""
+        """The whole completion (``stream=false``); several sequences are in ``.choices``."""
         fields = build_request(prompt, stream=False, **sampling)
-        if isinstance(self._transport, HttpTransport):
-            return to_completion(self._transport.generate(fields))
-        return to_completion(single(list(self._transport.responses(fields))))
+        info = self._transport.model_info()
+        responses = self._transport.generate(for_model(fields, self.model, info), info.decoupled)
+        return to_completion(responses, num_sequences(fields))
 
     def stream_chunks(self, prompt: str, **sampling: Any) -> Generator[StreamChunk, None, None]:
         """Every streamed response, empty deltas included (for timing tokens).
 
         Arguments are checked now; the request is sent on the first ``next()``. Closing the
-        generator early (``break``, ``.close()``), an error or a timeout cancels the gRPC stream or
-        closes the HTTP connection, then asks ``cancel_model`` to stop the request by its id.
+        generator early (``break``, ``.close()``), an error or a timeout cancels the request.
         """
         return self._chunks(build_request(prompt, stream=True, **sampling))
 
     def stream(self, prompt: str, **sampling: Any) -> Generator[str, None, None]:
         """The text as it is generated, as non-empty deltas that concatenate to the full text."""
+        one_sequence(sampling)
         return self._deltas(self.stream_chunks(prompt, **sampling))
 
     def _chunks(self, fields: dict[str, Any]) -> Generator[StreamChunk, None, None]:
-        responses = (self._transport.stream(fields) if isinstance(self._transport, HttpTransport)
-                     else self._transport.responses(fields))
-        try:
-            for outputs in responses:
-                yield to_chunk(outputs)
-        finally:
-            responses.close()
+        responses = self._transport.stream(for_model(fields, self.model, self._transport.model_info()))
+        with closing(responses):  # closing the chunks closes (so cancels) the request at once
+            yield from map(to_chunk, responses)
 
     @staticmethod
     def _deltas(chunks: Generator[StreamChunk, None, None]) -> Generator[str, None, None]:
-        try:
-            for chunk in chunks:
-                if chunk.text:
-                    yield chunk.text
-        finally:
-            chunks.close()
+        with closing(chunks):
+            yield from (chunk.text for chunk in chunks if chunk.text)
 
     def close(self) -> None:
         self._transport.close()

