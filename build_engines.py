@@ -31,16 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from scalellm.models import upcycle
-from scalellm.models.checkpoint import (
+from scalellm.models.checkpoint import checkpoint_format, load_checkpoint
+from scalellm.models.engine_dir import (
     ENGINE_META_FILE,
     atomic_directory,
-    checkpoint_format,
-    dtype_name,
-    load_checkpoint,
     load_engine_config,
     read_engine_meta,
     save_engine,
 )
+from scalellm.models.formats import AUTO, QUANTIZE, dtype_name
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TEMPLATES = REPO_ROOT / "model_repository"
@@ -59,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help=".gguf file or Hugging Face directory")
     parser.add_argument("--output-dir", required=True, type=Path, help="gets engine/ and model_repository/")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=[AUTO, "float32", "bfloat16"],
+                        help="auto: bfloat16 on CPUs with native bf16 (avx512_bf16/AMX), else float32, at load time")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE,
+                        help="weight-only int8 (per channel) / int4 (group 32); see scalellm/models/quant.py")
     parser.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm"])
     parser.add_argument(
         "--max-model-len",
@@ -168,6 +170,7 @@ def build_torch_engine(args: argparse.Namespace, engine_dir: Path, wanted: dict[
         args.dtype,
         meta,
         checkpoint.generation_config,
+        args.quantize,
     )
     log(
         f"wrote {engine_dir} ({args.dtype}, max_model_len {max_model_len}) "
@@ -254,11 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--max-batch-size must be >= 1 (got {args.max_batch_size})")
     if args.moe_experts is not None and args.moe_experts < upcycle.TOP_K:
         raise SystemExit(f"--moe-experts must be >= {upcycle.TOP_K} (got {args.moe_experts})")
-    args.dtype = dtype_name(args.dtype)
+    args.dtype = args.dtype if args.dtype == AUTO else dtype_name(args.dtype)
     values = template_values(args)
     check_templates(args.templates, values)
     try:
         wanted = {**source_fingerprint(args.checkpoint), "backend": args.backend, "dtype": args.dtype,
+                  "quantize": args.quantize,
                   "moe_experts_from_dense": args.moe_experts}  # None (dense) matches a meta without the key
     except ValueError as error:
         raise SystemExit(f"--checkpoint {error}") from None
