@@ -1,10 +1,10 @@
 """Build an engine from a checkpoint and render a relocatable Triton model repository around it.
 
-    python build_engines.py --checkpoint PATH --output-dir build/smollm2 [--dtype float32|bfloat16]
-        [--backend torch] [--max-model-len N] [--model-name ensemble] [--max-batch-size 64]
+    python build_engines.py --checkpoint PATH --output-dir build/smollm2 [--dtype auto|float32|bfloat16]
+        [--quantize none|int8|int4] [--backend torch] [--max-model-len N] [--model-name ensemble] [--max-batch-size 64]
         [--param name=value ...] [--templates model_repository] [--moe-experts N] [--force]
 
-Writes OUTPUT/engine/ (see scalellm/models/checkpoint.py) and OUTPUT/model_repository/: every model
+Writes OUTPUT/engine/ (see scalellm/models/engine_dir.py; weight formats: scalellm/models/formats.py) and OUTPUT/model_repository/: every model
 directory of the templates is copied and the ${name} placeholders in its config.pbtxt are filled in.
 ${engine_dir} becomes "../engine", a path RELATIVE TO THE MODEL REPOSITORY ROOT, so OUTPUT can be moved or
 mounted into a container; the llm model resolves it against the repository root, i.e. the parent of its own
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from scalellm.models import upcycle
-from scalellm.models.checkpoint import checkpoint_format, load_checkpoint
+from scalellm.models.checkpoint import checkpoint_format, load_checkpoint, native_quantize
 from scalellm.models.engine_dir import (
     ENGINE_META_FILE,
     atomic_directory,
@@ -58,10 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help=".gguf file or Hugging Face directory")
     parser.add_argument("--output-dir", required=True, type=Path, help="gets engine/ and model_repository/")
-    parser.add_argument("--dtype", default="float32", choices=[AUTO, "float32", "bfloat16"],
+    parser.add_argument("--dtype", default=AUTO, choices=[AUTO, "float32", "bfloat16"],
                         help="auto: bfloat16 on CPUs with native bf16 (avx512_bf16/AMX), else float32, at load time")
-    parser.add_argument("--quantize", default="none", choices=QUANTIZE,
-                        help="weight-only int8 (per channel) / int4 (group 32); see scalellm/models/quant.py")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE,
+                        help="weight-only int8 (per channel) / int4 (group 32), see scalellm/models/quant.py; "
+                        "default: int4 for a Q4_1 GGUF (lossless), an engine dir's own, else none")
     parser.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm"])
     parser.add_argument(
         "--max-model-len",
@@ -173,7 +174,7 @@ def build_torch_engine(args: argparse.Namespace, engine_dir: Path, wanted: dict[
         args.quantize,
     )
     log(
-        f"wrote {engine_dir} ({args.dtype}, max_model_len {max_model_len}) "
+        f"wrote {engine_dir} ({args.dtype}, quantize {args.quantize}, max_model_len {max_model_len}) "
         f"in {time.perf_counter() - write_start:.1f}s; engine built in {time.perf_counter() - start:.1f}s"
     )
 
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.moe_experts is not None and args.moe_experts < upcycle.TOP_K:
         raise SystemExit(f"--moe-experts must be >= {upcycle.TOP_K} (got {args.moe_experts})")
     args.dtype = args.dtype if args.dtype == AUTO else dtype_name(args.dtype)
+    if args.quantize is None:
+        args.quantize = native_quantize(args.checkpoint) if args.dtype != "float32" else "none"
     values = template_values(args)
     check_templates(args.templates, values)
     try:

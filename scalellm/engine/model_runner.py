@@ -9,7 +9,7 @@ import torch
 from scalellm.config import CacheConfig, EngineConfig, ModelConfig
 from scalellm.engine.scheduler import ScheduledWork
 from scalellm.models.attention import AttentionBatch, DecodeGroup, PrefillChunk, length_groups, prefill_mask
-from scalellm.models.engine_dir import load_engine_state, read_engine_meta
+from scalellm.models.engine_dir import load_engine_state, load_packed_weights, read_engine_meta
 from scalellm.models.formats import AUTO, WeightFormat, resolve_format
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
 from scalellm.models.quant import quantize_model
@@ -56,7 +56,12 @@ class ModelRunner:
         state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
         model.load_hf_state_dict(state, assign=True)
         del state
-        quantize_model(model, self.format.quantize, self.dtype)
+        if self.format.quantize != "none":
+            packed = load_packed_weights(config.engine_dir, self.format.quantize)
+            if packed is None:
+                log.warning("no %s weights built for this torch in %s: quantising now", self.format.quantize,
+                            config.engine_dir)
+            quantize_model(model, self.format.quantize, self.dtype, packed)
         c = self.model_config
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()

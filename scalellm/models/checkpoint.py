@@ -93,11 +93,14 @@ def load_hf_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def safetensors_files(path: Path) -> list[Path]:
-    """The weight files of an HF directory: those its index names, else every *.safetensors."""
+    """The weight files of an HF directory: those its index names, else model.safetensors, else every
+    *.safetensors."""
     index = path / SAFETENSORS_INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [path / name for name in sorted(set(weight_map.values()))]
+    if (path / "model.safetensors").is_file():  # an engine dir also holds weights-int4.safetensors etc.
+        return [path / "model.safetensors"]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files")
@@ -129,3 +132,17 @@ def _clean_config(config: dict[str, Any], architecture: str | None = None) -> di
         config["architectures"] = [architecture]
     return config
 
+
+
+def native_quantize(path: str | Path) -> str:
+    """The weight-only format a checkpoint already is: "int4" for a GGUF whose block weights are all Q4_1 (our
+    int4 is exactly Q4_1, see scalellm/models/quant.py), an engine directory's recorded one, else "none"."""
+    path = Path(path)
+    if checkpoint_format(path) == "hf":
+        meta = path / "scalellm_engine.json"
+        return json.loads(meta.read_text()).get("quantize", "none") if meta.is_file() else "none"
+    from gguf import GGUFReader
+
+    kinds = {t.tensor_type.name for t in GGUFReader(str(path)).tensors
+             if t.name.startswith("blk.") and len(t.shape) == 2}
+    return "int4" if kinds == {"Q4_1"} else "none"

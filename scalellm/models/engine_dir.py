@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from scalellm.models.checkpoint import CONFIG_FILE
 from scalellm.models.formats import AUTO, DTYPES, QUANTIZE, dtype_name
+from scalellm.models.quant import QUANTIZED_FILE, packed_state, quantize_model
 
 ENGINE_META_FILE = "scalellm_engine.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -167,8 +168,36 @@ def save_engine(
         _save_tokenizer(tokenizer, tmp)
         if generation_config is not None:
             generation_config.save_pretrained(str(tmp))
+        if quantize != "none":
+            packed_file = tmp / QUANTIZED_FILE.format(quantize=quantize)
+            save_file(_packed_weights(config, state_dict, quantize), str(packed_file))
+            _make_readable(packed_file)
+            engine_meta["packed_with_torch"] = torch.__version__  # torch's packed layouts are internal
         (tmp / ENGINE_META_FILE).write_text(json.dumps(engine_meta, indent=2) + "\n")
     return out_dir
+
+
+def _packed_weights(config: dict[str, Any], state_dict: dict[str, torch.Tensor], quantize: str
+                    ) -> dict[str, torch.Tensor]:
+    """Quantise once at build time, so that loading is a file read (re-quantising takes ~10 s on 2 cores)."""
+    from scalellm.config import ModelConfig
+    from scalellm.models.llama import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(ModelConfig.from_hf(config))
+    model.load_hf_state_dict({name: t.float() for name, t in state_dict.items()}, assign=True)
+    quantize_model(model, quantize, torch.float32)
+    return packed_state(model)
+
+
+def load_packed_weights(engine_dir: str | Path, quantize: str) -> dict[str, torch.Tensor] | None:
+    """The packed weights built for ``quantize``, or None if there are none usable by this torch."""
+    engine_dir = Path(engine_dir)
+    meta = read_engine_meta(engine_dir) or {}
+    path = engine_dir / QUANTIZED_FILE.format(quantize=quantize)
+    if meta.get("packed_with_torch") != torch.__version__ or not path.is_file():
+        return None
+    return load_file(str(path))
 
 
 def read_engine_meta(engine_dir: str | Path) -> dict[str, Any] | None:

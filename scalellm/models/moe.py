@@ -31,10 +31,12 @@ class SparseMoE(nn.Module):
         self.experts13: nn.ModuleList | None = None  # per-expert packed linears once quantised
         self.experts2: nn.ModuleList | None = None
 
-    def quantize(self, make_linear: Callable[[torch.Tensor], nn.Module]) -> None:
-        """Replace the stacked expert weights by one packed linear per expert (the router stays dense)."""
-        self.experts13 = nn.ModuleList(make_linear(w) for w in self.w13)
-        self.experts2 = nn.ModuleList(make_linear(w) for w in self.w2)
+    def quantize(self, make_linear: Callable[[int, str, torch.Tensor], nn.Module]) -> None:
+        """Replace the stacked expert weights by one packed linear per expert (the router stays dense).
+
+        ``make_linear(expert, "experts13" | "experts2", weight)`` builds one."""
+        self.experts13 = nn.ModuleList(make_linear(e, "experts13", w) for e, w in enumerate(self.w13))
+        self.experts2 = nn.ModuleList(make_linear(e, "experts2", w) for e, w in enumerate(self.w2))
         del self.w13, self.w2
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
