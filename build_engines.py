@@ -4,8 +4,9 @@
         [--quantize none|int8|int4] [--backend torch] [--max-model-len N] [--model-name ensemble] [--max-batch-size 64]
         [--param name=value ...] [--templates model_repository] [--moe-experts N] [--force]
 
-Writes OUTPUT/engine/ (see scalellm/models/engine_dir.py; weight formats: scalellm/models/formats.py) and OUTPUT/model_repository/: every model
-directory of the templates is copied and the ${name} placeholders in its config.pbtxt are filled in.
+Writes OUTPUT/engine/ (see scalellm/models/engine_dir.py; weight formats: scalellm/models/formats.py) and
+OUTPUT/model_repository/: every model directory of the templates is copied and the ${name} placeholders in its
+config.pbtxt are filled in.
 ${engine_dir} becomes "../engine", a path RELATIVE TO THE MODEL REPOSITORY ROOT, so OUTPUT can be moved or
 mounted into a container; the llm model resolves it against the repository root, i.e. the parent of its own
 model directory (Path(args["model_repository"]).parent / engine_dir in a Python backend).

@@ -8,7 +8,15 @@ import torch
 
 from scalellm.config import CacheConfig, EngineConfig, ModelConfig
 from scalellm.engine.scheduler import ScheduledWork
-from scalellm.models.attention import AttentionBatch, DecodeGroup, PrefillChunk, length_groups, prefill_mask
+from scalellm.models.attention import (
+    AttentionBatch,
+    DecodeGroup,
+    PrefillChunk,
+    decode_bias,
+    kv_cache_shape,
+    length_groups,
+    prefill_mask,
+)
 from scalellm.models.engine_dir import load_engine_state, load_packed_weights, read_engine_meta
 from scalellm.models.formats import AUTO, WeightFormat, resolve_format
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
@@ -69,7 +77,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.num_blocks = num_cache_blocks(self.model_config, config.cache, self.dtype, self.device)
         self.kv_caches = [
-            torch.zeros(2, self.num_blocks * self.block_size, c.num_kv_heads, c.head_dim,
+            torch.zeros(kv_cache_shape(self.num_blocks * self.block_size, c.num_kv_heads, c.head_dim),
                         dtype=self.dtype, device=self.device)
             for _ in range(c.num_layers)
         ]
@@ -90,13 +98,10 @@ class ModelRunner:
             members.sort()
             lens = [lengths[i] for i in members]
             slots = self._slots([tables[i] for i in members], lens)
-            mask = None
-            if min(lens) != max(lens):
-                mask = (torch.arange(slots.shape[1]) < torch.tensor(lens).unsqueeze(1)).view(len(lens), 1, 1, -1)
-                mask = mask.to(self.device)
+            bias = None if min(lens) == max(lens) else decode_bias(torch.tensor(lens), slots.shape[1])
             whole = all_rows and len(members) == len(rows)
             index = None if whole else torch.tensor([rows[i] for i in members], device=self.device)
-            groups.append(DecodeGroup(index, slots.to(self.device), mask))
+            groups.append(DecodeGroup(index, slots.to(self.device), _to(bias, self.device)))
         return groups
 
     def _build_batch(self, work: list[ScheduledWork]) -> tuple[list[int], list[int], AttentionBatch, list[int]]:
