@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -53,7 +54,8 @@ def engine_format(engine_dir: str, spec: str | None) -> tuple[str, str | None]:
 
 def bench_format(args: argparse.Namespace, spec: str | None) -> list[dict]:
     dtype, quantize = engine_format(args.engine_dir, spec)
-    config = EngineConfig(engine_dir=args.engine_dir, dtype=dtype, cache=CacheConfig(num_blocks=1024))
+    config = EngineConfig(engine_dir=args.engine_dir, dtype=dtype, cache=CacheConfig(num_blocks=1024),
+                          num_threads=args.threads)
     if quantize is not None:  # an older EngineConfig has no quantize field: compare checkouts with no --format
         config.quantize = quantize
     start = time.perf_counter()
@@ -81,13 +83,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--format", nargs="+", default=[None], metavar="DTYPE[:QUANTIZE]",
                         help="weight formats to run one after the other (default: the engine's recorded one)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 gives stable "
+                        "ratios on a loaded machine")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 
     results = [row for spec in args.format for row in bench_format(args, spec)]
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"engine_dir": args.engine_dir, "prompt_len": args.prompt_len,
+        args.output.write_text(json.dumps({"engine_dir": args.engine_dir, "threads": args.threads,
+                                           "load_average": os.getloadavg(), "prompt_len": args.prompt_len,
                                            "max_tokens": args.max_tokens, "results": results}, indent=2))
 
 
