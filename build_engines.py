@@ -1,11 +1,12 @@
 """Build an engine from a checkpoint and render a relocatable Triton model repository around it.
 
-    python build_engines.py --checkpoint PATH --output-dir build/smollm2 [--dtype float32|bfloat16]
-        [--backend torch] [--max-model-len N] [--model-name ensemble] [--max-batch-size 64]
+    python build_engines.py --checkpoint PATH --output-dir build/smollm2 [--dtype auto|float32|bfloat16]
+        [--quantize none|int8|int4] [--backend torch] [--max-model-len N] [--model-name ensemble] [--max-batch-size 64]
         [--decoupled-mode true|false] [--llm-model-name llm]
         [--param name=value ...] [--templates model_repository] [--moe-experts N] [--force]
 
-Writes OUTPUT/engine/ (see scalellm/models/checkpoint.py) and OUTPUT/model_repository/: every model
+Writes OUTPUT/engine/ (see scalellm/models/engine_dir.py; weight formats: scalellm/models/formats.py) and
+OUTPUT/model_repository/: every model
 directory of the templates is copied and the ${name} placeholders in its config.pbtxt are filled in.
 Each model's inputs/outputs (${io}) and the ensemble's steps (${ensemble_steps}) are rendered from the
 request contract (scalellm/triton/contract.py); the llm's engine parameters default to scalellm/config.py's
@@ -53,7 +54,7 @@ ENGINE_SUBDIR = "engine"
 REPOSITORY_SUBDIR = "model_repository"
 ENSEMBLE_TEMPLATE = "ensemble"
 LLM_TEMPLATE = "llm"
-ENGINE_META_FILE = "scalellm_engine.json"  # written by scalellm.models.checkpoint.save_engine
+ENGINE_META_FILE = "scalellm_engine.json"  # written by scalellm.models.engine_dir.save_engine
 MOE_TOP_K = 2  # scalellm.models.upcycle.TOP_K
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -67,7 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help=".gguf file or Hugging Face directory")
     parser.add_argument("--output-dir", required=True, type=Path, help="gets engine/ and model_repository/")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    # choices spelled out (scalellm.models.formats holds the same names) so --help needs no torch
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto: bfloat16 on CPUs with native bf16 (avx512_bf16/AMX), else float32, at load time")
+    parser.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
+                        help="weight-only int8 (per channel) / int4 (group 32), see scalellm/models/quant.py; "
+                        "default: int4 for a Q4_1 GGUF (lossless), an engine dir's own, else none")
     parser.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm"], help="engine backend")
     parser.add_argument(
         "--max-model-len",
@@ -148,7 +154,7 @@ def resolve_max_model_len(requested: int | None, config: dict[str, Any]) -> int:
 
 def engine_up_to_date(engine_dir: Path, wanted: dict[str, Any], max_model_len: int | None) -> bool:
     """True if engine_dir was built from the same checkpoint, dtype, backend and max_model_len."""
-    from scalellm.models.checkpoint import load_engine_config, read_engine_meta
+    from scalellm.models.engine_dir import load_engine_config, read_engine_meta
 
     meta = read_engine_meta(engine_dir)
     if meta is None or any(meta.get(key) != value for key, value in wanted.items()):
@@ -159,7 +165,8 @@ def engine_up_to_date(engine_dir: Path, wanted: dict[str, Any], max_model_len: i
 def build_torch_engine(args: argparse.Namespace, engine_dir: Path, wanted: dict[str, Any]) -> None:
     """Checkpoint -> HF-format engine directory with converted weights."""
     from scalellm.models import upcycle
-    from scalellm.models.checkpoint import load_checkpoint, save_engine
+    from scalellm.models.checkpoint import load_checkpoint
+    from scalellm.models.engine_dir import save_engine
 
     start = time.perf_counter()
     log(f"reading {wanted['format']} checkpoint {args.checkpoint}")
@@ -185,11 +192,12 @@ def build_torch_engine(args: argparse.Namespace, engine_dir: Path, wanted: dict[
         state_dict,
         checkpoint.tokenizer,
         args.dtype,
+        args.quantize,
         meta,
         checkpoint.generation_config,
     )
     log(
-        f"wrote {engine_dir} ({args.dtype}, max_model_len {max_model_len}) "
+        f"wrote {engine_dir} ({args.dtype}, quantize {args.quantize}, max_model_len {max_model_len}) "
         f"in {time.perf_counter() - write_start:.1f}s; engine built in {time.perf_counter() - start:.1f}s"
     )
 
@@ -255,7 +263,7 @@ def served_name(template: str, values: dict[str, str], model_name: str) -> str:
 
 def render_repository(templates: Path, out_repo: Path, values: dict[str, str], model_name: str) -> list[str]:
     """Copy every model directory of templates into out_repo with its *.pbtxt placeholders filled."""
-    from scalellm.models.checkpoint import atomic_directory
+    from scalellm.models.engine_dir import atomic_directory
 
     model_dirs = model_templates(templates)
     if not model_dirs:
@@ -299,13 +307,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--max-batch-size must be >= 1 (got {args.max_batch_size})")
     if args.moe_experts is not None and args.moe_experts < MOE_TOP_K:
         raise SystemExit(f"--moe-experts must be >= {MOE_TOP_K} (got {args.moe_experts})")
-    from scalellm.models.checkpoint import dtype_name
+    from scalellm.models.checkpoint import native_quantize
+    from scalellm.models.formats import AUTO, dtype_name
 
-    args.dtype = dtype_name(args.dtype)
+    args.dtype = args.dtype if args.dtype == AUTO else dtype_name(args.dtype)
+    if args.quantize is None:
+        args.quantize = native_quantize(args.checkpoint) if args.dtype != "float32" else "none"
     values = template_values(args)
     check_templates(args.templates, values)
     try:
         wanted = {**source_fingerprint(args.checkpoint), "backend": args.backend, "dtype": args.dtype,
+                  "quantize": args.quantize,
                   "moe_experts_from_dense": args.moe_experts}  # None (dense) matches a meta without the key
     except ValueError as error:
         raise SystemExit(f"--checkpoint {error}") from None

@@ -88,9 +88,14 @@ class SchedulerConfig:
 
 @dataclass
 class EngineConfig:
+    """``dtype`` float32 | bfloat16 | float16 | auto and ``quantize`` none | int8 | int4 pick the weight format
+    (scalellm/models/formats.py); ``quantize=None`` takes the engine directory's recorded one when the dtype is
+    auto or bfloat16 (an explicit float32 loads the float32 reference weights)."""
+
     engine_dir: str
     device: str = "cpu"
     dtype: str = "float32"
+    quantize: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None  # torch intra-op threads; None = torch's default

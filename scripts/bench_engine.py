@@ -2,15 +2,19 @@
 """Engine-only throughput, in process (no Triton): B prompts generated together, end of sequence ignored.
 
     .venv/bin/python scripts/bench_engine.py --batch 1 16 64 --output build/bench_engine.json
+    .venv/bin/python scripts/bench_engine.py --format float32 bfloat16 bfloat16:int8 bfloat16:int4 auto
 
-Prints output tokens/s for each batch size.  To compare two versions of the engine, run this script from
-two checkouts one after the other (PYTHONPATH=<checkout>) in the same session; docs/benchmarks.md does.
+Prints output tokens/s for each batch size and weight format (DTYPE[:QUANTIZE], see
+scalellm/models/formats.py; default: what the engine directory records).  To compare two versions of the
+engine, run this script from two checkouts one after the other (PYTHONPATH=<checkout>) in the same session;
+docs/benchmarks.md does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -40,28 +44,56 @@ def run_batch(engine: LLMEngine, batch: int, prompt_len: int, max_tokens: int, t
     return time.perf_counter() - start
 
 
+def engine_format(engine_dir: str, spec: str | None) -> tuple[str, str | None]:
+    """"bfloat16:int8" -> ("bfloat16", "int8"); None -> the engine directory's recorded dtype and quantize."""
+    if spec is None:
+        meta = json.loads((Path(engine_dir) / "scalellm_engine.json").read_text())
+        return meta.get("dtype", "float32"), None
+    dtype, _, quantize = spec.partition(":")
+    return dtype, quantize or "none"
+
+
+def bench_format(args: argparse.Namespace, spec: str | None) -> list[dict]:
+    dtype, quantize = engine_format(args.engine_dir, spec)
+    config = EngineConfig(engine_dir=args.engine_dir, dtype=dtype, cache=CacheConfig(num_blocks=1024),
+                          num_threads=args.threads)
+    if quantize is not None:  # an older EngineConfig has no quantize field: compare checkouts with no --format
+        config.quantize = quantize
+    start = time.perf_counter()
+    engine = LLMEngine(config)
+    engine.start()
+    run_batch(engine, 2, args.prompt_len, 4, "warmup")
+    fmt = getattr(getattr(engine.runner, "format", None), "name", dtype)
+    print(f"format {spec or dtype} -> {fmt}: engine ready in {time.perf_counter() - start:.1f} s", flush=True)
+    results = []
+    for batch in args.batch:
+        seconds = run_batch(engine, batch, args.prompt_len, args.max_tokens, "bench")
+        tps = batch * args.max_tokens / seconds
+        results.append({"format": spec or dtype, "resolved": fmt, "batch": batch, "seconds": seconds,
+                        "output_tokens_per_s": tps})
+        print(f"  batch {batch:3d}: {tps:8.1f} output tok/s ({seconds:.1f} s)", flush=True)
+    engine.stop()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine-dir", default=str(ROOT / "build" / "smollm2" / "engine"))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--format", nargs="+", default=[None], metavar="DTYPE[:QUANTIZE]",
+                        help="weight formats to run one after the other (default: the engine's recorded one)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 gives stable "
+                        "ratios on a loaded machine")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 
-    engine = LLMEngine(EngineConfig(engine_dir=args.engine_dir, cache=CacheConfig(num_blocks=1024)))
-    engine.start()
-    run_batch(engine, 2, args.prompt_len, 4, "warmup")
-    results = []
-    for batch in args.batch:
-        seconds = run_batch(engine, batch, args.prompt_len, args.max_tokens, "bench")
-        tps = batch * args.max_tokens / seconds
-        results.append({"batch": batch, "seconds": seconds, "output_tokens_per_s": tps})
-        print(f"batch {batch:3d}: {tps:8.1f} output tok/s ({seconds:.1f} s)", flush=True)
-    engine.stop()
+    results = [row for spec in args.format for row in bench_format(args, spec)]
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"engine_dir": args.engine_dir, "prompt_len": args.prompt_len,
+        args.output.write_text(json.dumps({"engine_dir": args.engine_dir, "threads": args.threads,
+                                           "load_average": os.getloadavg(), "prompt_len": args.prompt_len,
                                            "max_tokens": args.max_tokens, "results": results}, indent=2))
 
 

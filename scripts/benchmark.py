@@ -6,7 +6,13 @@
         --input-len 32 --output-len 64 --output build/bench.json --plot docs/benchmark.png
 
 Targets: the ensemble over gRPC streaming, over HTTP ``generate_stream``, and the engine in process (no Triton,
-same engine directory, same token ids) as the baseline.  Each level keeps C requests in flight (or, with
+same engine directory, same token ids, same weight format) as the baseline.  ``--peer llamacpp`` adds
+llama.cpp's ``llama-server`` on the same GGUF (started through ``../shared/tools/llamacpp_server.sh serve``,
+which builds it once, ~12 min on 2 cores), same prompts, streaming, and reports ours / llama.cpp per level:
+
+    .venv/bin/python scripts/benchmark.py --peer llamacpp --targets grpc engine --concurrency 1 8 32 64 \
+        --input-len 128 --output-len 128 --output build/bench-vs-llamacpp.json --plot docs/benchmark-vs-llamacpp.png
+  Each level keeps C requests in flight (or, with
 ``--request-rate``, sends them as a Poisson process capped at C).  Output lengths are fixed (``end_id=-1``).
 Per request: TTFT, TPOT = (E2E - TTFT) / (n - 1), ITL, E2E.  End-to-end efficiency = target tokens/s over
 engine tokens/s at the same C, from the same run.  With ``return_perf_metrics`` each request also splits its
@@ -18,14 +24,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import platform
+import queue
 import random
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from scalellm.serving import TritonServer, free_ports  # noqa: E402
 from scalellm_client import AsyncClient  # noqa: E402
 
+PEER_SCRIPT = ROOT.parent / "shared" / "tools" / "llamacpp_server.sh"
 WORDS = "the of and to in is was for on that with as by at from his her they this which".split()
 STAGES = ("client -> llm arrival", "queue", "prefill", "decode", "last token -> client")
 
@@ -141,6 +153,122 @@ def run_engine_level(engine, tokenizer, c: int, n: int, args) -> tuple[list[dict
     return results, time.perf_counter() - start
 
 
+# ---- the peer: llama.cpp's llama-server ------------------------------------------------------------------
+class LlamaCppServer:
+    """``llamacpp_server.sh serve`` on a free port with ``slots`` parallel sequences (its continuous batching)."""
+
+    def __init__(self, script: Path, slots: int, log_file: Path) -> None:
+        if not script.is_file():
+            raise SystemExit(f"--peer-script {script}: no such file (the shared tools directory)")
+        self.script, self.slots, self.log_file = script, slots, log_file
+        self.port = free_ports(1)[0]
+        self.url = f"127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 1200) -> None:
+        """Start it and wait for /health (the first start also builds llama.cpp: minutes)."""
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PORT": str(self.port), "NP": str(self.slots)}
+        with open(self.log_file, "w") as log:
+            self.process = subprocess.Popen(["bash", str(self.script), "serve"], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"llama-server exited with {self.process.returncode}; see {self.log_file}")
+            try:
+                with urllib.request.urlopen(f"http://{self.url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1)
+        self.stop()
+        raise SystemExit(f"llama-server not healthy after {timeout_s:.0f} s; see {self.log_file}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # its own session: the script and the server
+            self.process.wait(30)
+
+
+def peer_request(url: str, prompt: str, output_len: int) -> dict:
+    """One streamed /completion, end of sequence ignored; a token per streamed event (its final count from
+    the server's timings)."""
+    body = json.dumps({"prompt": prompt, "n_predict": output_len, "ignore_eos": True, "stream": True,
+                       "cache_prompt": False, "temperature": 0.0})
+    host, port = url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    start, times = time.perf_counter(), []
+    conn.request("POST", "/completion", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"llama-server answered {response.status}: {response.read()[:200]!r}")
+    for line in response:
+        if not line.startswith(b"data: "):
+            continue
+        event, now = json.loads(line[6:]), time.perf_counter()
+        if event.get("stop"):
+            total = event.get("timings", {}).get("predicted_n", len(times))
+            times.extend([now] * (total - len(times)))
+            break
+        times.append(now)
+    conn.close()
+    return request_metrics(start, times, len(times))
+
+
+def run_peer_level(url: str, c: int, n: int, args) -> tuple[list[dict], float]:
+    """C threads keep C requests in flight until n are done (closed loop, as for our targets)."""
+    peer_request(url, synthetic_prompt(99_999, args.input_len), 2)  # warm
+    todo: queue.Queue[int] = queue.Queue()
+    for i in range(n):
+        todo.put(i)
+    results: list[dict] = []
+
+    def worker() -> None:
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            results.append(peer_request(url, synthetic_prompt(i, args.input_len), args.output_len))
+
+    threads = [threading.Thread(target=worker) for _ in range(c)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - start
+
+
+def peer_ratios(levels: list[dict], peer: str) -> list[dict]:
+    """Ours (the first Triton target measured, else the engine) over the peer, per concurrency level."""
+    rows = []
+    for theirs in (lv for lv in levels if lv["target"] == peer):
+        c = theirs["concurrency"]
+        ours = next((lv for t in ("grpc", "http", "engine") for lv in levels
+                     if lv["target"] == t and lv["concurrency"] == c), None)
+        if ours is None:
+            continue
+        rows.append({"concurrency": c, "ours": ours["target"], "ours_tok_s": ours["output_throughput"],
+                     "peer_tok_s": theirs["output_throughput"],
+                     "throughput_ratio": ours["output_throughput"] / theirs["output_throughput"],
+                     "ours_tpot_p50_s": ours["tpot_s"]["p50"], "peer_tpot_p50_s": theirs["tpot_s"]["p50"],
+                     "tpot_ratio": ours["tpot_s"]["p50"] / theirs["tpot_s"]["p50"]})
+    return rows
+
+
+def peer_table(rows: list[dict], peer: str) -> str:
+    lines = [f"| C | {peer} tok/s (TPOT p50) | ours tok/s (TPOT p50) | ours / {peer} tok/s | TPOT ours / {peer} |",
+             "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['concurrency']} | {r['peer_tok_s']:.1f} ({r['peer_tpot_p50_s'] * 1e3:.1f} ms) | "
+                     f"{r['ours_tok_s']:.1f} ({r['ours_tpot_p50_s'] * 1e3:.1f} ms, {r['ours']}) | "
+                     f"{r['throughput_ratio']:.2f} | {r['tpot_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def level_summary(target: str, c: int, results: list[dict], duration: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
     summary = {
@@ -181,6 +309,18 @@ def breakdown_table(level: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """/proc/cpuinfo's model name and the SIMD flags that decide the weight format (Linux; else unknown)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown", []
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    flags = fields.get("flags\t\t", fields.get("flags", "")).split()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+    return fields.get("model name\t", "unknown").strip(), [f for f in flags if f in wanted]
+
+
 def plot(levels: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -218,6 +358,8 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=0.0, help="Poisson arrivals per second (0: all at once)")
     parser.add_argument("--input-len", type=int, default=32, help="prompt words (about one token each)")
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--peer", choices=["llamacpp"], help="also measure llama.cpp's llama-server, same GGUF")
+    parser.add_argument("--peer-script", type=Path, default=PEER_SCRIPT, help="starts the peer (PORT, NP env)")
     parser.add_argument("--output", type=Path, help="JSON results")
     parser.add_argument("--plot", type=Path, help="PNG: throughput, TTFT and TPOT against concurrency")
     args = parser.parse_args()
@@ -238,11 +380,18 @@ def main() -> None:
         from scalellm.tokenization import load_tokenizer
 
         engine_dir = Path(args.model_dir) / "engine"  # same knobs as model_repository/llm/config.pbtxt
-        engine = LLMEngine(EngineConfig(engine_dir=str(engine_dir), cache=CacheConfig(memory_bytes=1 << 30)))
+        meta = json.loads((engine_dir / "scalellm_engine.json").read_text())  # the served weight format
+        engine = LLMEngine(EngineConfig(engine_dir=str(engine_dir), dtype=meta.get("dtype", "float32"),
+                                        cache=CacheConfig(memory_bytes=1 << 30)))
         engine.start()
         tokenizer = load_tokenizer(engine_dir)
 
-    plan = [(t, c) for c in args.concurrency for t in args.targets
+    peer = None
+    if args.peer:
+        peer = LlamaCppServer(args.peer_script, max(args.concurrency), ROOT / "build" / "benchmark-peer.log")
+        peer.start()
+    targets = args.targets + ([args.peer] if args.peer else [])
+    plan = [(t, c) for c in args.concurrency for t in targets
             if not (t == "http" and args.http_concurrency and c not in args.http_concurrency)]
     levels = []
     try:
@@ -251,6 +400,8 @@ def main() -> None:
             stats_before = {}
             if target == "engine":
                 results, duration = run_engine_level(engine, tokenizer, c, n, args)
+            elif target == args.peer:
+                results, duration = run_peer_level(peer.url, c, n, args)
             else:
                 if http_url:
                     stats_before = {m: triton_compute_ns(http_url, m) for m in ("preprocessing", "postprocessing")}
@@ -270,6 +421,8 @@ def main() -> None:
             server.stop()
         if engine is not None:
             engine.stop()
+        if peer is not None:
+            peer.stop()
 
     baseline = {lv["concurrency"]: lv["output_throughput"] for lv in levels if lv["target"] == "engine"}
     for lv in levels:
@@ -283,12 +436,17 @@ def main() -> None:
             print(breakdown_table(lv))
             ok = abs(lv["stages_sum_over_e2e"] - 1) <= 0.10
             print(f"stages add up to E2E within 10%: {'yes' if ok else 'NO'} ({lv['stages_sum_over_e2e']:.3f})")
+    vs_peer = peer_ratios(levels, args.peer) if args.peer else []
+    if vs_peer:
+        print()
+        print(peer_table(vs_peer, args.peer))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                 "load_average": os.getloadavg(), "input_len": args.input_len, "output_len": args.output_len,
                 "request_rate": args.request_rate, "command": " ".join(sys.argv)}
-        args.output.write_text(json.dumps({"meta": meta, "levels": levels}, indent=2))
+        meta["cpu_model"], meta["cpu_flags"] = cpu_model_and_flags()
+        args.output.write_text(json.dumps({"meta": meta, "levels": levels, "vs_peer": vs_peer}, indent=2))
         print(f"\nwrote {args.output}")
     if args.plot:
         plot(levels, args.plot)

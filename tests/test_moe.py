@@ -20,7 +20,7 @@ import build_engines
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import SamplingParams
-from scalellm.models.attention import AttentionBatch, PrefillChunk
+from scalellm.models.attention import AttentionBatch, PrefillChunk, kv_cache_shape
 from scalellm.models.moe import SparseMoE
 from scalellm.tokenization import load_tokenizer
 
@@ -73,7 +73,7 @@ def our_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     """[T, V] logits of a whole prompt, through our model on a private KV cache."""
     cfg, model, n = engine.model_config, engine.runner.model, len(ids)
     slots = torch.arange(n)
-    caches = [torch.zeros(2, n, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
+    caches = [torch.zeros(kv_cache_shape(n, cfg.num_kv_heads, cfg.head_dim)) for _ in range(cfg.num_layers)]
     batch = AttentionBatch(slots, prefills=[PrefillChunk(0, n, slots)])
     hidden = model(torch.tensor(ids), torch.arange(n), caches, batch)
     return model.compute_logits(hidden)

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from scalellm.config import CacheConfig, EngineConfig, ModelConfig
 from scalellm.engine.scheduler import ScheduledWork
-from scalellm.models.attention import AttentionBatch, DecodeGroup, PrefillChunk
-from scalellm.models.checkpoint import load_engine_state
+from scalellm.models.attention import (
+    AttentionBatch,
+    DecodeGroup,
+    PrefillChunk,
+    decode_bias,
+    kv_cache_shape,
+    length_groups,
+    prefill_mask,
+)
+from scalellm.models.engine_dir import load_engine_state, load_packed_weights, read_engine_meta
+from scalellm.models.formats import AUTO, WeightFormat, resolve_format
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
+from scalellm.models.quant import quantize_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -31,67 +43,99 @@ def num_cache_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, d
     return max(1, budget // per_block)
 
 
+def engine_weight_format(config: EngineConfig) -> WeightFormat:
+    """The format to run this engine in here: EngineConfig's dtype, and its quantize or the recorded one."""
+    quantize = config.quantize
+    if quantize is None:
+        recorded = (read_engine_meta(config.engine_dir) or {}).get("quantize", "none")
+        quantize = recorded if config.dtype in (AUTO, "bfloat16") else "none"
+    return resolve_format(config.dtype, quantize, torch.device(config.device).type)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.device = torch.device(config.device)
-        self.dtype = DTYPES[config.dtype]
+        self.format = engine_weight_format(config)
+        self.dtype = self.format.dtype
         hf_config, state = load_engine_state(config.engine_dir)
         self.model_config = ModelConfig.from_hf(hf_config)
         with torch.device("meta"):
             model = LlamaForCausalLM(self.model_config)
         state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
         model.load_hf_state_dict(state, assign=True)
+        del state
+        if self.format.quantize != "none":
+            packed = load_packed_weights(config.engine_dir, self.format.quantize)
+            if packed is None:
+                log.warning("no %s weights built for this torch in %s: quantising now", self.format.quantize,
+                            config.engine_dir)
+            quantize_model(model, self.format.quantize, self.dtype, packed)
         c = self.model_config
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()
+        log.info("model weights: %s", self.format.name)
         self.block_size = config.cache.block_size
         self.num_blocks = num_cache_blocks(self.model_config, config.cache, self.dtype, self.device)
-        c = self.model_config
         self.kv_caches = [
-            torch.zeros(2, self.num_blocks * self.block_size, c.num_kv_heads, c.head_dim,
+            torch.zeros(kv_cache_shape(self.num_blocks * self.block_size, c.num_kv_heads, c.head_dim),
                         dtype=self.dtype, device=self.device)
             for _ in range(c.num_layers)
         ]
+        self._block_offsets = torch.arange(self.block_size)
 
-    def _context_slots(self, block_table: list[int], length: int) -> torch.Tensor:
-        table = torch.tensor(block_table, dtype=torch.long)
-        slots = (table.unsqueeze(1) * self.block_size + torch.arange(self.block_size)).flatten()
-        return slots[:length]
+    def _slots(self, block_tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
+        """[N, W] cache slots of N contexts, padded with slot 0 to the longest (W = lengths' max)."""
+        width_blocks = -(-max(lengths) // self.block_size)
+        table = torch.tensor([t[:width_blocks] + [0] * (width_blocks - len(t[:width_blocks]))
+                              for t in block_tables], dtype=torch.long)
+        slots = (table.unsqueeze(2) * self.block_size + self._block_offsets).flatten(1)
+        return slots[:, : max(lengths)]
+
+    def _decode_groups(self, rows: list[int], tables: list[list[int]], lengths: list[int],
+                       all_rows: bool) -> list[DecodeGroup]:
+        groups = []
+        for members in length_groups(lengths):
+            members.sort()
+            lens = [lengths[i] for i in members]
+            slots = self._slots([tables[i] for i in members], lens)
+            bias = None if min(lens) == max(lens) else decode_bias(torch.tensor(lens), slots.shape[1])
+            whole = all_rows and len(members) == len(rows)
+            index = None if whole else torch.tensor([rows[i] for i in members], device=self.device)
+            groups.append(DecodeGroup(index, slots.to(self.device), _to(bias, self.device)))
+        return groups
 
     def _build_batch(self, work: list[ScheduledWork]) -> tuple[list[int], list[int], AttentionBatch, list[int]]:
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[torch.Tensor] = []
+        slot_mapping: list[int] = []
         decode_rows: list[int] = []
-        decode_slots: list[torch.Tensor] = []
+        decode_tables: list[list[int]] = []
+        decode_lengths: list[int] = []
         prefills: list[PrefillChunk] = []
         sample_rows: list[int] = []
+        bs = self.block_size
         for w in work:
             seq, start = w.seq, w.seq.num_computed
             end = start + w.num_tokens
             row = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            context = self._context_slots(seq.block_table, end)
-            slot_mapping.append(context[start:end])
+            table = seq.block_table
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if w.num_tokens == 1:
                 decode_rows.append(row)
-                decode_slots.append(context)
+                decode_tables.append(table)
+                decode_lengths.append(end)
             else:
-                prefills.append(PrefillChunk(row, w.num_tokens, context.to(self.device)))
+                context = self._slots([table], [end])[0]
+                prefills.append(PrefillChunk(row, w.num_tokens, context.to(self.device),
+                                             _to(prefill_mask(w.num_tokens, end), self.device)))
             if w.samples:
                 sample_rows.append(row + w.num_tokens - 1)
-        decode = None
+        decodes = []
         if decode_rows:
-            width = max(len(s) for s in decode_slots)
-            slots = torch.zeros(len(decode_rows), width, dtype=torch.long)
-            mask = torch.zeros(len(decode_rows), 1, 1, width, dtype=torch.bool)
-            for i, s in enumerate(decode_slots):
-                slots[i, : len(s)] = s
-                mask[i, ..., : len(s)] = True
-            decode = DecodeGroup(torch.tensor(decode_rows, device=self.device), slots.to(self.device),
-                                 mask.to(self.device))
-        batch = AttentionBatch(torch.cat(slot_mapping).to(self.device), decode, prefills)
+            decodes = self._decode_groups(decode_rows, decode_tables, decode_lengths, not prefills)
+        batch = AttentionBatch(torch.tensor(slot_mapping, device=self.device), decodes, prefills)
         return input_ids, positions, batch, sample_rows
 
     def run(self, work: list[ScheduledWork]) -> torch.Tensor:
@@ -105,5 +149,10 @@ class ModelRunner:
         )
         if not sample_rows:
             return torch.empty(0, self.model_config.vocab_size)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        return logits.cpu()
+        if len(sample_rows) < hidden.shape[0]:
+            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+        return self.model.compute_logits(hidden).cpu()
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)

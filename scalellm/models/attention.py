@@ -1,11 +1,17 @@
 """Paged attention in plain PyTorch.
 
-The KV cache of one layer is a flat tensor ``[2, num_slots, num_kv_heads, head_dim]`` where slot
+The KV cache of one layer is a tensor ``[2, num_kv_heads, num_slots, head_dim]`` (K and V) where slot
 ``block * block_size + offset`` holds one token.  A step's new tokens are first written at their slots
-(``slot_mapping``), then each sequence attends over its own slots, gathered through its block table.
+(``slot_mapping``, one ``index_copy_`` for K and V together), then each sequence attends over its own slots.
+Heads come before slots so that a gather of slots yields K and V already in the layout the attention matmuls
+read (no transposed copies per layer).
 
-A step mixes two shapes of work, so it is split into groups:
-* decodes: one query each, batched into one SDPA call over keys padded to the longest context;
+Everything index-shaped is built once per step by the model runner (AttentionBatch) and shared by all layers;
+a layer only gathers K/V through those indices (one gather for K and V) and calls SDPA. A step mixes two
+shapes of work, so it is split into groups:
+* decodes: one query each, batched into SDPA calls over keys padded to the group's longest context; decodes
+  are grouped by context length (a group never pads a context to more than twice its length), so the cost
+  follows the real contexts, not the batch's longest one;
 * prefill chunks: many queries of one sequence, causal over its cached prefix plus the chunk.
 """
 
@@ -19,9 +25,9 @@ import torch.nn.functional as F
 
 @dataclass
 class DecodeGroup:
-    token_index: torch.Tensor  # [B] rows of the step's flat token batch
+    token_index: torch.Tensor | None  # [B] rows of the step's flat token batch; None = all rows, in order
     slots: torch.Tensor  # [B, K] cache slots of each sequence's context (padded)
-    mask: torch.Tensor  # [B, 1, 1, K] True where a key is real
+    bias: torch.Tensor | None  # [B, 1, K] float32, 0 for a real key and -inf for padding; None = no padding
 
 
 @dataclass
@@ -29,14 +35,15 @@ class PrefillChunk:
     start: int  # rows [start, start + num_new) of the flat token batch
     num_new: int
     slots: torch.Tensor  # [context_len] slots of the whole context, chunk included
+    mask: torch.Tensor | None = None  # [num_new, context_len] for a later chunk; None = plain causal
 
 
 @dataclass
 class AttentionBatch:
-    """Everything attention needs for one engine step (built by the model runner)."""
+    """Everything attention needs for one engine step (built by the model runner, shared by all layers)."""
 
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
-    decode: DecodeGroup | None = None
+    decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -44,33 +51,81 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, KVH, D]
     v: torch.Tensor,
-    kv_cache: torch.Tensor,  # [2, S, KVH, D]
+    kv_cache: torch.Tensor,  # [2, KVH, S, D]
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:
     """Write the step's K/V into the cache, then attend; returns [T, H, D]."""
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    k_cache.index_copy_(0, batch.slot_mapping, k)
-    v_cache.index_copy_(0, batch.slot_mapping, v)
-    out = torch.empty_like(q)
-    gqa = q.shape[1] != k.shape[1]
-    if batch.decode is not None:
-        d = batch.decode
-        qd = q[d.token_index].unsqueeze(2)  # [B, H, 1, D]
-        kd = k_cache[d.slots].transpose(1, 2)  # [B, KVH, K, D]
-        vd = v_cache[d.slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale, enable_gqa=gqa)
-        out[d.token_index] = o.squeeze(2)
+    kv_cache.index_copy_(2, batch.slot_mapping, torch.stack([k, v]).transpose(1, 2))
+    gqa = q.shape[1] != k.shape[1]  # prefill chunks: SDPA groups the heads itself
+    only_decodes = not batch.prefills and len(batch.decodes) == 1 and batch.decodes[0].token_index is None
+    out = None if only_decodes else torch.empty_like(q)
+    for d in batch.decodes:
+        b, width = d.slots.shape
+        kv = kv_cache.index_select(2, d.slots.flatten()).view(2, -1, b, width, kv_cache.shape[-1])  # [2,KVH,B,K,D]
+        o = decode_attention(q if d.token_index is None else q[d.token_index], kv[0], kv[1], d.bias, scale)
+        if out is None:
+            return o
+        out[d.token_index] = o
     for p in batch.prefills:
         qp = q[p.start : p.start + p.num_new].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        kp = k_cache[p.slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-        vp = v_cache[p.slots].transpose(0, 1).unsqueeze(0)
-        ctx = p.slots.shape[0]
-        if ctx == p.num_new:
-            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:  # a later chunk: query i sits at position ctx - n + i and sees keys up to it
-            qpos = torch.arange(ctx - p.num_new, ctx, device=q.device).unsqueeze(1)
-            mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= qpos
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        kv = kv_cache.index_select(2, p.slots).unsqueeze(1)  # [2, 1, KVH, ctx, D]
+        if p.mask is None:
+            o = F.scaled_dot_product_attention(qp, kv[0], kv[1], is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=p.mask, scale=scale, enable_gqa=gqa)
         out[p.start : p.start + p.num_new] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, H, D], one query per sequence
+    k: torch.Tensor,  # [KVH, B, K, D]
+    v: torch.Tensor,
+    bias: torch.Tensor | None,  # [B, 1, K]
+    scale: float,
+) -> torch.Tensor:
+    """Two batched matmuls and a float32 softmax, batched over (KV head, sequence); the query heads of a KV
+    head form the rows of its matmul (GQA without repeating K/V).
+
+    Not SDPA: for one query per sequence, torch's CPU flash kernel took 13.6 ms per layer in bf16 at B = 64,
+    K = 200 on a Zen 5 EPYC against 0.6 ms for this (and 2.2 vs 1.7 ms in float32).
+    """
+    b, h, d = q.shape
+    kvh = k.shape[0]
+    qg = q.view(b, kvh, h // kvh, d).transpose(0, 1)  # [KVH, B, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [KVH, B, G, K]
+    if bias is not None:
+        scores = scores + bias
+    o = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [KVH, B, G, D]
+    return o.transpose(0, 1).reshape(b, h, d)
+
+
+def decode_bias(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, 1, width] float32: 0 where key j < the sequence's length, -inf after (padding)."""
+    pad = torch.arange(width).unsqueeze(0) >= lengths.unsqueeze(1)
+    return torch.zeros(pad.shape).masked_fill_(pad, float("-inf")).view(len(lengths), 1, width)
+
+
+def kv_cache_shape(num_slots: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    return (2, num_kv_heads, num_slots, head_dim)
+
+
+def prefill_mask(num_new: int, context_len: int) -> torch.Tensor | None:
+    """A later chunk: query i sits at position context_len - num_new + i and sees keys up to it."""
+    if num_new == context_len:
+        return None
+    qpos = torch.arange(context_len - num_new, context_len).unsqueeze(1)
+    return torch.arange(context_len).unsqueeze(0) <= qpos
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices into lengths, grouped so that no group pads a context to more than twice its length."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and 2 * lengths[i] >= lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups

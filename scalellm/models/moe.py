@@ -12,6 +12,8 @@ over tokens.  Expert weights are fused 3-D parameters: ``w13[e]`` = cat(gate (HF
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,23 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(hidden, num_experts, bias=False)  # the router
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.experts13: nn.ModuleList | None = None  # per-expert packed linears once quantised
+        self.experts2: nn.ModuleList | None = None
+
+    def quantize(self, make_linear: Callable[[int, str, torch.Tensor], nn.Module]) -> None:
+        """Replace the stacked expert weights by one packed linear per expert (the router stays dense).
+
+        ``make_linear(expert, "experts13" | "experts2", weight)`` builds one."""
+        self.experts13 = nn.ModuleList(make_linear(e, "experts13", w) for e, w in enumerate(self.w13))
+        self.experts2 = nn.ModuleList(make_linear(e, "experts2", w) for e, w in enumerate(self.w2))
+        del self.w13, self.w2
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.experts13 is not None:
+            gate, up = self.experts13[e](x).split(self.intermediate, dim=-1)
+            return self.experts2[e](F.silu(gate) * up)
+        gate, up = F.linear(x, self.w13[e]).split(self.intermediate, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2[e])
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([T, k] float32 weights summing to 1 per token, [T, k] expert ids), as Mixtral routes."""
@@ -44,8 +63,7 @@ class SparseMoE(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                gate, up = F.linear(xs[start : start + n], self.w13[e]).split(self.intermediate, dim=-1)
-                ys[start : start + n] = F.linear(F.silu(gate) * up, self.w2[e])
+                ys[start : start + n] = self._expert(e, xs[start : start + n])
                 start += n
         ys = (ys * weights.flatten()[order].unsqueeze(1)).to(x.dtype)  # weights stay float32, as in HF
         return torch.zeros_like(x).index_add_(0, tokens, ys)
