@@ -195,3 +195,28 @@ def test_chat_template_is_applied_on_request(server: RunningServer) -> None:
                              "exclude_input_in_output": True, "max_tokens": 32})
     assert status == 200, out
     assert "Paris" in out["text_output"] and out["finish_reason"] == "stop"
+
+
+def test_official_stop_signal_ends_a_request(server: RunningServer) -> None:
+    """tensorrtllm_backend's stop: a second request with ``stop`` = true and the same request id."""
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    ids = np.array([[504, 3575, 282, 4649, 314]], dtype=np.int32)
+    try:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer("llm", [tensor("input_ids", ids), tensor("request_output_len", i32(1000)),
+                                          tensor("end_id", i32(-1)), tensor("streaming", flag(True))],
+                                  request_id="stop-me")
+        first, error = results.get(timeout=TIMEOUT_S)
+        assert error is None, error
+        client.async_stream_infer("llm", [tensor("stop", flag(True))], request_id="stop-me")
+        reasons = []  # a stop that is ignored ends in "length" after 1000 tokens, and the loop times out
+        while "cancelled" not in reasons:
+            result, error = results.get(timeout=TIMEOUT_S)
+            assert error is None, error
+            if result.get_response().outputs and result.as_numpy("finish_reason") is not None:
+                reasons.append(result.as_numpy("finish_reason")[0][0].decode())
+        assert set(reasons[:-1]) <= {""}
+    finally:
+        client.stop_stream()
+        client.close()
