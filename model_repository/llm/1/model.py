@@ -10,6 +10,7 @@ Each response carries a detokenisation window (see ``scalellm.tokenization``) fo
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import random
 import threading
@@ -20,6 +21,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
+from scalellm.drain import DrainWatch
+from scalellm.engine.admission import Unavailable
+from scalellm.engine.deadlines import request_timeout_s
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import RequestOutput, SamplingParams, Sequence
 from scalellm.metrics import EngineMetrics
@@ -68,13 +72,19 @@ class TritonPythonModel:
                 max_num_seqs=int(params.get("max_num_seqs", 64)),
                 max_num_batched_tokens=int(params.get("max_num_batched_tokens", 512)),
                 max_model_len=int(meta.get("max_model_len", 2048)),
+                max_queue_size=int(params["max_queue_size"]) if params.get("max_queue_size") else None,
             ),
             num_threads=int(params.get("num_threads", 0)) or None,
         )
         self.engine = LLMEngine(config)
         labels = {"model": args["model_name"], "version": args["model_version"],
                   "instance": args["model_instance_name"]}
-        self.engine.on_step = EngineMetrics(pb_utils, labels).record
+        self.metrics = EngineMetrics(pb_utils, labels)
+        self.engine.on_step = self.metrics.record
+        # reliability hooks: default deadline, drain announced by the launcher (scalellm.drain)
+        self.default_timeout_ms = int(params.get("default_timeout_ms") or 0)
+        self.drain_watch = DrainWatch()
+        self.draining = False
         self.vocab_size = self.engine.model_config.vocab_size
         self.eos_ids = tuple(self.engine.model_config.eos_token_ids)
         self._ids = itertools.count()
@@ -101,15 +111,22 @@ class TritonPythonModel:
                 continue
             try:
                 seq, state = self._parse(request, sender)
+                timeout = pb_utils.get_input_tensor_by_name(request, "timeout_ms")  # reliability hook
+                timeout_s = request_timeout_s(None if timeout is None else scalar(timeout.as_numpy(), "timeout_ms"),
+                                              self.default_timeout_ms)
             except (InvalidInput, ValueError, TypeError) as exc:
                 self._reject(sender, str(exc))
                 continue
             self._active[state.request_id] = state
             try:
-                self.engine.submit(seq)
+                self.engine.submit(seq, timeout_s)
             except ValueError as exc:  # can never fit the KV cache
                 self._active.pop(state.request_id, None)
                 self._reject(sender, str(exc))
+            except Unavailable as exc:  # reliability hook: busy, draining or engine failed -> retry later
+                self._active.pop(state.request_id, None)
+                self.metrics.record_rejection(exc.reason)
+                self._reject(sender, str(exc), pb_utils.TritonError.UNAVAILABLE)
         return None
 
     def _cancel_by_triton_id(self, triton_id: bytes | str) -> None:
@@ -122,8 +139,8 @@ class TritonPythonModel:
                 self.engine.cancel(state.request_id)
 
     @staticmethod
-    def _reject(sender, message: str) -> None:
-        error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    def _reject(sender, message: str, code=None) -> None:
+        error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG if code is None else code)
         sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -221,10 +238,25 @@ class TritonPythonModel:
                         self.engine.cancel(state.request_id)
             if time.monotonic() - last_poll >= CANCEL_POLL_S:
                 last_poll = time.monotonic()
+                self._watch_lifecycle()
                 for state in list(self._active.values()):
                     if not state.done and state.sender.is_cancelled():
                         pb_utils.Logger.log_info(f"llm: request {state.request_id} cancelled by the client")
                         self.engine.cancel(state.request_id)
+
+    def _watch_lifecycle(self) -> None:
+        """Reliability hook: start the drain the launcher announced; exit the stub once a dead engine's
+        requests have all been failed, so the launcher sees the fault and the server gets restarted."""
+        deadline = self.drain_watch.deadline()
+        if deadline is not None and not self.draining:
+            self.draining = True
+            pb_utils.Logger.log_info(f"llm: draining, requests still running at +{deadline - time.time():.0f} s "
+                                     "end with finish reason 'shutdown'")
+            self.engine.drain(deadline)
+        if self.engine.failure is not None and self._outbox.empty():
+            pb_utils.Logger.log_error(f"llm: engine thread died ({self.engine.failure!r}); exiting this stub")
+            time.sleep(0.5)  # let the error responses already sent reach Triton
+            os._exit(1)
 
     def _send(self, state: RequestState, out: RequestOutput) -> None:
         final = out.finish_reason is not None
