@@ -148,11 +148,21 @@ def wait_for_metric(metrics_url: str, name: str, want: float, timeout_s: float =
     return value
 
 
+# The ensemble's input dtypes, for fields given as plain Python values (arrays keep their own dtype).
+ENSEMBLE_DTYPES = {"max_tokens": np.int32, "end_id": np.int32, "pad_id": np.int32, "top_k": np.int32,
+                   "min_tokens": np.int32, "min_length": np.int32, "beam_width": np.int32,
+                   "random_seed": np.uint64, "seed": np.uint64, "timeout_ms": np.uint64,
+                   "top_p": np.float32, "temperature": np.float32, "length_penalty": np.float32,
+                   "repetition_penalty": np.float32, "presence_penalty": np.float32,
+                   "frequency_penalty": np.float32, "min_p": np.float32, "return_log_probs": np.bool_,
+                   "exclude_input_in_output": np.bool_, "stream": np.bool_, "return_perf_metrics": np.bool_}
+
+
 def grpc_inputs(fields: dict[str, Any]) -> list[grpc_aio.InferInput]:
-    """Every field as a [1, ...] tensor of the dtype its numpy array carries (no client-side checks)."""
+    """Every field as a [1, ...] tensor; numpy arrays are sent as they are (no client-side checks)."""
     inputs = []
     for name, value in fields.items():
-        array = value if isinstance(value, np.ndarray) else np.asarray([[value]])
+        array = value if isinstance(value, np.ndarray) else np.asarray([[value]], dtype=ENSEMBLE_DTYPES.get(name))
         if array.dtype.kind in "US":
             array = np.char.encode(array.astype(str), "utf-8").astype(object)
         dtype = "BYTES" if array.dtype == object else {

@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc.aio as grpc_aio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_support import NO_PROXY, stream, wait_for_metric
+from reliability_support import ENSEMBLE_DTYPES, NO_PROXY, stream, wait_for_metric
 
 from scalellm_client import chatml
 
@@ -63,11 +63,6 @@ REQUEST = st.fixed_dictionaries(
 # A field sent with the wrong dtype (Triton itself must refuse it cleanly).
 WRONG_TYPE = st.sampled_from([("max_tokens", "ten"), ("temperature", "hot"), ("stream", 3), ("top_k", 1.5)])
 
-DTYPES = {"max_tokens": np.int32, "end_id": np.int32, "pad_id": np.int32, "top_k": np.int32,
-          "min_tokens": np.int32, "beam_width": np.int32, "random_seed": np.uint64,
-          "top_p": np.float32, "temperature": np.float32, "length_penalty": np.float32,
-          "repetition_penalty": np.float32, "presence_penalty": np.float32, "frequency_penalty": np.float32,
-          "return_log_probs": np.bool_, "exclude_input_in_output": np.bool_, "stream": np.bool_}
 OK_REASONS = ("stop", "length")
 
 
@@ -79,7 +74,7 @@ def as_arrays(request: dict[str, Any], wrong: tuple[str, Any] | None) -> dict[st
         elif name == "text_input":
             fields[name] = np.asarray([[value.encode("utf-8", "surrogatepass")]], dtype=object)
         else:
-            fields[name] = np.asarray([[value]], dtype=DTYPES[name])
+            fields[name] = np.asarray([[value]], dtype=ENSEMBLE_DTYPES[name])
     if wrong is not None:
         name, value = wrong
         fields[name] = np.asarray([[value]])

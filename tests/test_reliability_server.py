@@ -35,6 +35,14 @@ PROMPTS = [chatml(q) for q in ("What is the capital of France?", "Name a primary
 BUSY = "server busy"
 
 
+async def until_running(server: Launcher, count: int, tasks: list[asyncio.Task]) -> None:
+    """Until ``count`` requests are in the engine; a request that ended first fails the test at once."""
+    while metric(server.metrics_url, "scalellm_requests_running") < count:
+        done = [t for t in tasks if t.done()]
+        assert not done, f"a request ended before all {count} were running: {done[0].result()}"
+        await asyncio.sleep(0.1)
+
+
 @pytest.fixture
 def launch(tmp_path: Path):
     """Start launchers on repositories rendered with llm parameters; each is killed (group) at teardown."""
@@ -97,8 +105,7 @@ def test_sigterm_with_16_in_flight_drains_them_and_exits_0(launch) -> None:
             long = [{"text_input": PROMPTS[i % 4], "max_tokens": 1500, "stream": True, "end_id": 0}
                     for i in range(8)]  # far past the grace period on any CPU
             tasks = [asyncio.create_task(stream(client, f)) for f in short + long]
-            while metric(server.metrics_url, "scalellm_requests_running") < 16:  # all 16 are in the engine
-                await asyncio.sleep(0.1)
+            await until_running(server, 16, tasks)
             server.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(1.0)
             try:  # a request after SIGTERM is refused (or the endpoint is already closed): never served
@@ -129,8 +136,7 @@ def test_killing_the_llm_stub_fails_the_server_fast_and_no_client_hangs(launch) 
         try:
             fields = {"text_input": PROMPTS[0], "max_tokens": 1500, "stream": True, "end_id": 0}
             tasks = [asyncio.create_task(stream(client, fields)) for _ in range(4)]
-            while metric(server.metrics_url, "scalellm_requests_running") < 4:
-                await asyncio.sleep(0.1)
+            await until_running(server, 4, tasks)
             os.kill(stub, signal.SIGKILL)
             return list(await asyncio.gather(*tasks, return_exceptions=True))
         finally:
