@@ -24,7 +24,7 @@ from scalellm.serving.process import DEFAULT_HOST, DEFAULT_READY_TIMEOUT_S, Serv
 from scalellm.serving.watchdog import Watchdog
 
 DEFAULT_DRAIN_GRACE_S = 30.0
-EXIT_TIMEOUT_MARGIN_S = 10  # Triton's --exit-timeout-secs beyond the drain grace: the llm model ends the rest first
+EXIT_TIMEOUT_S = 10  # Triton's --exit-timeout-secs: it gets SIGTERM only once the drain has emptied the engines
 
 
 def _env_int(name: str, default: int) -> int:
@@ -104,7 +104,7 @@ def ready_message(server: TritonServer) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args, passthrough = parse_args(argv)
     exit_timeout = [] if any(a.startswith("--exit-timeout-secs") for a in passthrough) else [
-        f"--exit-timeout-secs={int(args.drain_grace) + EXIT_TIMEOUT_MARGIN_S}"]
+        f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
     server = TritonServer(
         args.model_repository,
         host=args.host,

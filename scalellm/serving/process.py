@@ -4,9 +4,10 @@ The server runs in its own session, so stopping it can also reap the ``triton_py
 it spawned: SIGTERM to the server (a graceful unload), then SIGKILL to its whole process group.
 
 Drain: ``begin_drain`` writes the drain file named by ``$SCALELLM_DRAIN_FILE`` in the server's environment
-(see ``scalellm.drain``; every ``llm`` instance polls it: stop admitting, finish what runs by the deadline,
-then end the rest with finish reason "shutdown"), then sends SIGTERM so Triton stops taking new requests and
-waits (``--exit-timeout-secs``) for those in flight before it unloads the models.
+(see ``scalellm.drain``; every ``llm`` instance polls it: refuse new requests, finish what runs by the deadline,
+then end the rest with finish reason "shutdown"). Only once the engines are empty (``drained``) may Triton get
+its SIGTERM: Triton 2.51 unloads an ensemble's idle composing models (postprocessing) at once on SIGTERM, and
+the ensemble requests still streaming then never complete. So the launcher, not Triton, waits out the grace.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_READY_TIMEOUT_S = 600.0
 STOP_GRACE_S = 45.0  # Triton itself waits up to --exit-timeout-secs (30) for in-flight requests
 LOG_TAIL_LINES = 40
+DRAIN_SETTLE_S = 1.0  # engines empty this long: the last responses have left the ensemble
 PR_SET_PDEATHSIG = 1
 
 
@@ -118,6 +120,8 @@ class TritonServer:
         self._drain_dir = tempfile.TemporaryDirectory(prefix="scalellm-drain-")
         self.drain_file = Path(self._drain_dir.name) / "drain.json"
         self.draining = False
+        self._drain_deadline = 0.0
+        self._idle_since: float | None = None
 
     @property
     def http_address(self) -> str:
@@ -239,8 +243,33 @@ class TritonServer:
         if not self.running:
             return
         self.draining = True
+        self._drain_deadline = time.monotonic() + grace_s
         write_drain_file(self.drain_file, grace_s)
-        self.send_signal(signal.SIGTERM)
+
+    def drained(self, settle_s: float = DRAIN_SETTLE_S) -> bool:
+        """After ``begin_drain``: no request left in any engine for ``settle_s`` (their last responses have
+        passed postprocessing), or ``settle_s`` past the grace period (everything ended with "shutdown")."""
+        now = time.monotonic()
+        if now > self._drain_deadline + settle_s:
+            return True
+        busy = self.engine_requests()
+        if busy is None or busy > 0:
+            self._idle_since = None
+            return False
+        self._idle_since = self._idle_since or now
+        return now - self._idle_since >= settle_s
+
+    def engine_requests(self) -> float | None:
+        """Requests running or waiting in every engine (the llm model's metrics); None if unreadable."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.metrics_url, timeout=2.0) as response:
+                lines = response.read().decode().splitlines()
+        except (urllib.error.URLError, OSError):
+            return None
+        names = ("scalellm_requests_running{", "scalellm_requests_waiting{")
+        values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(names)]
+        return sum(values) if values else None
 
     def stub_pids(self) -> dict[int, str]:
         """The server's Python-backend stubs: pid -> model instance name (from the stub's command line)."""
@@ -259,9 +288,9 @@ class TritonServer:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except (OSError, ValueError, IndexError):
                 continue  # exited meanwhile
-            if argv and Path(argv[0].decode(errors="replace")).name == STUB_NAME:
-                names = [a.decode(errors="replace") for a in argv[1:] if a]
-                stubs[int(entry.name)] = names[-1] if names else "?"
+            if len(argv) > 1 and Path(argv[0].decode(errors="replace")).name == STUB_NAME:
+                model_py = Path(argv[1].decode(errors="replace"))  # <repository>/<model>/<version>/model.py
+                stubs[int(entry.name)] = model_py.parent.parent.name
         return stubs
 
     def send_signal(self, signum: int) -> None:

@@ -9,6 +9,7 @@ when its engine thread dies (after failing the requests it held), so that fault 
 
 from __future__ import annotations
 
+import signal
 import time
 
 from scalellm.serving.process import TritonServer
@@ -48,8 +49,15 @@ class Watchdog:
         return None
 
     def watch(self) -> int:
-        """Until the server exits: its exit code, or ``EXIT_UNHEALTHY`` after killing an unhealthy one."""
+        """Until the server exits: its exit code, or ``EXIT_UNHEALTHY`` after killing an unhealthy one.
+
+        During a drain (``server.begin_drain``) it sends Triton its SIGTERM once the engines are empty."""
+        stopping = False
         while self.server.running:
+            if self.server.draining and not stopping and self.server.drained():
+                print("[scalellm.serving] drained: stopping tritonserver", flush=True)
+                self.server.send_signal(signal.SIGTERM)
+                stopping = True
             problem = self.problem()
             if problem:
                 print(f"[scalellm.serving] unhealthy: {problem}; stopping tritonserver (exit "
