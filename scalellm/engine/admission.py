@@ -3,7 +3,10 @@
 An engine with ``max_num_seqs`` slots admits at most ``max_num_seqs + max_queue_size`` requests at once
 (running + waiting, preempted ones included); the next gets ``ServerBusy`` at once instead of waiting
 without bound. Draining or a dead engine closes admission for good. The llm model turns every
-``Unavailable`` into ``TritonError.UNAVAILABLE`` (HTTP 503, gRPC UNAVAILABLE): retry later or elsewhere.
+``Unavailable`` into ``TritonError.UNAVAILABLE``. Triton 2.51 does not carry that code to clients of a
+decoupled model: HTTP ``generate``/``generate_stream`` answer 400 and a gRPC stream carries only the error
+message (prefixed "in ensemble 'ensemble', " through the ensemble). So the message is the contract: it
+starts with one of ``RETRYABLE`` and front doors map it to 429/503 + Retry-After (``is_retryable``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,13 @@ from __future__ import annotations
 import threading
 
 from scalellm.config import SchedulerConfig
+
+RETRYABLE = ("server busy", "server shutting down", "engine failed")
+
+
+def is_retryable(message: str) -> bool:
+    """Whether an error message from the server means "not now, retry later or elsewhere"."""
+    return any(marker in message for marker in RETRYABLE)
 
 
 class Unavailable(RuntimeError):
