@@ -15,7 +15,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpc_aio
 from reliability_support import (
@@ -32,6 +34,9 @@ from reliability_support import (
 
 from scalellm.engine.admission import is_retryable
 from scalellm_client import chatml
+
+if TYPE_CHECKING:
+    from conftest import RunningServer
 
 pytestmark = pytest.mark.server
 
@@ -163,3 +168,25 @@ def test_killing_the_llm_stub_fails_the_server_fast_and_no_client_hangs(launch) 
     while processes_using(server.repo) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_using(server.repo) == []
+
+
+def test_timeout_ms_ends_a_request_with_timeout_and_its_tokens_so_far(server: RunningServer) -> None:
+    """``timeout_ms`` on the llm model itself (the ensemble does not map it yet): the session's server."""
+    fields = {"input_ids": np.asarray([[1, 9690, 314, 253, 1345, 30]], dtype=np.int32),
+              "request_output_len": np.asarray([[1500]], dtype=np.int32),
+              "end_id": np.asarray([[-1]], dtype=np.int32), "end_id_given": np.asarray([[True]]),
+              "streaming": np.asarray([[True]]), "timeout_ms": np.asarray([[1500]], dtype=np.uint64)}
+    too_long = dict(fields, timeout_ms=np.asarray([[10**12]], dtype=np.uint64))
+
+    async def run() -> tuple[dict, dict]:
+        client = grpc_aio.InferenceServerClient(server.grpc_url)
+        try:
+            return await stream(client, fields, model="llm"), await stream(client, too_long, model="llm")
+        finally:
+            await client.close()
+
+    timed_out, refused = asyncio.run(asyncio.wait_for(run(), STREAM_TIMEOUT_S))
+    assert timed_out["error"] is None and timed_out["finish_reason"] == "timeout", timed_out
+    assert timed_out["responses"] > 1  # tokens streamed before the deadline
+    assert "timeout_ms must be between 0 and 86400000" in (refused["error"] or ""), refused
+    assert wait_for_metric(server.metrics_url, "scalellm_kv_cache_blocks_used", 0) == 0
