@@ -270,12 +270,16 @@ class LLMEngine:
         if self._idle_reported:
             return
         self._idle_reported = True
-        if self.on_step is not None:
+        if self.on_step is None:
+            return
+        try:  # metrics must never take the loop down
             self.on_step(StepStats(batch_size=0, prefill_tokens=0, decode_tokens=0, generated_tokens=0,
                                    running=0, waiting=0, kv_blocks_used=self.blocks.num_used,
                                    kv_blocks_total=self.blocks.num_blocks,
                                    preemptions_total=self.scheduler.num_preemptions,
                                    prefix_hit_tokens_total=self.blocks.prefix_hit_tokens, duration_s=0.0))
+        except Exception:
+            log.exception("on_step failed while idle")
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.remove(seq)
