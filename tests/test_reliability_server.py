@@ -98,6 +98,7 @@ def test_256_streams_against_64_slots_complete_or_get_busy_and_nothing_leaks(lau
             served += 1
     assert served >= 64 + 32 and busy > 0  # never fewer than the slots + queue served; the rest told to retry
     assert served + busy == 256
+    print(f"256 streams against 64 slots + 32 queued: {served} served, {busy} told busy")  # shown with -s
     assert metric(server.metrics_url, "scalellm_requests_rejected_total") == busy
     assert wait_for_metric(server.metrics_url, "scalellm_kv_cache_blocks_used", 0) == 0
     assert metric(server.metrics_url, "scalellm_requests_running") == 0
