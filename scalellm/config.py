@@ -84,6 +84,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # prefill chunks + decodes per step
     max_model_len: int = 2048  # prompt + output tokens of one sequence
+    # waiting requests admitted beyond max_num_seqs before new ones get "server busy";
+    # None = sized from the KV cache (scalellm.engine.admission.default_queue_size)
+    max_queue_size: int | None = None
 
 
 @dataclass

@@ -25,6 +25,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "scalellm_prefix_cache_hit_tokens_total": ("COUNTER", "Prompt tokens served from the prefix cache"),
     "scalellm_preemptions_total": ("COUNTER", "Requests preempted when KV-cache blocks ran out"),
     "scalellm_engine_steps_total": ("COUNTER", "Engine steps run"),
+    "scalellm_requests_rejected_total": ("COUNTER", "Requests refused before admission, by reason "
+                                         "(busy: queue full; draining: shutting down; engine_failed)"),
     "scalellm_batch_size": ("HISTOGRAM", "Sequences per engine step"),
     "scalellm_time_to_first_token_seconds": ("HISTOGRAM", "Arrival at the llm model to first token"),
     "scalellm_inter_token_latency_seconds": ("HISTOGRAM", "Time between consecutive tokens of a request"),
@@ -40,16 +42,25 @@ class EngineMetrics:
     def __init__(self, pb_utils: Any, labels: dict[str, str]) -> None:
         self.m: dict[str, Any] = {}
         self._families = []  # keep the families alive as long as their metrics
+        self._rejected: dict[str, Any] = {}
+        self._labels = labels
         for name, (kind, description) in FAMILIES.items():
             family = pb_utils.MetricFamily(name=name, description=description,
                                            kind=getattr(pb_utils.MetricFamily, kind))
             self._families.append(family)
-            if kind == "HISTOGRAM":
+            if name == "scalellm_requests_rejected_total":
+                self._rejected_family = family  # one metric per reason, made on first use
+            elif kind == "HISTOGRAM":
                 self.m[name] = family.Metric(labels=labels, buckets=BUCKETS[name])
             else:
                 self.m[name] = family.Metric(labels=labels)
         self._last_preemptions = 0
         self._last_prefix_hits = 0
+
+    def record_rejection(self, reason: str) -> None:
+        if reason not in self._rejected:
+            self._rejected[reason] = self._rejected_family.Metric(labels={**self._labels, "reason": reason})
+        self._rejected[reason].increment(1)
 
     def record(self, s: StepStats) -> None:
         m = self.m
@@ -57,6 +68,8 @@ class EngineMetrics:
         m["scalellm_requests_waiting"].set(s.waiting)
         m["scalellm_kv_cache_blocks_used"].set(s.kv_blocks_used)
         m["scalellm_kv_cache_blocks_total"].set(s.kv_blocks_total)
+        if s.batch_size == 0:  # the engine went idle outside a step (cancel, timeout): gauges only
+            return
         m["scalellm_engine_steps_total"].increment(1)
         m["scalellm_batch_size"].observe(s.batch_size)
         if s.prefill_tokens:

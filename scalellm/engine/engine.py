@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from scalellm.config import EngineConfig
+from scalellm.engine.admission import Admission, EngineFailed, ServerDraining, default_queue_size
 from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.deadlines import Deadlines
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.sampler import sample
 from scalellm.engine.scheduler import ScheduledWork, Scheduler
@@ -58,6 +60,14 @@ class LLMEngine:
         self._by_id: dict[str, Sequence] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # reliability: bounded admission, deadlines, drain, death of the loop thread (admission.py, deadlines.py)
+        s = config.scheduler
+        queue_size = s.max_queue_size if s.max_queue_size is not None else default_queue_size(
+            s, self.blocks.num_blocks, self.blocks.block_size)
+        self.admission = Admission(s.max_num_seqs, queue_size)
+        self.deadlines = Deadlines()
+        self.failure: BaseException | None = None  # why the loop thread died
+        self._idle_reported = True
 
     # ---- public API (any thread) ----
     def start(self) -> None:
@@ -82,11 +92,25 @@ class LLMEngine:
                     f"has {self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens")
         return None
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: Sequence, timeout_s: float | None = None) -> None:
+        """Queue ``seq``; ValueError if it can never run, ``admission.Unavailable`` if not now."""
         problem = self.check_fits(len(seq.prompt_ids), seq.params.max_tokens)
         if problem:
             raise ValueError(problem)
-        self._inbox.put(("add", seq))
+        with self.admission.lock:
+            self.admission.admit()
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            self._inbox.put(("add", (seq, deadline)))
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and self._thread is not None and self._thread.is_alive()
+
+    def drain(self, deadline_unix_s: float) -> None:
+        """Admit nothing more; what is in the engine at ``deadline_unix_s`` ends with reason "shutdown"."""
+        self.admission.close(ServerDraining("server shutting down: not accepting new requests; retry elsewhere"))
+        self.deadlines.drain_at(deadline_unix_s)
+        self._inbox.put(("wake", None))
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
@@ -94,12 +118,13 @@ class LLMEngine:
     # ---- loop thread ----
     def _drain_inbox(self, block: bool) -> None:
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=self.deadlines.next_wakeup_s(0.5)) if block else self._inbox.get_nowait()
             while True:
                 kind, payload = item
                 if kind == "add":
-                    seq = payload
+                    seq, deadline = payload
                     self._by_id[seq.request_id] = seq
+                    self.deadlines.add(seq.request_id, deadline)
                     self.scheduler.add(seq)
                 elif kind == "cancel" and payload in self._by_id:
                     self._finish(self._by_id[payload], "cancelled")
@@ -108,9 +133,30 @@ class LLMEngine:
             pass
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # the thread is dying: fail every request, admit none (see _die)
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        log.critical("engine loop thread died: %r", exc, exc_info=exc)
+        self.failure = exc
+        self.admission.close(EngineFailed(f"engine failed ({exc!r}); the server needs a restart"))
+        self._drain_inbox(block=False)  # admission is closed: nothing more arrives after this
+        for seq in list(self._by_id.values()):
+            try:
+                self._finish(seq, "error", error=f"engine failed: {exc!r}")
+            except Exception:
+                log.exception("failing %s", seq.request_id)
+
+    def _serve(self) -> None:
         while not self._stopping.is_set():
             self._drain_inbox(block=not self.scheduler.has_work())
+            for request_id, reason in self.deadlines.expired(list(self._by_id)):
+                if request_id in self._by_id:
+                    self._finish(self._by_id[request_id], reason)
             if not self.scheduler.has_work():
+                self._report_idle()
                 continue
             try:
                 self.step()
@@ -147,6 +193,7 @@ class LLMEngine:
                 seq.last_token_ns = now_ns
                 lp = result.log_probs[i] if result.log_probs is not None else None
                 self._append_token(seq, result.token_ids[i], lp)
+        self._idle_reported = False
         if self.on_step is not None:
             self.on_step(StepStats(
                 batch_size=len(work),
@@ -201,9 +248,28 @@ class LLMEngine:
         except Exception:
             log.exception("output callback failed for %s", seq.request_id)
 
+    def _report_idle(self) -> None:
+        """Once the engine empties outside a step (cancel, timeout): metrics see the blocks given back."""
+        if self._idle_reported:
+            return
+        self._idle_reported = True
+        if self.on_step is None:
+            return
+        try:  # metrics must never take the loop down
+            self.on_step(StepStats(batch_size=0, prefill_tokens=0, generated_tokens=0,
+                                   running=0, waiting=0, kv_blocks_used=self.blocks.num_used,
+                                   kv_blocks_total=self.blocks.num_blocks,
+                                   preemptions_total=self.scheduler.num_preemptions,
+                                   prefix_hit_tokens_total=self.blocks.prefix_hit_tokens))
+        except Exception:
+            log.exception("on_step failed while idle")
+
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.remove(seq)
-        self._by_id.pop(seq.request_id, None)
+        if self._by_id.pop(seq.request_id, None) is not None:
+            self.admission.release()
+            self.deadlines.discard(seq.request_id)
+        self._idle_reported = False
         seq.finish_reason = reason
         self._emit(seq, reason, error)
 

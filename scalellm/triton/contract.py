@@ -88,6 +88,9 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("min_tokens", "INT32", LLM, "min_tokens", doc="ours: alias of min_length"),
     Field("random_seed", "UINT64", LLM, "random_seed", doc="absent: random"),
     Field("seed", "UINT64", LLM, "seed", doc="ours: alias of random_seed"),
+    Field("timeout_ms", "UINT64", LLM, "timeout_ms",
+          doc="ours: deadline for queue + generation in ms (0/absent: the llm's default_timeout_ms); "
+          "past it the request ends with finish reason timeout"),
     Field("return_log_probs", "BOOL", LLM, "return_log_probs", default=False, param="return_log_probs"),
     Field("return_perf_metrics", "BOOL", LLM, "return_perf_metrics", default=False,
           doc="adds the *_time_ns, kv_cache_* and draft-token outputs"),

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from scalellm.drain import DrainWatch
+from scalellm.engine.admission import Unavailable
+from scalellm.engine.deadlines import request_timeout_s
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import RequestOutput, Sequence
 from scalellm.triton import response
@@ -32,7 +37,7 @@ CANCEL_POLL_S = 0.25
 
 class Responder(Protocol):
     def send(self, tensors: dict[str, np.ndarray] | None, error: str | None = None, final: bool = False,
-             invalid: bool = False) -> None: ...
+             invalid: bool = False, unavailable: bool = False) -> None: ...
 
     def is_cancelled(self) -> bool: ...
 
@@ -44,13 +49,21 @@ class Active:
     request: LLMRequest
     seqs: list[response.SequenceProgress]
     engine_ids: list[str]
+    timeout_s: float | None = None
     pending: list[Sequence] = field(default_factory=list)  # siblings waiting for the first sequence's prefill
     finished: bool = False
 
 
 class EngineHost:
-    def __init__(self, engine: LLMEngine, decoupled: bool, on_log=log.info) -> None:
+    def __init__(self, engine: LLMEngine, decoupled: bool, on_log=log.info, default_timeout_ms: int = 0,
+                 on_reject: Callable[[str], None] = lambda reason: None,
+                 exit_process: Callable[[], None] = lambda: os._exit(1)) -> None:
         self.engine = engine
+        self.default_timeout_ms = default_timeout_ms
+        self.on_reject = on_reject  # counts a rejection by reason (busy, draining, engine_failed)
+        self.exit_process = exit_process  # once a dead engine's errors are out: the launcher restarts us
+        self.drain_watch = DrainWatch()
+        self.draining = False
         self.limits = EngineLimits(
             vocab_size=engine.model_config.vocab_size, eos_token_ids=tuple(engine.model_config.eos_token_ids),
             check_fits=engine.check_fits, max_model_len=engine.max_model_len, decoupled=decoupled,
@@ -86,12 +99,18 @@ class EngineHost:
         key = next(self._ids)
         seqs = [response.start(request, i) for i in range(len(request.samples))]
         engine_ids = [f"{triton_id or 'req'}-{key}-{i}" for i in range(len(seqs))]
-        active = Active(triton_id, responder, request, seqs, engine_ids)
+        timeout_s = request_timeout_s(request.timeout_ms, self.default_timeout_ms)
+        active = Active(triton_id, responder, request, seqs, engine_ids, timeout_s)
         sequences = [Sequence(engine_ids[i], list(request.prompt), params, self._on_output(active, i))
                      for i, params in enumerate(request.samples)]
         active.pending = sequences[1:]
         self._active[key] = active
-        self.engine.submit(sequences[0])  # fits: parse checked it
+        try:
+            self.engine.submit(sequences[0], timeout_s)  # fits: parse checked it
+        except Unavailable as exc:  # busy, draining or failed: the client may retry (elsewhere)
+            del self._active[key]
+            self.on_reject(exc.reason)
+            responder.send(None, error=str(exc), final=True, unavailable=True)
 
     def _on_output(self, active: Active, index: int):
         return lambda out: self._outbox.put((active, index, out))
@@ -131,9 +150,24 @@ class EngineHost:
                     self._cancel(active, f"stopped: sending a response failed: {exc}")
             if time.monotonic() - last_poll >= CANCEL_POLL_S:
                 last_poll = time.monotonic()
+                self._watch_lifecycle()
                 for active in list(self._active.values()):
                     if not active.finished and active.responder.is_cancelled():
                         self._cancel(active)
+
+    def _watch_lifecycle(self) -> None:
+        """Start the drain the launcher announced (scalellm/drain.py); exit the process once a dead engine's
+        requests have all been failed, so the launcher sees the fault and the server gets restarted."""
+        deadline = self.drain_watch.deadline()
+        if deadline is not None and not self.draining:
+            self.draining = True
+            self.on_log(f"llm: draining, requests still running at +{deadline - time.time():.0f} s "
+                        "end with finish reason 'shutdown'")
+            self.engine.drain(deadline)
+        if self.engine.failure is not None and self._outbox.empty():
+            log.error("llm: engine thread died (%r); exiting", self.engine.failure)
+            time.sleep(0.5)  # let the error responses already sent reach Triton
+            self.exit_process()
 
     def _finish(self, active: Active) -> None:
         active.finished = True
@@ -151,7 +185,14 @@ class EngineHost:
                     seq.done = True
             else:
                 for sibling in siblings:
-                    self.engine.submit(sibling)
+                    try:
+                        self.engine.submit(sibling, active.timeout_s)
+                    except Unavailable as exc:
+                        self.on_reject(exc.reason)
+                        self._finish(active)
+                        self._cancel(active, f"refused: {exc}")
+                        active.responder.send(None, error=str(exc), final=True, unavailable=True)
+                        return
         if out.error:
             self._finish(active)
             self._cancel(active, f"failed: {out.error}")

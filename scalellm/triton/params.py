@@ -21,6 +21,8 @@ ENGINE_PARAMETERS: dict[str, Any] = {
     "max_num_seqs": _SCHED.max_num_seqs,
     "max_num_batched_tokens": _SCHED.max_num_batched_tokens,
     "num_threads": 0,  # 0: torch's default
+    "max_queue_size": _SCHED.max_queue_size,  # None: sized from the KV cache (scalellm/engine/admission.py)
+    "default_timeout_ms": 0,  # deadline of requests without timeout_ms; 0: none
 }
 
 
@@ -39,6 +41,10 @@ def _int(params: dict[str, str], name: str) -> int | None:
         raise ValueError(f"llm parameter {name} must be an integer (got {value!r})") from None
 
 
+def default_timeout_ms(params: dict[str, str]) -> int:
+    return _int(params, "default_timeout_ms") or 0
+
+
 def engine_config(params: dict[str, str], engine_dir: Path, meta: dict[str, Any]) -> EngineConfig:
     """The engine's configuration from the model's parameters and the engine directory's metadata."""
     return EngineConfig(
@@ -54,6 +60,7 @@ def engine_config(params: dict[str, str], engine_dir: Path, meta: dict[str, Any]
             max_num_seqs=_int(params, "max_num_seqs"),
             max_num_batched_tokens=_int(params, "max_num_batched_tokens"),
             max_model_len=int(meta.get("max_model_len", _SCHED.max_model_len)),
+            max_queue_size=_int(params, "max_queue_size"),
         ),
         num_threads=_int(params, "num_threads") or None,
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scalellm.engine.deadlines import MAX_TIMEOUT_MS
 from scalellm.engine.sequence import SamplingParams
 from scalellm.tokenization import unflatten_word_ids
 from scalellm.triton.contract import LLM_FIELDS, Field
@@ -39,6 +40,7 @@ class LLMRequest:
     exclude_input: bool
     perf_metrics: bool
     num_input_tokens: bool
+    timeout_ms: int = 0  # 0: the llm's default_timeout_ms
 
 
 def _words(get: Get, name: str) -> tuple[tuple[int, ...], ...]:
@@ -121,6 +123,8 @@ def parse(get: Get, limits: EngineLimits) -> LLMRequest:
         stop_token_ids=tuple(stop_ids), stop_sequences=_words(get, "stop_words_list"),
         bad_sequences=_words(get, "bad_words_list"),
     )
+    timeout_ms = int(value("timeout_ms") or 0)
+    check_range("timeout_ms", timeout_ms, low=0, high=MAX_TIMEOUT_MS)
     samples = [SamplingParams(seed=(seed + i) % (1 << 63), **base) for i in range(n)]
     return LLMRequest(
         prompt=prompt,
@@ -129,4 +133,5 @@ def parse(get: Get, limits: EngineLimits) -> LLMRequest:
         exclude_input=bool(value("exclude_input_in_output")),
         perf_metrics=bool(value("return_perf_metrics")),
         num_input_tokens=bool(value("return_num_input_tokens")),
+        timeout_ms=timeout_ms,
     )

@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from scalellm.engine.engine import LLMEngine
 from scalellm.metrics import EngineMetrics
 from scalellm.triton.host import EngineHost
-from scalellm.triton.params import engine_config
+from scalellm.triton.params import default_timeout_ms, engine_config
 from scalellm.triton.tensors import engine_meta, model_parameters, resolve_engine_dir
 
 
@@ -24,9 +24,10 @@ class Responder:
     def __init__(self, sender) -> None:
         self.sender = sender
 
-    def send(self, tensors, error=None, final=False, invalid=False) -> None:
+    def send(self, tensors, error=None, final=False, invalid=False, unavailable=False) -> None:
         if error is not None:
-            code = pb_utils.TritonError.INVALID_ARG if invalid else pb_utils.TritonError.INTERNAL
+            code = (pb_utils.TritonError.INVALID_ARG if invalid else
+                    pb_utils.TritonError.UNAVAILABLE if unavailable else pb_utils.TritonError.INTERNAL)
             response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error, code))
         else:
             response = pb_utils.InferenceResponse(
@@ -44,10 +45,12 @@ class TritonPythonModel:
         engine = LLMEngine(engine_config(params, engine_dir, engine_meta(engine_dir)))
         labels = {"model": args["model_name"], "version": args["model_version"],
                   "instance": args["model_instance_name"]}
-        engine.on_step = EngineMetrics(pb_utils, labels).record
+        metrics = EngineMetrics(pb_utils, labels)
+        engine.on_step = metrics.record
         policy = json.loads(args["model_config"]).get("model_transaction_policy", {})
         self.host = EngineHost(engine, decoupled=bool(policy.get("decoupled", False)),
-                               on_log=pb_utils.Logger.log_info)
+                               on_log=pb_utils.Logger.log_info, default_timeout_ms=default_timeout_ms(params),
+                               on_reject=metrics.record_rejection)
         self.host.start()
 
     def execute(self, requests: list) -> None:

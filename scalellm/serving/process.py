@@ -1,139 +1,45 @@
-"""Start, health-check and stop a real ``tritonserver`` on a model repository.
-
-    python -m scalellm.serving --model-repository build/smollm2/model_repository [--host 127.0.0.1]
-        [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002] [--log-file F] [--log-verbose N]
-
-Where the server comes from: ``$TRITONSERVER``, then ``tritonserver`` on PATH (e.g. an NGC container), then
-the one bundled in the ``nvidia-pytriton`` wheel. The wheel's server gets a backend directory
-(``build/triton_backends/python/``) holding its Python backend and the stub built for the *running* Python,
-and an environment where the stub finds this virtualenv's packages (its ``bin/`` first on PATH) and the
-wheel's bundled libraries (libcudart is needed even on CPU).
+"""One tritonserver process: start it, wait until ready, drain it, stop it with everything it spawned.
 
 The server runs in its own session, so stopping it can also reap the ``triton_python_backend_stub`` processes
 it spawned: SIGTERM to the server (a graceful unload), then SIGKILL to its whole process group.
+
+Drain: ``begin_drain`` writes the drain file named by ``$SCALELLM_DRAIN_FILE`` in the server's environment
+(see ``scalellm.drain``; every ``llm`` instance polls it: refuse new requests, finish what runs by the deadline,
+then end the rest with finish reason "shutdown"). Only once the engines are empty (``drained``) may Triton get
+its SIGTERM: Triton 2.51 unloads an ensemble's idle composing models (postprocessing) at once on SIGTERM, and
+the ensemble requests still streaming then never complete. So the launcher, not Triton, waits out the grace.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import importlib.util
 import os
-import shlex
-import shutil
 import signal
 import socket
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO
+
+from scalellm.drain import DRAIN_FILE_ENV, write_drain_file
+from scalellm.serving.install import STUB_NAME, TritonInstall, locate_tritonserver, prepare_backend_dir, server_env
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_READY_TIMEOUT_S = 600.0
 STOP_GRACE_S = 45.0  # Triton itself waits up to --exit-timeout-secs (30) for in-flight requests
-STUB_NAME = "triton_python_backend_stub"
 LOG_TAIL_LINES = 40
+DRAIN_SETTLE_S = 1.0  # engines empty this long: the last responses have left the ensemble
 PR_SET_PDEATHSIG = 1
 
 
 class ServerNotReady(RuntimeError):
     """tritonserver exited, or did not report ready in time; the message carries the tail of its log."""
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """A tritonserver binary and, for the pytriton wheel, what its Python backend needs next to it."""
-
-    binary: Path
-    python_backend: Path | None = None  # dir with libtriton_python.so + triton_python_backend_utils.py
-    stub: Path | None = None  # triton_python_backend_stub built for this Python version
-    libs_dir: Path | None = None  # site-packages/nvidia_pytriton.libs
-
-
-def _pytriton_install() -> TritonInstall | None:
-    spec = importlib.util.find_spec("pytriton")  # locate without importing (the import is slow and noisy)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    dist = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
-    binary = dist / "bin" / "tritonserver"
-    if not binary.is_file():
-        return None
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    libs = dist.parent.parent / "nvidia_pytriton.libs"
-    return TritonInstall(
-        binary=binary,
-        python_backend=dist / "backends" / "python",
-        stub=dist / "python_backend_stubs" / version / STUB_NAME,
-        libs_dir=libs if libs.is_dir() else None,
-    )
-
-
-def locate_tritonserver() -> TritonInstall:
-    """``$TRITONSERVER``, then PATH, then the nvidia-pytriton wheel."""
-    wheel = _pytriton_install()
-    explicit = os.environ.get("TRITONSERVER") or shutil.which("tritonserver")
-    if explicit:
-        binary = Path(explicit).resolve()
-        if wheel is not None and binary == wheel.binary.resolve():
-            return wheel
-        return TritonInstall(binary=binary)  # a full install (e.g. /opt/tritonserver) has its own backends
-    if wheel is None:
-        raise FileNotFoundError(
-            "tritonserver not found: set $TRITONSERVER, put it on PATH, or `pip install nvidia-pytriton`"
-        )
-    return wheel
-
-
-def default_backend_root() -> Path:
-    """``$SCALELLM_BACKEND_DIR``, else ``build/triton_backends`` in a source checkout, else a cache dir."""
-    if env := os.environ.get("SCALELLM_BACKEND_DIR"):
-        return Path(env)
-    repo = Path(__file__).resolve().parents[1]
-    if (repo / "pyproject.toml").is_file():
-        return repo / "build" / "triton_backends"
-    return Path.home() / ".cache" / "scalellm" / "triton_backends"
-
-
-def _copy_if_changed(src: Path, dst: Path) -> None:
-    if dst.is_file():
-        s, d = src.stat(), dst.stat()
-        if s.st_size == d.st_size and int(s.st_mtime) == int(d.st_mtime):
-            return
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.copy2(src, tmp)
-    os.replace(tmp, dst)  # atomic: a server already running keeps the old inode
-
-
-def prepare_backend_dir(install: TritonInstall, root: Path | None = None) -> Path | None:
-    """Assemble ``root/python/`` for the wheel's server; None for a full install (use its own backends)."""
-    if install.python_backend is None or install.stub is None:
-        return None
-    if not install.stub.is_file():
-        raise FileNotFoundError(f"no Python backend stub for Python {sys.version.split()[0]}: {install.stub}")
-    root = root or default_backend_root()
-    python_dir = root / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        _copy_if_changed(install.python_backend / name, python_dir / name)
-    _copy_if_changed(install.stub, python_dir / STUB_NAME)
-    return root
-
-
-def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
-    """This virtualenv's bin/ first on PATH (the stub's Python finds our packages) + the wheel's libs."""
-    env = dict(os.environ if base is None else base)
-    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.prefix) / "bin"), env.get("PATH", "")) if p)
-    if install.libs_dir is not None:
-        libs = [env.get("LD_LIBRARY_PATH", ""), str(install.libs_dir)]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
-    return env
 
 
 def _connect_host(host: str) -> str:
@@ -211,6 +117,11 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self.ready_timeout_s = ready_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
+        self._drain_dir = tempfile.TemporaryDirectory(prefix="scalellm-drain-")
+        self.drain_file = Path(self._drain_dir.name) / "drain.json"
+        self.draining = False
+        self._drain_deadline = 0.0
+        self._idle_since: float | None = None
 
     @property
     def http_address(self) -> str:
@@ -269,7 +180,7 @@ class TritonServer:
         try:
             self._process = subprocess.Popen(
                 cmd,
-                env=server_env(install),
+                env={**server_env(install), DRAIN_FILE_ENV: str(self.drain_file)},
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT if output is not None else None,
@@ -323,6 +234,64 @@ class TritonServer:
             parts += ["errors:", *errors]
         parts += [f"last {lines} lines:", *text[-lines:]]
         return "\n".join(parts)
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Stop admitting; requests in flight get ``grace_s`` to finish, then end with reason "shutdown".
+
+        The server exits once none is left (give it ``--exit-timeout-secs`` beyond ``grace_s``); ``wait``.
+        """
+        if not self.running:
+            return
+        self.draining = True
+        self._drain_deadline = time.monotonic() + grace_s
+        write_drain_file(self.drain_file, grace_s)
+
+    def drained(self, settle_s: float = DRAIN_SETTLE_S) -> bool:
+        """After ``begin_drain``: no request left in any engine for ``settle_s`` (their last responses have
+        passed postprocessing), or ``settle_s`` past the grace period (everything ended with "shutdown")."""
+        now = time.monotonic()
+        if now > self._drain_deadline + settle_s:
+            return True
+        busy = self.engine_requests()
+        if busy is None or busy > 0:
+            self._idle_since = None
+            return False
+        self._idle_since = self._idle_since or now
+        return now - self._idle_since >= settle_s
+
+    def engine_requests(self) -> float | None:
+        """Requests running or waiting in every engine (the llm model's metrics); None if unreadable."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.metrics_url, timeout=2.0) as response:
+                lines = response.read().decode().splitlines()
+        except (urllib.error.URLError, OSError):
+            return None
+        names = ("scalellm_requests_running{", "scalellm_requests_waiting{")
+        values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(names)]
+        return sum(values) if values else None
+
+    def stub_pids(self) -> dict[int, str]:
+        """The server's Python-backend stubs: pid -> model instance name (from the stub's command line)."""
+        if not self.running:
+            return {}
+        assert self._process is not None
+        stubs = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if ppid != self._process.pid:
+                    continue
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+            if len(argv) > 1 and Path(argv[0].decode(errors="replace")).name == STUB_NAME:
+                model_py = Path(argv[1].decode(errors="replace"))  # <repository>/<model>/<version>/model.py
+                stubs[int(entry.name)] = model_py.parent.parent.name
+        return stubs
 
     def send_signal(self, signum: int) -> None:
         if self.running:
@@ -394,114 +363,3 @@ class TritonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
-
-
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m scalellm.serving",
-        description="Run tritonserver in the foreground on a model repository built by build_engines.py.",
-        epilog="Unrecognised --options are passed to tritonserver as they are (e.g. --log-info=false).",
-    )
-    parser.add_argument("--model-repository", required=True, type=Path)
-    parser.add_argument(
-        "--host",
-        default=os.environ.get("SCALELLM_HOST", DEFAULT_HOST),
-        help="bind HTTP, gRPC and metrics here (env SCALELLM_HOST; default %(default)s)",
-    )
-    parser.add_argument(
-        "--http-port",
-        type=int,
-        default=_env_int("SCALELLM_HTTP_PORT", 8000),
-        help="env SCALELLM_HTTP_PORT; default %(default)s",
-    )
-    parser.add_argument(
-        "--grpc-port",
-        type=int,
-        default=_env_int("SCALELLM_GRPC_PORT", 8001),
-        help="env SCALELLM_GRPC_PORT; default %(default)s",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=_env_int("SCALELLM_METRICS_PORT", 8002),
-        help="env SCALELLM_METRICS_PORT; default %(default)s",
-    )
-    parser.add_argument("--log-file", type=Path, default=None, help="server log here instead of stdout")
-    parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
-    parser.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S, help="seconds")
-    args, passthrough = parser.parse_known_args(argv)
-    stray = [a for a in passthrough if not a.startswith("--")]
-    if stray:
-        parser.error(f"unexpected arguments: {' '.join(stray)} (tritonserver options must be --name=value)")
-    return args, passthrough
-
-
-def _display_path(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def ready_message(server: TritonServer) -> str:
-    client = Path(sys.prefix) / "bin" / "scalellm-client"
-    lines = [
-        f"READY: Triton serving {_display_path(server.model_repository)} — HTTP {server.http_url}  "
-        f"gRPC {server.grpc_url}  metrics {server.metrics_url}",
-        "Try:",
-        f'  {_display_path(client)} --chatml --url {server.grpc_url} "What is the capital of France?"',
-    ]
-    if (server.model_repository / "ensemble").is_dir():
-        body = '{"text_input": "What is the capital of France?", "max_tokens": 32}'
-        url = f"{server.http_url}/v2/models/ensemble/generate"
-        lines.append(f"  curl -s -X POST {url} -d {shlex.quote(body)}")
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args, passthrough = parse_args(argv)
-    server = TritonServer(
-        args.model_repository,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_file=args.log_file,
-        extra_args=[f"--log-verbose={args.log_verbose}", *passthrough],
-    )
-    signals_seen: list[int] = []
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        signals_seen.append(signum)
-        if len(signals_seen) == 1:
-            print(f"[scalellm.serving] {signal.Signals(signum).name}: stopping tritonserver...", flush=True)
-            server.send_signal(signum)
-        else:  # asked twice: don't wait for the graceful unload
-            server.kill_group()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, forward)
-    try:
-        server.start()
-    except OSError as error:
-        print(f"[scalellm.serving] error: {error}", file=sys.stderr)
-        return 2
-    try:
-        server.wait_ready(args.ready_timeout)
-        print(ready_message(server), flush=True)
-    except ServerNotReady as error:
-        if not signals_seen:
-            print(f"[scalellm.serving] error: {error}", file=sys.stderr, flush=True)
-            server.stop()
-            return 1
-    code = server.wait()
-    return 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as a shell reports it
-
-
-if __name__ == "__main__":
-    sys.exit(main())

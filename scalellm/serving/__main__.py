@@ -1,0 +1,5 @@
+import sys
+
+from scalellm.serving.cli import main
+
+sys.exit(main())
