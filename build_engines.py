@@ -192,9 +192,9 @@ def build_torch_engine(args: argparse.Namespace, engine_dir: Path, wanted: dict[
         state_dict,
         checkpoint.tokenizer,
         args.dtype,
-        args.quantize,
         meta,
         checkpoint.generation_config,
+        args.quantize,
     )
     log(
         f"wrote {engine_dir} ({args.dtype}, quantize {args.quantize}, max_model_len {max_model_len}) "
