@@ -41,6 +41,7 @@ from scalellm.models.checkpoint import (
     read_engine_meta,
     save_engine,
 )
+from scalellm.trtllm import cli as trtllm_cli  # TensorRT-LLM backends (imports neither torch nor TensorRT-LLM)
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TEMPLATES = REPO_ROOT / "model_repository"
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path, help=".gguf file or Hugging Face directory")
     parser.add_argument("--output-dir", required=True, type=Path, help="gets engine/ and model_repository/")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm"])
+    parser.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm", "tensorrt_llm_pytorch"])
     parser.add_argument(
         "--max-model-len",
         type=int,
@@ -86,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"normal(0, {upcycle.ROUTER_STD}), seed {upcycle.ROUTER_SEED}); outputs equal the dense model's",
     )
     parser.add_argument("--force", action="store_true", help="rebuild the engine even if it is up to date")
+    # --- TensorRT-LLM backends (scalellm/trtllm, docs/gpu.md): flags, validated per backend there ---
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "fp8"],
+                        help="tensorrt_llm: weight-only int8/int4 (W8A16/W4A16) or FP8 (calibrated); torch: none")
+    trtllm_cli.add_arguments(parser)
+    # --- end TensorRT-LLM ---
     return parser.parse_args(argv)
 
 
@@ -246,10 +252,14 @@ def template_values(args: argparse.Namespace) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.backend == "tensorrt_llm":
-        raise SystemExit("tensorrt_llm backend: not implemented yet")
     if not args.checkpoint.exists():
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file or directory")
+    # --- TensorRT-LLM backends: hand over to scalellm/trtllm (GPU build, or --render-only anywhere) ---
+    if args.backend in trtllm_cli.BACKENDS:
+        return trtllm_cli.run(args, log)
+    if args.quantize != "none" or args.render_only:
+        raise SystemExit("--quantize and --render-only are for --backend tensorrt_llm / tensorrt_llm_pytorch")
+    # --- end TensorRT-LLM ---
     if args.max_batch_size < 1:
         raise SystemExit(f"--max-batch-size must be >= 1 (got {args.max_batch_size})")
     if args.moe_experts is not None and args.moe_experts < upcycle.TOP_K:
