@@ -72,3 +72,20 @@ def test_the_launcher_check_refuses_here_where_no_tensorrt_llm_is_installed(tmp_
                               text=True, timeout=60)
         assert done.returncode == 1, done
         assert "refusing to serve" in done.stderr and "TensorRT-LLM 0.19.0" in done.stderr
+
+
+def test_gpu_launcher_picks_mpi_for_several_ranks_and_refuses_a_mismatch(tmp_path: Path) -> None:
+    from scalellm.trtllm.serve import LAUNCH_SCRIPT, command, main, world_size
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "config.json").write_text(json.dumps({"version": "0.19.0",
+                                                    "pretrained_config": {"mapping": {"world_size": 4}}}))
+    assert world_size(engine) == 4
+    assert command(tmp_path, 4, 8000, 8001, 8002, [])[1:3] == [LAUNCH_SCRIPT, "--world_size=4"]
+    assert command(tmp_path, 1, 8000, 8001, 8002, ["--log-verbose=1"])[0] == "tritonserver"
+    repo = tmp_path / "repo" / "tensorrt_llm"
+    repo.mkdir(parents=True)
+    (repo / "config.pbtxt").write_text(
+        f'parameters: {{ key: "gpt_model_path" value: {{ string_value: "{engine}" }} }}\n')
+    assert main(["--model-repository", str(tmp_path / "repo"), "--dry-run"]) == 1  # no TensorRT-LLM here
