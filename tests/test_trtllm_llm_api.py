@@ -70,6 +70,10 @@ def test_outputs_have_the_official_batch_beam_token_shapes() -> None:
     assert arrays["cum_log_probs"].shape == (1, 1) and arrays["cum_log_probs"][0, 0] == pytest.approx(-0.6)
     quiet = output_arrays([4], None, None)
     assert quiet["output_log_probs"].size == 0 and quiet["cum_log_probs"].size == 0  # not asked: empty
+    assert quiet["arrival_time_ns"].tolist() == [[0]]  # perf marks not asked for: 0, as the CPU engine
+    timed = output_arrays([4], None, None, {"arrival_time_ns": 5, "first_scheduled_time_ns": 6,
+                                            "first_token_time_ns": 7, "last_token_time_ns": 8})
+    assert [timed[n][0, 0] for n in ("arrival_time_ns", "last_token_time_ns")] == [5, 8]
 
 
 def test_token_log_probs_reads_floats_or_logprob_dicts() -> None:

@@ -22,6 +22,7 @@ from tritonclient.grpc import model_config_pb2
 
 import build_engines
 from scalellm.serving import TritonServer, free_ports
+from scalellm.trtllm.llm_api import PERF_MARKS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_SOURCE = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
@@ -134,13 +135,14 @@ def test_ensemble_wires_tensorrt_llm_as_the_official_ensemble_does(backend: str,
         assert key in inputs, f"{backend}: the ensemble feeds {key}, which tensorrt_llm does not take"
         if value in ensemble_inputs:  # straight from the client: same type
             assert ensemble_inputs[value].data_type == inputs[key].data_type, key
-    assert set(step.output_map) == {"output_ids", "sequence_length", "cum_log_probs", "output_log_probs"}
+    assert set(step.output_map) == {"output_ids", "sequence_length", "cum_log_probs", "output_log_probs",
+                                    *PERF_MARKS}
     assert set(step.output_map) <= set(outputs)
     assert list(outputs["output_ids"].dims) == [-1, -1]  # [beam, tokens] per request, as NVIDIA's model
     # every ensemble input reaches some step (Triton refuses an ensemble with an unused input)
     used = {v for s in ensemble.ensemble_scheduling.step for v in s.input_map.values()}
     assert set(ensemble_inputs) <= used
-    assert {t.name for t in ensemble.output} == {"text_output", "cum_log_probs", "output_log_probs"}
+    assert {t.name for t in ensemble.output} == {"text_output", "cum_log_probs", "output_log_probs", *PERF_MARKS}
 
 
 @pytest.mark.xfail(strict=True, reason="model_repository/postprocessing takes the official TOKENS_BATCH [-1, -1] "

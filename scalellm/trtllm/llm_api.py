@@ -78,16 +78,24 @@ def sampling_kwargs(inputs: dict[str, np.ndarray | None]) -> dict[str, Any]:
     return kwargs
 
 
-def output_arrays(token_ids: list[int], log_probs: list[float] | None,
-                  cum_log_prob: float | None) -> dict[str, np.ndarray]:
+PERF_MARKS = ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")
+
+
+def output_arrays(token_ids: list[int], log_probs: list[float] | None, cum_log_prob: float | None,
+                  marks: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """The official outputs for one response of one request: [batch=1, beam=1, tokens] ids and [1, 1] length.
 
-    Log-probs come back only when asked for: empty otherwise (never zeros that look like probabilities)."""
+    Log-probs come back only when asked for: empty otherwise (never zeros that look like probabilities).
+    ``marks`` (with return_perf_metrics): wall-clock ns as this model saw the request: received, handed to the
+    LLM, first and latest tokens back; all 0 when not asked for, as our CPU engine does."""
     ids = np.asarray(token_ids, dtype=np.int32).reshape(1, 1, -1)
     logs = np.asarray(log_probs if log_probs is not None else [], dtype=np.float32).reshape(1, 1, -1)
     cum = np.asarray([] if cum_log_prob is None else [cum_log_prob], dtype=np.float32).reshape(1, -1)
-    return {"output_ids": ids, "sequence_length": np.asarray([[len(token_ids)]], dtype=np.int32),
-            "output_log_probs": logs, "cum_log_probs": cum}
+    arrays = {"output_ids": ids, "sequence_length": np.asarray([[len(token_ids)]], dtype=np.int32),
+              "output_log_probs": logs, "cum_log_probs": cum}
+    for name in PERF_MARKS:
+        arrays[name] = np.asarray([[(marks or {}).get(name, 0)]], dtype=np.int64)
+    return arrays
 
 
 def token_log_probs(logprobs: Any, token_ids: list[int]) -> list[float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from scalellm.trtllm.llm_api import output_arrays, sampling_kwargs, token_log_pr
 
 INPUTS = ("input_ids", "request_output_len", "end_id", "pad_id", "stop_words_list", "bad_words_list", "beam_width",
           "temperature", "runtime_top_k", "runtime_top_p", "len_penalty", "repetition_penalty", "min_tokens",
-          "presence_penalty", "frequency_penalty", "seed", "return_log_probs", "exclude_input_in_output", "streaming")
+          "presence_penalty", "frequency_penalty", "seed", "return_log_probs", "exclude_input_in_output", "streaming",
+          "return_perf_metrics")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -57,7 +59,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
+            asyncio.run_coroutine_threadsafe(self._serve(request, time.time_ns()), self.loop)
         return None
 
     def _inputs(self, request) -> dict:
@@ -75,7 +77,7 @@ class TritonPythonModel:
                 kwargs[field] = [self.tokenizer.decode(ids) for ids in words]
         return self.sampling_params(**kwargs)
 
-    async def _serve(self, request) -> None:
+    async def _serve(self, request, arrival_ns: int) -> None:
         sender = request.get_response_sender()
         try:
             inputs = self._inputs(request)
@@ -86,6 +88,9 @@ class TritonPythonModel:
             streaming = bool(scalar(inputs["streaming"], "streaming", False))
             prefix = [] if scalar(inputs["exclude_input_in_output"], "exclude_input_in_output", True) else prompt
             want_logs = bool(scalar(inputs["return_log_probs"], "return_log_probs", False))
+            marks = {"arrival_time_ns": arrival_ns, "first_scheduled_time_ns": time.time_ns()}
+            if not scalar(inputs["return_perf_metrics"], "return_perf_metrics", False):
+                marks = None
             result = self.llm.generate_async(prompt, sampling_params=params, streaming=streaming)
             if streaming:
                 sent = 0
@@ -97,7 +102,8 @@ class TritonPythonModel:
                     new = list(completion.token_ids[sent:])
                     logs = token_log_probs(completion.logprobs, completion.token_ids)[sent:] if want_logs else None
                     ids = (prefix + new) if sent == 0 else new
-                    self._send(sender, ids, logs, completion.cumulative_logprob if want_logs else None,
+                    self._mark(marks)
+                    self._send(sender, ids, logs, completion.cumulative_logprob if want_logs else None, marks,
                                FINAL if output.finished else 0)
                     sent = len(completion.token_ids)
                     if output.finished:
@@ -108,7 +114,9 @@ class TritonPythonModel:
                 completion = output.outputs[0]
                 ids = list(completion.token_ids)
                 logs = token_log_probs(completion.logprobs, ids) if want_logs else None
-                self._send(sender, prefix + ids, logs, completion.cumulative_logprob if want_logs else None, FINAL)
+                self._mark(marks)
+                self._send(sender, prefix + ids, logs, completion.cumulative_logprob if want_logs else None, marks,
+                           FINAL)
         except InvalidInput as error:
             sender.send(pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
@@ -117,8 +125,17 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
 
     @staticmethod
-    def _send(sender, ids: list[int], logs: list[float] | None, cum: float | None, flags: int) -> None:
-        arrays = output_arrays(ids, logs, cum)
+    def _mark(marks: dict | None) -> None:
+        """Token times as seen here (the first response sets the first-token mark)."""
+        if marks is not None:
+            now = time.time_ns()
+            marks.setdefault("first_token_time_ns", now)
+            marks["last_token_time_ns"] = now
+
+    @staticmethod
+    def _send(sender, ids: list[int], logs: list[float] | None, cum: float | None, marks: dict | None,
+              flags: int) -> None:
+        arrays = output_arrays(ids, logs, cum, marks)
         tensors = [pb_utils.Tensor(name, value) for name, value in arrays.items()]
         sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
