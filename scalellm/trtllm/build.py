@@ -80,8 +80,9 @@ def build_engines(options: TrtllmOptions, checkpoint: Path, output_dir: Path, hf
     ckpt_dir = output_dir / CHECKPOINT_SUBDIR
     engine_dir = output_dir / "engine"
     staging = output_dir / ".engine.partial"
-    for stale in (ckpt_dir, staging):
-        shutil.rmtree(stale, ignore_errors=True)
+    for fresh in (ckpt_dir, staging):  # convert_checkpoint.py also creates the directory before saving into it
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir(parents=True)
 
     if options.needs_calibration:
         mapping = {k: v for k, v in options.mapping_kwargs(0).items() if k != "rank"}
