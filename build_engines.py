@@ -43,6 +43,7 @@ from typing import Any
 
 from scalellm.triton.params import default_parameters
 from scalellm.triton.render import ensemble_section, io_section
+from scalellm.trtllm import cli as trtllm_cli  # TensorRT-LLM backends (imports neither torch nor TensorRT-LLM)
 
 # The engine-building imports (torch, safetensors) happen inside the functions that need them, so that
 # `python build_engines.py --help` works without torch.
@@ -71,10 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # choices spelled out (scalellm.models.formats holds the same names) so --help needs no torch
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="auto: bfloat16 on CPUs with native bf16 (avx512_bf16/AMX), else float32, at load time")
-    parser.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
-                        help="weight-only int8 (per channel) / int4 (group 32), see scalellm/models/quant.py; "
-                        "default: int4 for a Q4_1 GGUF (lossless), an engine dir's own, else none")
-    parser.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm"], help="engine backend")
+    parser.add_argument("--quantize", default=None, choices=["none", "int8", "int4", "fp8"],
+                        help="torch: weight-only int8 (per channel) / int4 (group 32), see scalellm/models/quant.py; "
+                        "default: int4 for a Q4_1 GGUF (lossless), an engine dir's own, else none. "
+                        "tensorrt_llm: weight-only int8/int4 (W8A16/W4A16) or FP8 (calibrated); default none")
+    parser.add_argument("--backend", default="torch", choices=["torch", "tensorrt_llm", "tensorrt_llm_pytorch"],
+                        help="engine backend (tensorrt_llm*: GPU, see docs/gpu.md)")
     parser.add_argument(
         "--max-model-len",
         type=int,
@@ -104,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "see scalellm/models/upcycle.py); outputs equal the dense model's",
     )
     parser.add_argument("--force", action="store_true", help="rebuild the engine even if it is up to date")
+    # --- TensorRT-LLM backends (scalellm/trtllm, docs/gpu.md): flags, validated per backend there ---
+    trtllm_cli.add_arguments(parser)
+    # --- end TensorRT-LLM ---
     return parser.parse_args(argv)
 
 
@@ -299,10 +305,15 @@ def template_values(args: argparse.Namespace) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.backend == "tensorrt_llm":
-        raise SystemExit("tensorrt_llm backend: not implemented yet")
     if not args.checkpoint.exists():
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file or directory")
+    # --- TensorRT-LLM backends: hand over to scalellm/trtllm (GPU build, or --render-only anywhere) ---
+    if args.backend in trtllm_cli.BACKENDS:
+        args.quantize = args.quantize or "none"
+        return trtllm_cli.run(args, log)
+    if args.quantize == "fp8" or args.render_only:
+        raise SystemExit("--quantize fp8 and --render-only are for --backend tensorrt_llm / tensorrt_llm_pytorch")
+    # --- end TensorRT-LLM ---
     if args.max_batch_size < 1:
         raise SystemExit(f"--max-batch-size must be >= 1 (got {args.max_batch_size})")
     if args.moe_experts is not None and args.moe_experts < MOE_TOP_K:
