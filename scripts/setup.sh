@@ -2,6 +2,9 @@
 # Idempotent setup: .venv with the project (+ server and test extras), the default model's GGUF, and the
 # default engine + model repository in build/smollm2. Cheap when nothing changed; run it before anything else.
 #   bash scripts/setup.sh      (or `source` it: it runs in a subshell, so it neither exits nor changes your shell)
+#   bash scripts/setup.sh --containers   also podman, runc, debootstrap (apt, needs root), podman-compose (PyPI,
+#                              into .venv) and the local base image localhost/debian-base:bookworm, for
+#                              docker-compose.yml (see docker/README.md); the default setup does none of this
 # Env: SCALELLM_MODEL_DIR=<dir built by build_engines.py>  serve that instead (the default one is then not built)
 #      PYTHON=<interpreter>                                 for a new .venv (default: python3.11, else python3)
 scalellm_setup() (
@@ -37,7 +40,12 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
     echo "$want" > "$STAMP"
 fi
 
-# 2. The default engine. build_engines.py is idempotent itself (skips an engine already built from the same
+# 2. Container tools, only when asked (scripts/containers.sh does the work).
+if [[ " $* " == *" --containers "* ]]; then
+    bash "$ROOT/scripts/containers.sh" setup
+fi
+
+# 3. The default engine. build_engines.py is idempotent itself (skips an engine already built from the same
 #    checkpoint); we skip even starting it unless the rendered repository is missing or older than its inputs.
 [[ -n "${SCALELLM_MODEL_DIR:-}" ]] && exit 0
 built="$DEFAULT_MODEL_DIR/.setup-built"
@@ -55,4 +63,4 @@ PY
 fi
 )
 
-scalellm_setup
+scalellm_setup "$@"
