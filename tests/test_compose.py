@@ -45,7 +45,7 @@ def test_gpu_profile_is_valid_compose() -> None:
     config = compose("scalellm-config", "--profile", "gpu", "config").stdout
     for service in ("engine-build", "gpu-replica-1", "gpu-replica-2", "gpu-router", "gpu-locust"):
         assert f"{service}:" in config
-    assert "build_engines.py --backend tensorrt_llm" in " ".join(config.split())
+    assert "build_engines.py\n    - --backend\n    - tensorrt_llm" in config
     assert "capabilities:" in config and "device_ids:" in config and "nvidia" in config
 
 
