@@ -20,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import MODEL_DIR, model_repository
+from conftest import IN_FLIGHT, MODEL_DIR, model_repository
 from routerstack import RouterProcess, metric, scrape, small_model_dir, start_replicas
 from transformers import AutoTokenizer
 
@@ -57,6 +57,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         router.stop()
         for server in replicas:
             server.stop()
+    # Every request is answered or cancelled by now: one still counted in flight was leaked (e.g. a dropped
+    # upstream connection that Triton 2.51 never releases) and would hold up a graceful shutdown.
+    for server in replicas:
+        assert server.log_file is not None
+        leaked = [line for line in server.log_file.read_text(errors="replace").splitlines() if IN_FLIGHT.search(line)]
+        assert not leaked, f"{server.log_file}: {leaked[0]}"
 
 
 @pytest.fixture(scope="module")

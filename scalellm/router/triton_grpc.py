@@ -27,6 +27,7 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 _WAKE = object()
+_EOF = object()
 
 
 def _error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
@@ -74,16 +75,22 @@ async def _one(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferRequ
     yield request  # then half-close: the replica ends the call after the request's last response
 
 
-async def _drain(call: grpc.aio.StreamStreamCall) -> None:
-    """Read an abandoned call to its end (its request was cancelled by id); cancelling the call instead would
-    leave Triton 2.51 counting the ensemble request in flight."""
-    async def to_end() -> None:
-        async for _ in call:
-            pass
+async def _pump(call: grpc.aio.StreamStreamCall, arrivals: asyncio.Queue) -> None:
     try:
-        await asyncio.wait_for(to_end(), DRAIN_TIMEOUT_S)
+        async for response in call:
+            arrivals.put_nowait(response)
+        arrivals.put_nowait(_EOF)
+    except grpc.aio.AioRpcError as exc:
+        arrivals.put_nowait(exc)
+
+
+async def _give_up_after(reader: asyncio.Task, call: grpc.aio.StreamStreamCall, timeout_s: float) -> None:
+    """Let an abandoned call's reader finish (its request was cancelled by id); cancel the call if it does not."""
+    try:
+        await asyncio.wait_for(asyncio.shield(reader), timeout_s)
     except Exception:  # noqa: BLE001
         call.cancel()
+        reader.cancel()
 
 
 class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
@@ -169,25 +176,33 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _attempt(self, upstream: Upstream, request: pb.ModelInferRequest
                        ) -> AsyncGenerator[pb.ModelStreamInferResponse, None]:
+        """The upstream call is read by its own task, so a client that leaves cancels only the wait here: the
+        call itself is read on to its end once the request is cancelled by id (cancelling a gRPC call would
+        leave Triton 2.51 counting the ensemble request in flight)."""
         forwarded = pb.ModelInferRequest()
         forwarded.CopyFrom(request)
         forwarded.id = upstream.request_id
         call = self.stub(upstream.replica).ModelStreamInfer(_one(forwarded))
+        arrivals: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.get_running_loop().create_task(_pump(call, arrivals))
         done = False
         try:
-            async for response in call:
-                if response.infer_response.id == upstream.request_id:
-                    response.infer_response.id = request.id
-                yield response
-            done = True
-        except grpc.aio.AioRpcError as exc:
-            done = True
-            if exc.code() in UNAVAILABLE_CODES:
-                raise ReplicaUnavailable(f"gRPC {exc.code().name}: {exc.details()}") from None
-            raise
+            while True:
+                item = await arrivals.get()
+                if item is _EOF:
+                    done = True
+                    return
+                if isinstance(item, grpc.aio.AioRpcError):
+                    done = True
+                    if item.code() in UNAVAILABLE_CODES:
+                        raise ReplicaUnavailable(f"gRPC {item.code().name}: {item.details()}")
+                    raise item
+                if item.infer_response.id == upstream.request_id:
+                    item.infer_response.id = request.id
+                yield item
         finally:
             if not done:
-                self.dispatcher.spawn(_drain(call))
+                self.dispatcher.spawn(_give_up_after(reader, call, DRAIN_TIMEOUT_S))
 
     # ---- unary calls -------------------------------------------------------------------------------------
     async def ServerLive(self, request, context):  # noqa: N802
