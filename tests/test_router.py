@@ -23,6 +23,7 @@ import tritonclient.grpc as grpcclient
 from conftest import IN_FLIGHT, MODEL_DIR, model_repository
 from routerstack import RouterProcess, metric, scrape, small_model_dir, start_replicas
 from transformers import AutoTokenizer
+from tritonclient.utils import InferenceServerException
 
 from scalellm.serving import TritonServer
 from scalellm_client import AsyncClient, Client, ScaleLLMError
@@ -197,6 +198,14 @@ def test_api_key_is_required_when_set(stack: Stack) -> None:
         assert "Paris" in chat(allowed, stack).choices[0].message.content
         with pytest.raises(ScaleLLMError, match="API key"), Client(router.http_url, protocol="http") as client:
             client.generate(QUESTION, max_tokens=4)
+        grpc_client = grpcclient.InferenceServerClient(router.grpc_url)
+        try:
+            with pytest.raises(InferenceServerException, match="API key"):
+                grpc_client.get_model_metadata("ensemble")
+            metadata = grpc_client.get_model_metadata("ensemble", headers={"authorization": "Bearer sesame"})
+            assert metadata.name == "ensemble"
+        finally:
+            grpc_client.close()
 
 
 # ---- Triton's protocols through the router ----------------------------------------------------------------
@@ -328,14 +337,14 @@ def test_client_that_leaves_frees_the_engine(stack: Stack, api: str) -> None:
 
 # ---- failover (kills a replica; keep it last, it restarts the replica when done) ---------------------------
 def test_killed_replica_loses_no_unstarted_request(stack: Stack) -> None:
-    """Replica 1 is killed while streams run on both: streams it had started end with a clear error; every
-    request that had no token yet (including ones sent just then) is answered in full by replica 0."""
+    """Replica 1 is killed once 8 streams (4 on each replica) have their first tokens: the ones it was running
+    end with a clear error; 8 requests sent just then, with no token yet, are all answered in full."""
     victim = stack.replicas[1]
 
-    async def run_all() -> list[tuple[int, str | None]]:
+    async def run_all() -> tuple[list[tuple[int, str | None]], list[tuple[int, str | None]]]:
         async with AsyncClient(stack.router.http_url, protocol="http", timeout_s=CLIENT_TIMEOUT_S) as client:
-            started = asyncio.Event()
-            counts: list[int] = []
+            streaming: set[int] = set()
+            all_started = asyncio.Event()
 
             async def one(i: int) -> tuple[int, str | None]:
                 tokens = 0
@@ -343,28 +352,32 @@ def test_killed_replica_loses_no_unstarted_request(stack: Stack) -> None:
                     async for chunk in client.stream_chunks(f"Request {i}: tell me a story.", max_tokens=48,
                                                             end_id=-1):
                         tokens = chunk.num_tokens
-                        counts.append(tokens)
-                        if len(counts) >= 16:
-                            started.set()
+                        if tokens and i < 8:
+                            streaming.add(i)
+                            if len(streaming) == 8:
+                                all_started.set()
                 except ScaleLLMError as exc:
                     return tokens, str(exc)
                 return tokens, None
 
             first = [asyncio.ensure_future(one(i)) for i in range(8)]
-            await started.wait()
+            await all_started.wait()
             victim.kill_group()  # SIGKILL: no goodbye
             later = [asyncio.ensure_future(one(100 + i)) for i in range(8)]
-            return await asyncio.gather(*first, *later)
+            return list(await asyncio.gather(*first)), list(await asyncio.gather(*later))
 
+    failed_before = router_metric(stack, "scalellm_router_requests_failed_total", victim)
     try:
-        results = asyncio.run(run_all())
-        for tokens, error in results:
-            if error is None:
-                assert tokens == 48
-            else:  # only a stream that had started may fail, and it says why
-                assert tokens > 0 and "failed mid-stream" in error, (tokens, error)
-        assert any(error is None for _, error in results)
+        started, unstarted = asyncio.run(run_all())
+        errors = [error for _, error in started if error is not None]
+        assert errors, "no stream was running on the killed replica"
+        assert all("failed mid-stream" in error for error in errors), errors
+        assert all(tokens == 48 for tokens, error in started if error is None)
+        assert unstarted == [(48, None)] * 8  # retried on the live replica where the dead one got them
+        assert router_metric(stack, "scalellm_router_requests_failed_total", victim) - failed_before == len(errors)
         assert router_metric(stack, "scalellm_router_replica_healthy", victim) == 0
+        print(f"replica killed: {len(errors)} started streams ended with an error, 16 - {len(errors)} answered in "
+              f"full, {router_metric(stack, 'scalellm_router_requests_retried_total', victim):.0f} retried")
     finally:
         victim.stop()
         victim.start()

@@ -82,7 +82,8 @@ class Router:
         await web.TCPSite(self._runner, self.config.host, self.config.http_port).start()
         if self.config.grpc_port:
             self._grpc = TritonGrpc(self.dispatcher)
-            self._grpc_server = await serve_grpc(self._grpc, self.config.host, self.config.grpc_port)
+            self._grpc_server = await serve_grpc(self._grpc, self.config.host, self.config.grpc_port,
+                                                 self.config.api_key)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")

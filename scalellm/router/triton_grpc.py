@@ -10,6 +10,7 @@ gets every request still running stopped in the engine (see ``dispatch``).
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
@@ -238,8 +239,33 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
 
 
 
-async def serve_grpc(servicer: TritonGrpc, host: str, port: int) -> grpc.aio.Server:
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """``authorization: Bearer <key>`` metadata required on every call but ServerLive/ServerReady."""
+
+    OPEN = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
+
+    def __init__(self, api_key: str) -> None:
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())}
+        given = str(metadata.get("authorization", "")).encode()
+        if method in self.OPEN or hmac.compare_digest(given, self._expected):
+            return await continuation(handler_call_details)
+        message = "missing or wrong API key: send metadata authorization: Bearer <key>"
+
+        async def deny(_request, context):  # type: ignore[no-untyped-def]
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if method.endswith("/ModelStreamInfer"):
+            return grpc.stream_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+async def serve_grpc(servicer: TritonGrpc, host: str, port: int, api_key: str | None = None) -> grpc.aio.Server:
+    interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
