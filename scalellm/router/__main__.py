@@ -52,12 +52,16 @@ def config_from_args(args: argparse.Namespace, replicas: Sequence[ReplicaAddress
         default_max_tokens=args.default_max_tokens)
 
 
+def warn_if_open(host: str, api_key: str | None) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logging.getLogger("scalellm.router").warning(
+            "binding %s without --api-key: anyone who can reach this port can use the model", host)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[scalellm.router] %(message)s")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        logging.getLogger("scalellm.router").warning(
-            "binding %s without --api-key: anyone who can reach this port can use the model", args.host)
+    warn_if_open(args.host, args.api_key)
     asyncio.run(run_router(config_from_args(args, args.replica), started=lambda: print("ROUTER READY", flush=True)))
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from scalellm.serving import DEFAULT_READY_TIMEOUT_S, ServerNotReady, TritonServer, free_ports
 
-from .__main__ import add_router_arguments, config_from_args
+from .__main__ import add_router_arguments, config_from_args, warn_if_open
 from .app import run_router
 from .config import ReplicaAddress
 
@@ -78,6 +78,7 @@ def ready_message(args: argparse.Namespace, servers: list[TritonServer], model: 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[scalellm.router] %(message)s")
+    warn_if_open(args.host, args.api_key)
     repository = args.model_dir / "model_repository"
     if not (repository / "ensemble").is_dir():
         print(f"[launch] error: no model repository at {repository} (build one with build_engines.py)",

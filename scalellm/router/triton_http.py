@@ -8,6 +8,7 @@ import json
 from contextlib import aclosing
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, UpstreamRejected
@@ -60,9 +61,13 @@ class TritonHttp:
             replica = self.dispatcher.healthy_replica()
         except NoReplica as exc:
             return triton_error(503, str(exc))
-        async with self.dispatcher.session.get(f"{replica.address.http_url}{request.rel_url}") as response:
-            return web.Response(status=response.status, body=await response.read(),
-                                content_type=response.content_type)
+        try:
+            async with self.dispatcher.session.get(f"{replica.address.http_url}{request.rel_url}") as response:
+                return web.Response(status=response.status, body=await response.read(),
+                                    content_type=response.content_type)
+        except (aiohttp.ClientError, OSError) as exc:
+            replica.set_healthy(False, repr(exc))
+            return triton_error(503, f"replica {replica.name} did not answer: {exc!r}")
 
     @staticmethod
     async def _fields(request: web.Request) -> dict[str, Any]:
