@@ -6,13 +6,16 @@
         --input-len 32 --output-len 64 --output build/bench.json --plot docs/benchmark.png
 
 Targets: the ensemble over gRPC streaming, over HTTP ``generate_stream``, and the engine in process (no Triton,
-same engine directory, same token ids, same weight format) as the baseline.  ``--peer llamacpp`` adds
+same engine directory, same token ids, same weight format) as the baseline; ``router``: gRPC streaming through
+the ScaleLLM router (``python -m scalellm.router``, started here in front of the same one replica unless
+``--router-url``), so ``--targets grpc router`` measures what the router adds.  ``--peer llamacpp`` adds
 llama.cpp's ``llama-server`` on the same GGUF (started through ``../shared/tools/llamacpp_server.sh serve``,
 which builds it once, ~12 min on 2 cores), same prompts, streaming, and reports ours / llama.cpp per level:
 
-    .venv/bin/python scripts/benchmark.py --peer llamacpp --targets grpc engine --concurrency 1 8 32 64 \
+    .venv/bin/python scripts/benchmark.py --peer llamacpp --targets grpc engine --concurrency 1 8 32 64 \\
         --input-len 128 --output-len 128 --output build/bench-vs-llamacpp.json --plot docs/benchmark-vs-llamacpp.png
-  Each level keeps C requests in flight (or, with
+
+Each level keeps C requests in flight (or, with
 ``--request-rate``, sends them as a Poisson process capped at C).  Output lengths are fixed (``end_id=-1``).
 Per request: TTFT, TPOT = (E2E - TTFT) / (n - 1), ITL, E2E.  End-to-end efficiency = target tokens/s over
 engine tokens/s at the same C, from the same run.  With ``return_perf_metrics`` each request also splits its
@@ -39,6 +42,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -108,6 +112,27 @@ async def run_server_level(url: str, protocol: str, c: int, n: int, args) -> tup
         start = time.perf_counter()
         results = await asyncio.gather(*(gated(i, d) for i, d in enumerate(delays)))
         return results, time.perf_counter() - start
+
+
+def start_router(http_url: str, grpc_url: str) -> tuple[subprocess.Popen, str]:
+    """``python -m scalellm.router`` in front of the one replica at ``http_url``/``grpc_url``; its gRPC address."""
+    replica = f"{urlsplit(http_url).hostname}:{urlsplit(http_url).port}:{grpc_url.rsplit(':', 1)[1]}"
+    http_port, grpc_port = free_ports(2)
+    log = open(ROOT / "build" / "benchmark-router.log", "wb")  # noqa: SIM115 - the child keeps its own copy
+    process = subprocess.Popen([sys.executable, "-m", "scalellm.router", "--replica", replica,
+                                "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return process, f"127.0.0.1:{grpc_port}"
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("the router did not get ready (see build/benchmark-router.log)")
 
 
 def triton_compute_ns(http_url: str, model: str) -> tuple[int, int]:
@@ -351,7 +376,8 @@ def main() -> None:
     parser.add_argument("--http-url", help="its HTTP URL (for the http target and Triton statistics)")
     parser.add_argument("--model-dir", default=str(ROOT / "build" / "smollm2"))
     parser.add_argument("--targets", nargs="+", default=["grpc", "http", "engine"],
-                        choices=["grpc", "http", "engine"])
+                        choices=["grpc", "http", "engine", "router"])
+    parser.add_argument("--router-url", help="gRPC host:port of a running router (router target; default: start one)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--http-concurrency", type=int, nargs="+", help="levels for the http target (default: all)")
     parser.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2 x C)")
@@ -366,13 +392,16 @@ def main() -> None:
     from tqdm import tqdm
 
     server, grpc_url, http_url = None, args.url, args.http_url
-    if grpc_url is None and {"grpc", "http"} & set(args.targets):
+    if grpc_url is None and {"grpc", "http", "router"} & set(args.targets):
         http_port, grpc_port, metrics_port = free_ports(3)
         server = TritonServer(Path(args.model_dir) / "model_repository", http_port=http_port, grpc_port=grpc_port,
                               metrics_port=metrics_port, log_file=ROOT / "build" / "benchmark-server.log")
         server.start()
         server.wait_ready(300)
         grpc_url, http_url = server.grpc_url, server.http_url
+    router, router_url = None, args.router_url
+    if "router" in args.targets and router_url is None:
+        router, router_url = start_router(http_url, grpc_url)
     engine = tokenizer = None
     if "engine" in args.targets:
         from scalellm.config import CacheConfig, EngineConfig
@@ -405,8 +434,9 @@ def main() -> None:
             else:
                 if http_url:
                     stats_before = {m: triton_compute_ns(http_url, m) for m in ("preprocessing", "postprocessing")}
-                url = grpc_url if target == "grpc" else http_url
-                results, duration = asyncio.run(run_server_level(url, target, c, n, args))
+                url = {"grpc": grpc_url, "http": http_url, "router": router_url}[target]
+                protocol = "http" if target == "http" else "grpc"
+                results, duration = asyncio.run(run_server_level(url, protocol, c, n, args))
             level = level_summary(target, c, results, duration)
             if stats_before:
                 level["triton_compute_ms_per_execution"] = {}
@@ -417,6 +447,9 @@ def main() -> None:
             tqdm.write(f"{target:6s} C={c:3d} {level['output_throughput']:7.1f} tok/s  TTFT p50 "
                        f"{level['ttft_s']['p50'] * 1e3:6.0f} ms  TPOT p50 {level['tpot_s']['p50'] * 1e3:5.1f} ms")
     finally:
+        if router is not None:
+            router.terminate()
+            router.wait(30)
         if server is not None:
             server.stop()
         if engine is not None:
@@ -428,8 +461,19 @@ def main() -> None:
     for lv in levels:
         if lv["concurrency"] in baseline:
             lv["efficiency"] = lv["output_throughput"] / baseline[lv["concurrency"]]
+    direct = {lv["concurrency"]: lv for lv in levels if lv["target"] == "grpc"}
+    for lv in levels:
+        if lv["target"] == "router" and lv["concurrency"] in direct:
+            d = direct[lv["concurrency"]]
+            lv["router_overhead"] = {"ttft_p50_ms": (lv["ttft_s"]["p50"] - d["ttft_s"]["p50"]) * 1e3,
+                                     "throughput_ratio": lv["output_throughput"] / d["output_throughput"]}
     print()
     print(markdown_table(levels))
+    for lv in levels:
+        if "router_overhead" in lv:
+            o = lv["router_overhead"]
+            print(f"router vs direct gRPC, C = {lv['concurrency']}: TTFT p50 {o['ttft_p50_ms']:+.2f} ms, "
+                  f"throughput {o['throughput_ratio']:.3f}x")
     for lv in levels:
         if "stages_s" in lv and lv["concurrency"] in (min(args.concurrency), max(args.concurrency)):
             print()

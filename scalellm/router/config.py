@@ -1,0 +1,73 @@
+"""Router configuration: one dataclass, filled from the command line (``scalellm.router.__main__``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+POLICIES = ("least-tokens", "prefix")
+# max_tokens of an OpenAI request that leaves it out (capped by the model's context length).
+DEFAULT_MAX_TOKENS = 256
+# OpenAI's default temperature; the Triton ensemble itself defaults to greedy.
+DEFAULT_TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True)
+class ReplicaAddress:
+    """Where one Triton replica listens: ``host:http_port:grpc_port``."""
+
+    host: str
+    http_port: int
+    grpc_port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ReplicaAddress:
+        host, sep, ports = text.rpartition(":")
+        host2, sep2, http = host.rpartition(":")
+        if not sep or not sep2 or not host2 or not http.isdigit() or not ports.isdigit():
+            raise ValueError(f"replica must be HOST:HTTP_PORT:GRPC_PORT (got {text!r})")
+        return cls(host2, int(http), int(ports))
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    replicas: tuple[ReplicaAddress, ...]
+    host: str = "127.0.0.1"
+    http_port: int = 9000
+    grpc_port: int = 9001  # 0: no gRPC front end
+    policy: str = "least-tokens"
+    # prefix policy (SGLang's cache-aware routing): follow the prefix when at least this share of the prompt
+    # is cached on a replica and that replica's outstanding tokens exceed the least loaded one's by at most
+    # balance_tokens; otherwise least outstanding tokens.
+    prefix_match_ratio: float = 0.5
+    prefix_balance_tokens: int = 4096
+    prefix_chunk_chars: int = 32
+    prefix_table_entries: int = 1 << 16  # remembered prefix chunks per replica (LRU)
+    health_interval_s: float = 1.0
+    connect_timeout_s: float = 5.0
+    model_name: str = "ensemble"  # the Triton model the OpenAI front door calls
+    cancel_model: str = "llm"  # the model that accepts {cancel_request_id}
+    model_dir: Path | None = None  # engine + tokenizer for the OpenAI front door (chat template, usage)
+    served_model_name: str | None = None  # the OpenAI "model"; default: the model dir's name
+    api_key: str | None = None
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            raise ValueError("at least one --replica is needed")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)} (got {self.policy!r})")
+        if not 0.0 <= self.prefix_match_ratio <= 1.0:
+            raise ValueError(f"prefix_match_ratio must be in [0, 1] (got {self.prefix_match_ratio})")

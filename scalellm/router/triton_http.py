@@ -1,0 +1,144 @@
+"""Triton's HTTP protocol on the router: ``generate`` / ``generate_stream`` forwarded to a replica, the
+``llm`` model's cancel forwarded to the replica running that request, health, and read-only model endpoints
+proxied to a healthy replica."""
+
+from __future__ import annotations
+
+import json
+from contextlib import aclosing
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, UpstreamRejected
+from .upstream import generate_once, sse_events
+
+DEFAULT_MAX_TOKENS = 128  # what scalellm_client sends when max_tokens is not given; only for the load estimate
+CHARS_PER_TOKEN = 4  # prompt length estimate for the load (the exact count would cost a tokenisation)
+
+
+def triton_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def estimate_cost(fields: dict[str, Any]) -> tuple[str, int]:
+    text = fields.get("text_input", "")
+    while isinstance(text, list) and text:
+        text = text[0]
+    text = text if isinstance(text, str) else ""
+    max_tokens = fields.get("max_tokens", DEFAULT_MAX_TOKENS)
+    while isinstance(max_tokens, list) and max_tokens:
+        max_tokens = max_tokens[0]
+    max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else DEFAULT_MAX_TOKENS
+    return text, len(text) // CHARS_PER_TOKEN + 1 + max_tokens
+
+
+class TritonHttp:
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v2/models/{model}/generate", self.generate),
+            web.post("/v2/models/{model}/generate_stream", self.generate_stream),
+            web.get("/v2/health/ready", self.ready),
+            web.get("/v2/health/live", self.live),
+            web.get("/v2", self.proxy_get),
+            web.get("/v2/models/{model}", self.proxy_get),
+            web.get("/v2/models/{model}/ready", self.proxy_get),
+            web.get("/v2/models/{model}/config", self.proxy_get),
+        ]
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.dispatcher.any_healthy else 503)
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def proxy_get(self, request: web.Request) -> web.Response:
+        try:
+            replica = self.dispatcher.healthy_replica()
+        except NoReplica as exc:
+            return triton_error(503, str(exc))
+        try:
+            async with self.dispatcher.session.get(f"{replica.address.http_url}{request.rel_url}") as response:
+                return web.Response(status=response.status, body=await response.read(),
+                                    content_type=response.content_type)
+        except (aiohttp.ClientError, OSError) as exc:
+            replica.set_healthy(False, repr(exc))
+            return triton_error(503, f"replica {replica.name} did not answer: {exc!r}")
+
+    @staticmethod
+    async def _fields(request: web.Request) -> dict[str, Any]:
+        try:
+            fields = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise web.HTTPBadRequest(text=json.dumps({"error": f"request body is not JSON: {exc}"}),
+                                     content_type="application/json") from None
+        if not isinstance(fields, dict):
+            raise web.HTTPBadRequest(text=json.dumps({"error": "request body must be a JSON object"}),
+                                     content_type="application/json")
+        return fields
+
+    async def _cancel(self, model: str, fields: dict[str, Any]) -> web.Response | None:
+        """The client's own cancel of a request it sent through the router: forward it to that replica."""
+        if model != self.dispatcher.config.cancel_model or set(fields) - {"cancel_request_id", "id"}:
+            return None
+        upstream = self.dispatcher.by_client_id.get(str(fields.get("cancel_request_id")))
+        if upstream is not None:
+            await self.dispatcher.cancel(upstream)
+        return web.json_response({"model_name": model, "model_version": "1"})
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        model = request.match_info["model"]
+        fields = await self._fields(request)
+        cancelled = await self._cancel(model, fields)
+        if cancelled is not None:
+            return cancelled
+        client_id = fields.pop("id", None)
+        prompt, cost = estimate_cost(fields)
+        job = Job(prompt, cost, client_id or "")
+        session, spawn = self.dispatcher.session, self.dispatcher.spawn
+        answer: bytes | None = None
+        try:
+            async with aclosing(self.dispatcher.run(
+                    job, lambda up: generate_once(session, up, model, fields, client_id, spawn))) as bodies:
+                async for body in bodies:  # read to the end, so the request counts as finished
+                    answer = body
+        except UpstreamRejected as exc:
+            return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
+        except NoReplica as exc:
+            return triton_error(503, str(exc))
+        if answer is None:
+            return triton_error(502, "the replica sent no response")
+        return web.Response(body=answer, content_type="application/json")
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        model = request.match_info["model"]
+        fields = await self._fields(request)
+        client_id = fields.pop("id", None)
+        prompt, cost = estimate_cost(fields)
+        job = Job(prompt, cost, client_id or "")
+        session, spawn = self.dispatcher.session, self.dispatcher.spawn
+        response: web.StreamResponse | None = None
+        try:
+            async with aclosing(self.dispatcher.run(
+                    job, lambda up: sse_events(session, up, model, fields, client_id, spawn))) as events:
+                async for event in events:
+                    if response is None:  # only now: until the first event a failed replica can be retried
+                        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                               "Cache-Control": "no-cache"})
+                        await response.prepare(request)
+                    await response.write(event)
+        except UpstreamRejected as exc:
+            return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
+        except NoReplica as exc:
+            return triton_error(503, str(exc))
+        except MidStreamFailure as exc:
+            assert response is not None
+            await response.write(b"data: " + json.dumps({"error": str(exc)}).encode() + b"\n\n")
+        if response is None:
+            return triton_error(502, "the replica ended the stream without a response")
+        await response.write_eof()
+        return response

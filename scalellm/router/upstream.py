@@ -1,0 +1,140 @@
+"""Attempts over a replica's HTTP endpoints: Triton's ``generate`` and ``generate_stream`` (SSE).
+
+Failures that mean "this replica is not there" (refused, reset, closed early, 502/503/504) raise
+``ReplicaUnavailable`` so the dispatcher can retry or report; any other error status is the replica's answer
+(e.g. a 400 naming a bad field) and raises ``UpstreamRejected`` with its body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from .dispatch import ReplicaUnavailable, Upstream, UpstreamRejected
+
+UNAVAILABLE_STATUS = (502, 503, 504)
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+_TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
+
+
+def id_rewriter(upstream_id: str, client_id: str | None) -> tuple[bytes, bytes]:
+    """(what the replica writes, what the client should see) for the ``"id"`` field of Triton's JSON."""
+    needle = b'"id":' + json.dumps(upstream_id).encode()
+    if client_id is None:
+        return needle + b",", b""  # the client gave no id: Triton would not have written one
+    return needle, b'"id":' + json.dumps(client_id).encode()
+
+
+def _url(upstream: Upstream, model: str, endpoint: str) -> str:
+    return f"{upstream.replica.address.http_url}/v2/models/{quote(model, safe='')}/{endpoint}"
+
+
+async def _check(response: aiohttp.ClientResponse) -> None:
+    if response.status in UNAVAILABLE_STATUS:
+        raise ReplicaUnavailable(f"HTTP {response.status}: {(await response.read())[:200]!r}")
+    if response.status != 200:
+        raise UpstreamRejected(response.status, await response.read(), response.content_type)
+
+
+DRAIN_TIMEOUT_S = 5.0
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read an abandoned stream to its end (its request was cancelled by id, so the end comes soon), then free
+    the connection. Dropping it instead would leave Triton 2.51 counting the ensemble request in flight."""
+    try:
+        await asyncio.wait_for(response.read(), DRAIN_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - the connection is dropped below
+        pass
+    response.close()
+
+
+async def sse_events(session: aiohttp.ClientSession, upstream: Upstream, model: str, fields: Mapping[str, Any],
+                     client_id: str | None, spawn: Spawn) -> AsyncGenerator[bytes, None]:
+    """Each SSE event of ``generate_stream`` as raw bytes (blank line included), the ``id`` put back."""
+    needle, replacement = id_rewriter(upstream.request_id, client_id)
+    body = {**fields, "id": upstream.request_id}
+    try:
+        response = await session.post(_url(upstream, model, "generate_stream"), json=body,
+                                      headers={"Accept": "text/event-stream"})
+    except _TRANSPORT_ERRORS as exc:
+        raise ReplicaUnavailable(repr(exc)) from None
+    done = False
+    try:
+        await _check(response)
+        event: list[bytes] = []
+        async for line in response.content:
+            event.append(line)
+            if line in (b"\n", b"\r\n"):
+                yield b"".join(event).replace(needle, replacement, 1)
+                event = []
+        if event:
+            yield b"".join(event).replace(needle, replacement, 1)
+        done = True
+    except _TRANSPORT_ERRORS as exc:
+        done = True
+        raise ReplicaUnavailable(repr(exc)) from None
+    except UpstreamRejected:
+        done = True
+        raise
+    finally:
+        if done:
+            response.release()
+        else:
+            spawn(_drain(response))
+
+
+async def generate_once(session: aiohttp.ClientSession, upstream: Upstream, model: str, fields: Mapping[str, Any],
+                        client_id: str | None, spawn: Spawn) -> AsyncGenerator[bytes, None]:
+    """The one JSON body of ``generate``, the ``id`` put back."""
+    needle, replacement = id_rewriter(upstream.request_id, client_id)
+    body = {**fields, "id": upstream.request_id}
+    try:
+        response = await session.post(_url(upstream, model, "generate"), json=body)
+    except _TRANSPORT_ERRORS as exc:
+        raise ReplicaUnavailable(repr(exc)) from None
+    done = False
+    try:
+        await _check(response)
+        data = await response.read()
+        done = True
+    except _TRANSPORT_ERRORS as exc:
+        done = True
+        raise ReplicaUnavailable(repr(exc)) from None
+    except UpstreamRejected:
+        done = True
+        raise
+    finally:
+        if done:
+            response.release()
+        else:
+            spawn(_drain(response))
+    yield data.replace(needle, replacement, 1)
+
+
+def parse_sse(event: bytes) -> dict[str, Any]:
+    """The JSON of one SSE event (``data:`` lines joined)."""
+    lines = [line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")]
+    return json.loads(b"\n".join(lines)) if lines else {}
+
+
+def first(value: Any) -> Any:
+    """Triton's JSON writes a 1-element output as a scalar and a longer one as a (nested) list."""
+    while isinstance(value, list):
+        if not value:
+            return None
+        value = value[0]
+    return value
+
+
+def flat(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        return [value]
+    return [x for item in value for x in flat(item)]

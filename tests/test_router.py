@@ -1,0 +1,384 @@
+"""The router in front of two real replicas: Triton's protocols and the OpenAI API through it, load split,
+prefix-aware routing, cancellation when the client leaves, and a replica killed mid-run.
+
+One module-scoped stack (two tritonservers with a small KV pool, the router as a subprocess) serves every test;
+the failover test, which kills a replica, restarts it when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import IN_FLIGHT, MODEL_DIR, model_repository
+from routerstack import RouterProcess, metric, scrape, small_model_dir, start_replicas
+from transformers import AutoTokenizer
+from tritonclient.utils import InferenceServerException
+
+from scalellm.serving import TritonServer
+from scalellm_client import AsyncClient, Client, ScaleLLMError
+
+pytestmark = pytest.mark.server
+QUESTION = "What is the capital of France?"
+CLIENT_TIMEOUT_S = 180.0
+# Generating this many tokens takes minutes on CPU: a request still generating after a cancel would be seen.
+LONG = 1500
+
+
+@dataclass
+class Stack:
+    replicas: list[TritonServer]
+    router: RouterProcess
+    model_dir: Path
+    model: str
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    model_repository()  # a clear failure when the model is not built
+    tmp = tmp_path_factory.mktemp("router")
+    model_dir = small_model_dir(MODEL_DIR, tmp)
+    replicas = start_replicas(model_dir, 2, tmp)
+    router = RouterProcess(replicas, model_dir, tmp / "router.log", args=["--served-model-name", "smollm2"])
+    try:
+        router.start()
+        yield Stack(replicas, router, model_dir, "smollm2", tmp)
+    finally:
+        router.stop()
+        for server in replicas:
+            server.stop()
+    # Every request is answered or cancelled by now: one still counted in flight was leaked (e.g. a dropped
+    # upstream connection that Triton 2.51 never releases) and would hold up a graceful shutdown.
+    for server in replicas:
+        assert server.log_file is not None
+        leaked = [line for line in server.log_file.read_text(errors="replace").splitlines() if IN_FLIGHT.search(line)]
+        assert not leaked, f"{server.log_file}: {leaked[0]}"
+
+
+@pytest.fixture(scope="module")
+def oai(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.router.http_url}/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S,
+                         max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stack: Stack):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(str(stack.model_dir / "engine"))
+
+
+def router_metric(stack: Stack, family: str, replica: TritonServer | None = None) -> float:
+    labels = {"replica": f"127.0.0.1:{replica.http_port}"} if replica is not None else {}
+    return metric(scrape(f"{stack.router.http_url}/metrics"), family, **labels)
+
+
+def engine_idle_state(stack: Stack) -> list[tuple[float, float]]:
+    """(requests running, KV blocks used) of each replica's engine."""
+    pages = [scrape(r.metrics_url) for r in stack.replicas]
+    return [(metric(p, "scalellm_requests_running"), metric(p, "scalellm_kv_cache_blocks_used")) for p in pages]
+
+
+def engines_stop_generating(stack: Stack, since: float, timeout_s: float = 10.0, still_s: float = 0.5) -> float:
+    """Seconds from ``since`` until the engines' token counters last moved (then held still for ``still_s``)."""
+    def tokens() -> float:
+        return sum(metric(scrape(r.metrics_url), "scalellm_generation_tokens_total") for r in stack.replicas)
+
+    start = last_change = since
+    last = tokens()
+    while time.monotonic() - last_change < still_s:
+        if time.monotonic() - start > timeout_s:
+            pytest.fail(f"the engines still generate {timeout_s} s after the client left")
+        time.sleep(0.05)
+        now = tokens()
+        if now != last:
+            last, last_change = now, time.monotonic()
+    return last_change - since
+
+
+def step_engines(stack: Stack) -> None:
+    """One short request per replica: the engines publish their gauges once per step, and a cancel that leaves
+    an engine idle takes no step of its own."""
+    for replica in stack.replicas:
+        with Client(replica.grpc_url, timeout_s=CLIENT_TIMEOUT_S) as direct:
+            direct.generate("Hi", max_tokens=1)
+
+
+# ---- OpenAI API ------------------------------------------------------------------------------------------
+def chat(oai: openai.OpenAI, stack: Stack, **kwargs: object):  # type: ignore[no-untyped-def]
+    kwargs = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0.0, "max_tokens": 32,
+              **kwargs}
+    return oai.chat.completions.create(model=stack.model, **kwargs)
+
+
+def test_openai_chat_answers_paris_with_exact_usage(oai: openai.OpenAI, stack: Stack, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    answer = chat(oai, stack)
+    assert answer.choices[0].message.content == "The capital of France is Paris."
+    assert answer.choices[0].finish_reason == "stop"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                           add_generation_prompt=True)
+    # The same prompt straight to a replica: the engine's own token count.
+    with Client(stack.replicas[0].grpc_url, timeout_s=CLIENT_TIMEOUT_S) as direct:
+        expected = direct.generate(prompt, max_tokens=32, temperature=0.0)
+    assert expected.text == answer.choices[0].message.content
+    assert answer.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert answer.usage.completion_tokens == expected.num_tokens
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_openai_stream_concatenates_to_the_whole_answer(oai: openai.OpenAI, stack: Stack) -> None:
+    messages = [{"role": "user", "content": "Write a short poem about the sea, with an emoji."}]
+    whole = chat(oai, stack, messages=messages, max_tokens=48)
+    chunks = list(chat(oai, stack, messages=messages, max_tokens=48, stream=True,
+                       stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # really streamed
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage is not None and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_openai_completions_logprobs_stop_seed_and_models(oai: openai.OpenAI, stack: Stack) -> None:
+    assert [m.id for m in oai.models.list()] == [stack.model]
+    done = oai.completions.create(model=stack.model, prompt="Once upon a time", max_tokens=6, logprobs=0,
+                                  temperature=0.0, extra_body={"ignore_eos": True})
+    choice = done.choices[0]
+    assert choice.finish_reason == "length" and done.usage.completion_tokens == 6
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert len(choice.logprobs.token_logprobs) == 6 and all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    stopped = chat(oai, stack, stop=["Paris"])
+    assert stopped.choices[0].message.content == "The capital of France is"
+    assert stopped.choices[0].finish_reason == "stop"
+    sampled = [chat(oai, stack, temperature=1.0, seed=1234, max_tokens=16).choices[0].message.content
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"model": "smollm2"}).encode(), 400, "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), 400, "model"),
+    (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404, "model"),
+    (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}).encode(),
+     400, "temperature"),
+    (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "n": 2}).encode(), 400, "n"),
+    (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).encode(),
+     400, "max_tokens"),
+    (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+                 "max_tokens": 100000}).encode(), 400, "max_tokens"),
+])
+def test_openai_bad_input_gets_an_openai_error(stack: Stack, body: bytes, status: int, param: str | None) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", stack.router.http_port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    error = json.loads(response.read())["error"]
+    assert response.status == status, error
+    assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_api_key_is_required_when_set(stack: Stack) -> None:
+    with RouterProcess(stack.replicas, stack.model_dir, stack.tmp / "router-key.log",
+                       args=["--api-key", "sesame", "--served-model-name", stack.model]) as router:
+        refused = openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            refused.models.list()
+        allowed = openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="sesame", max_retries=0,
+                                timeout=CLIENT_TIMEOUT_S)
+        assert "Paris" in chat(allowed, stack).choices[0].message.content
+        with pytest.raises(ScaleLLMError, match="API key"), Client(router.http_url, protocol="http") as client:
+            client.generate(QUESTION, max_tokens=4)
+        grpc_client = grpcclient.InferenceServerClient(router.grpc_url)
+        try:
+            with pytest.raises(InferenceServerException, match="API key"):
+                grpc_client.get_model_metadata("ensemble")
+            metadata = grpc_client.get_model_metadata("ensemble", headers={"authorization": "Bearer sesame"})
+            assert metadata.name == "ensemble"
+        finally:
+            grpc_client.close()
+
+
+# ---- Triton's protocols through the router ----------------------------------------------------------------
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_triton_clients_through_the_router(stack: Stack, protocol: str) -> None:
+    url = stack.router.grpc_url if protocol == "grpc" else stack.router.http_url
+    direct_url = stack.replicas[1].grpc_url if protocol == "grpc" else stack.replicas[1].http_url
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    with Client(url, protocol=protocol, timeout_s=CLIENT_TIMEOUT_S) as client, \
+            Client(direct_url, protocol=protocol, timeout_s=CLIENT_TIMEOUT_S) as direct:
+        routed = client.generate(prompt, max_tokens=32)
+        assert routed.text == "The capital of France is Paris."
+        assert routed == direct.generate(prompt, max_tokens=32)
+        assert "".join(client.stream(prompt, max_tokens=32)) == routed.text
+        with pytest.raises(ScaleLLMError, match="max_tokens"):
+            client.generate(prompt, max_tokens=0)
+
+
+def test_32_concurrent_streams_are_split_between_the_replicas(stack: Stack) -> None:
+    before = [router_metric(stack, "scalellm_router_requests_routed_total", r) for r in stack.replicas]
+
+    async def run_all() -> list[str]:
+        async with AsyncClient(stack.router.grpc_url, timeout_s=CLIENT_TIMEOUT_S) as client:
+            async def one(i: int) -> str:
+                return "".join([d async for d in client.stream(f"Request {i}: count to ten.", max_tokens=16,
+                                                               end_id=-1)])
+            return await asyncio.gather(*(one(i) for i in range(32)))
+
+    texts = asyncio.run(run_all())
+    assert all(texts)
+    routed = [router_metric(stack, "scalellm_router_requests_routed_total", r) - b
+              for r, b in zip(stack.replicas, before, strict=True)]
+    assert sum(routed) == 32
+    assert all(0.35 * 32 <= n <= 0.65 * 32 for n in routed), routed
+
+
+def test_prefix_aware_routing_raises_prefix_cache_hits(stack: Stack) -> None:
+    """Groups of requests sharing a long system prompt: the prefix policy keeps each group on one replica, so
+    its prefix is computed once, where least-tokens alternates replicas and computes it twice."""
+
+    def hits() -> float:
+        return sum(metric(scrape(r.metrics_url), "scalellm_prefix_cache_hit_tokens_total") for r in stack.replicas)
+
+    def workload(router: RouterProcess, tag: str) -> float:
+        start = hits()
+        with Client(router.grpc_url, timeout_s=CLIENT_TIMEOUT_S) as client:
+            for group in range(3):
+                system = f"System {tag}{group}: " + " ".join(f"rule {tag}{group}-{i} is to be kind."
+                                                              for i in range(30))
+                for question in range(3):
+                    client.generate(f"{system}\nQuestion {question}: why?", max_tokens=2)
+        return hits() - start
+
+    with RouterProcess(stack.replicas, stack.model_dir, stack.tmp / "router-least.log") as least:
+        least_hits = workload(least, "a")
+    with RouterProcess(stack.replicas, stack.model_dir, stack.tmp / "router-prefix.log",
+                       args=["--policy", "prefix"]) as prefix:
+        prefix_hits = workload(prefix, "b")
+        assert router_metric_at(prefix, "scalellm_router_prefix_routed_total") >= 6
+    print(f"prefix-cache hit tokens, 3 groups x 3 requests: least-tokens {least_hits:.0f}, prefix {prefix_hits:.0f}")
+    assert prefix_hits > least_hits, (prefix_hits, least_hits)
+
+
+def router_metric_at(router: RouterProcess, family: str) -> float:
+    return metric(scrape(f"{router.http_url}/metrics"), family)
+
+
+# ---- cancellation ----------------------------------------------------------------------------------------
+def _read_until_tokens(sock_file, events: int) -> None:  # type: ignore[no-untyped-def]
+    seen = 0
+    while seen < events:
+        line = sock_file.readline()
+        assert line, "the stream ended early"
+        if line.startswith(b"data:"):
+            seen += 1
+
+
+@pytest.mark.parametrize("api", ["openai", "triton-http", "grpc"])
+def test_client_that_leaves_frees_the_engine(stack: Stack, api: str) -> None:
+    """A client drops its stream after a few tokens: every engine's running requests and KV blocks go back to
+    what they were before it came (the request would otherwise generate for minutes)."""
+    idle = engine_idle_state(stack)
+    assert all(running == 0 for running, _ in idle)
+    cancelled = router_metric(stack, "scalellm_router_requests_cancelled_total")
+    if api == "grpc":
+        client = grpcclient.InferenceServerClient(stack.router.grpc_url)
+        arrivals: list[object] = []
+        client.start_stream(callback=lambda result, error: arrivals.append(error or result))
+        inputs = []
+        for name, value, dtype in (("text_input", [[b"Tell me a long story."]], "BYTES"),
+                                   ("max_tokens", [[LONG]], "INT32"), ("end_id", [[-1]], "INT32"),
+                                   ("stream", [[True]], "BOOL")):
+            array = np.array(value, dtype=object if dtype == "BYTES" else
+                             {"INT32": np.int32, "BOOL": np.bool_}[dtype])
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        client.async_stream_infer("ensemble", inputs, request_id="leaving")
+        deadline = time.monotonic() + 60
+        while len(arrivals) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(arrivals) >= 3, arrivals
+        left = time.monotonic()
+        client.stop_stream(cancel_requests=True)  # the gRPC stream is cancelled: the client left
+        client.close()
+    else:
+        if api == "openai":
+            path = "/v1/completions"
+            body = {"model": stack.model, "prompt": "Tell me a long story.", "max_tokens": LONG, "stream": True,
+                    "ignore_eos": True}
+        else:
+            path = "/v2/models/ensemble/generate_stream"
+            body = {"text_input": "Tell me a long story.", "max_tokens": LONG, "end_id": -1, "stream": True}
+        sock = socket.create_connection(("127.0.0.1", stack.router.http_port), timeout=60)
+        payload = json.dumps(body).encode()
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        sock_file = sock.makefile("rb")
+        _read_until_tokens(sock_file, 3)
+        left = time.monotonic()
+        sock.shutdown(socket.SHUT_RDWR)  # the client leaves mid-stream
+        sock.close()
+    stopped = engines_stop_generating(stack, since=left)
+    print(f"{api}: the engine's token counter last moved {stopped:.3f} s after the client left")
+    step_engines(stack)
+    assert engine_idle_state(stack) == idle  # no request running, every KV block back
+    assert router_metric(stack, "scalellm_router_requests_cancelled_total") == cancelled + 1
+
+
+# ---- failover (kills a replica; keep it last, it restarts the replica when done) ---------------------------
+def test_killed_replica_loses_no_unstarted_request(stack: Stack) -> None:
+    """Replica 1 is killed once 8 streams (4 on each replica) have their first tokens: the ones it was running
+    end with a clear error; 8 requests sent just then, with no token yet, are all answered in full."""
+    victim = stack.replicas[1]
+
+    async def run_all() -> tuple[list[tuple[int, str | None]], list[tuple[int, str | None]]]:
+        async with AsyncClient(stack.router.http_url, protocol="http", timeout_s=CLIENT_TIMEOUT_S) as client:
+            streaming: set[int] = set()
+            all_started = asyncio.Event()
+
+            async def one(i: int) -> tuple[int, str | None]:
+                tokens = 0
+                try:
+                    async for chunk in client.stream_chunks(f"Request {i}: tell me a story.", max_tokens=48,
+                                                            end_id=-1):
+                        tokens = chunk.num_tokens
+                        if tokens and i < 8:
+                            streaming.add(i)
+                            if len(streaming) == 8:
+                                all_started.set()
+                except ScaleLLMError as exc:
+                    return tokens, str(exc)
+                return tokens, None
+
+            first = [asyncio.ensure_future(one(i)) for i in range(8)]
+            await all_started.wait()
+            victim.kill_group()  # SIGKILL: no goodbye
+            later = [asyncio.ensure_future(one(100 + i)) for i in range(8)]
+            return list(await asyncio.gather(*first)), list(await asyncio.gather(*later))
+
+    failed_before = router_metric(stack, "scalellm_router_requests_failed_total", victim)
+    try:
+        started, unstarted = asyncio.run(run_all())
+        errors = [error for _, error in started if error is not None]
+        assert errors, "no stream was running on the killed replica"
+        assert all("failed mid-stream" in error for error in errors), errors
+        assert all(tokens == 48 for tokens, error in started if error is None)
+        assert unstarted == [(48, None)] * 8  # retried on the live replica where the dead one got them
+        assert router_metric(stack, "scalellm_router_requests_failed_total", victim) - failed_before == len(errors)
+        assert router_metric(stack, "scalellm_router_replica_healthy", victim) == 0
+        print(f"replica killed: {len(errors)} started streams ended with an error, 16 - {len(errors)} answered in "
+              f"full, {router_metric(stack, 'scalellm_router_requests_retried_total', victim):.0f} retried")
+    finally:
+        victim.stop()
+        victim.start()
+        victim.wait_ready()
