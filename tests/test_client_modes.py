@@ -1,9 +1,5 @@
 """The client against the real tritonserver (session fixture): the chat form, what it learns from the
 model's configuration, several sequences, and the README's examples as written.
-
-Tests marked ``requires_contract`` need the ensemble inputs of the contract branch (#10/#11:
-``apply_chat_template``, ``num_return_sequences``, ``return_num_*_tokens``); they skip, saying so, on a
-server built without them.
 """
 
 from __future__ import annotations
@@ -13,7 +9,6 @@ import json
 import re
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,19 +24,7 @@ pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_TIMEOUT_S = 180.0
 QUESTION = "What is the capital of France?"
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-
-def ensemble_inputs(server: RunningServer) -> set[str]:
-    with NO_PROXY.open(f"{server.http_url}/v2/models/ensemble/config", timeout=30) as response:
-        return {tensor["name"] for tensor in json.load(response)["input"]}
-
-
-@pytest.fixture
-def requires_contract(server: RunningServer) -> None:
-    missing = {"apply_chat_template", "num_return_sequences", "return_num_input_tokens"} - ensemble_inputs(server)
-    if missing:
-        pytest.skip(f"this server's ensemble lacks {sorted(missing)} (added by the contract branch)")
 
 
 def test_chat_form_answers_the_question(client: Client) -> None:
@@ -81,7 +64,7 @@ def test_cli_chat_answers(server: RunningServer) -> None:
     assert "Paris" in done.stdout
 
 
-def test_cli_prints_every_sequence(server: RunningServer, requires_contract: None) -> None:
+def test_cli_prints_every_sequence(server: RunningServer) -> None:
     cli = Path(sys.prefix) / "bin" / "scalellm-client"
     done = subprocess.run([str(cli), "--chat", "-n", "2", "--url", server.grpc_url, QUESTION], cwd=ROOT,
                           capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
@@ -90,7 +73,7 @@ def test_cli_prints_every_sequence(server: RunningServer, requires_contract: Non
     assert [line[:4] for line in lines] == ["[0] ", "[1] "] and all("Paris" in line for line in lines), lines
 
 
-def test_several_sequences_in_streamed_chunks_and_completions(client: Client, requires_contract: None) -> None:
+def test_several_sequences_in_streamed_chunks_and_completions(client: Client) -> None:
     sampling = {"max_tokens": 24, "temperature": 1.0, "seed": 7, "num_return_sequences": 3}
     first = client.generate("Write one sentence about the sea.", chat=True, **sampling)
     assert [choice.index for choice in first.choices] == [0, 1, 2]
@@ -107,7 +90,7 @@ def test_several_sequences_in_streamed_chunks_and_completions(client: Client, re
         client.stream(QUESTION, num_return_sequences=3)
 
 
-def test_token_counts_on_request(client: Client, requires_contract: None) -> None:
+def test_token_counts_on_request(client: Client) -> None:
     out = client.generate(QUESTION, chat=True, max_tokens=16, return_num_input_tokens=True,
                           return_num_output_tokens=True)
     assert out.num_input_tokens is not None and out.num_input_tokens > len(QUESTION.split())
@@ -120,7 +103,7 @@ def readme_block(language: str, marker: str) -> str:
     return next(block for block in blocks if marker in block)
 
 
-def test_readme_curl_example_answers(server: RunningServer, requires_contract: None) -> None:
+def test_readme_curl_example_answers(server: RunningServer) -> None:
     command = readme_block("bash", "curl -s -X POST").splitlines()
     generate = " ".join(line.rstrip("\\").strip() for line in command[:2])
     generate = generate.replace("localhost:8000", server.http_url.removeprefix("http://"))

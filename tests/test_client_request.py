@@ -25,9 +25,7 @@ def ensemble_inputs() -> dict[str, str]:
 
 
 def test_every_input_the_client_sends_is_in_the_ensemble_contract() -> None:
-    from_contract_branch = {"apply_chat_template": "TYPE_BOOL", "num_return_sequences": "TYPE_INT32",
-                            "return_num_input_tokens": "TYPE_BOOL", "return_num_output_tokens": "TYPE_BOOL"}
-    declared = {**from_contract_branch, **ensemble_inputs()}  # once #10/#11 is merged: ensemble_inputs() alone
+    declared = ensemble_inputs()
     for name, dtype in INPUT_DTYPES.items():
         assert name in declared, f"the client sends {name!r}, which the ensemble does not declare"
         assert declared[name] == TRITON_TYPES[dtype], name

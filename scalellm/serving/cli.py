@@ -92,10 +92,11 @@ def ready_message(server: TritonServer) -> str:
         f"READY: Triton serving {_display_path(server.model_repository)} — HTTP {server.http_url}  "
         f"gRPC {server.grpc_url}  metrics {server.metrics_url}",
         "Try:",
-        f'  {_display_path(client)} --chatml --url {server.grpc_url} "What is the capital of France?"',
+        f'  {_display_path(client)} --chat --url {server.grpc_url} "What is the capital of France?"',
     ]
     if (server.model_repository / "ensemble").is_dir():
-        body = '{"text_input": "What is the capital of France?", "max_tokens": 32}'
+        body = ('{"text_input": "What is the capital of France?", "max_tokens": 32, "apply_chat_template": true, '
+                '"exclude_input_in_output": true}')
         url = f"{server.http_url}/v2/models/ensemble/generate"
         lines.append(f"  curl -s -X POST {url} -d {shlex.quote(body)}")
     return "\n".join(lines)
