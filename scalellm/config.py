@@ -93,6 +93,11 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     quantize: str | None = None
+    # Quantised formats: steps of more tokens than this run on a dense copy of the weights in the activations'
+    # dtype (faster once compute-bound, from ~8 tokens; scalellm/models/quant.py). Off by default: a prompt
+    # then computes differently with and without a prefix-cache hit, so a repeated request may not reproduce
+    # its text byte for byte. None = the packed kernels for every step.
+    dense_above_tokens: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None  # torch intra-op threads; None = torch's default

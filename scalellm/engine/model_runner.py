@@ -69,7 +69,7 @@ class ModelRunner:
             if packed is None:
                 log.warning("no %s weights built for this torch in %s: quantising now", self.format.quantize,
                             config.engine_dir)
-            quantize_model(model, self.format.quantize, self.dtype, packed)
+            quantize_model(model, self.format.quantize, self.dtype, packed, config.dense_above_tokens)
         c = self.model_config
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()
