@@ -8,10 +8,11 @@
   reference beyond bf16 rounding of s and z (tests/test_weight_formats.py checks this).
 
 Packed kernels win while a step is memory-bound (a few tokens); bf16 GEMMs beat them from ~8 tokens on a Zen 5
-EPYC (2x at 32; docs/benchmarks.md). Optionally (``dense_above``, EngineConfig.dense_above_tokens, off by
-default) a layer keeps a dense copy of its weights for larger steps. Both approximate the float32 reference to
-about bf16 rounding but not bit for bit, so with it a prompt computes differently with and without a
-prefix-cache hit: greedy text can differ between two runs of one request, which is why it is not the default.
+EPYC (2x at 32; docs/benchmarks.md). So each packed layer may also keep its dense weight (the float32 reference
+cast to bf16) behind a per-model DenseSwitch that the model runner flips per step: dense for every step that
+computes prompt tokens (so a prompt computes the same with or without a prefix-cache hit) or more than a few
+tokens, packed for small decode-only steps. The two agree to about bf16 rounding, not bit for bit, so a request's
+greedy text then depends on what it was batched with; that is why it is opt-in (EngineConfig.dense_above_tokens).
 
 The lm_head (tied to the embedding in SmolLM2, Q8_0 in its GGUF) is int8 in both formats: int4 would add
 error where the GGUF itself keeps 8 bits, and at one token it is the largest single matrix (49152 x 576).
@@ -19,6 +20,8 @@ The embedding lookup stays dense (a gather reads only the step's rows). MoE rout
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,23 +32,30 @@ INT4_INNER_K_TILES = 1  # the CPU packing ignores tiling beyond this; 1 is what 
 QUANTIZED_FILE = "weights-{quantize}.safetensors"  # an engine directory's packed weights (built once)
 
 
+@dataclass
+class DenseSwitch:
+    """Shared by all packed linears of one model: on = run this step on the dense weights."""
+
+    on: bool = False
+
+
 class PackedLinear(nn.Module):
-    """A weight-only quantised linear; optionally a dense copy for steps of more than ``dense_above`` rows."""
+    """A weight-only quantised linear; optionally its dense weight too, used while ``switch.on``."""
 
     in_features: int
     out_features: int
     dense: torch.Tensor | None = None  # not a buffer: never saved with the packed weights
-    dense_above: int = 0
+    switch: DenseSwitch | None = None
 
-    def use_dense_above(self, weight: torch.Tensor, tokens: int) -> None:
-        self.dense, self.dense_above = weight, tokens
+    def keep_dense(self, weight: torch.Tensor, switch: DenseSwitch) -> None:
+        self.dense, self.switch = weight, switch
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.dense is not None and x2.shape[0] > self.dense_above:
+        if self.switch is not None and self.switch.on:
             out = F.linear(x2, self.dense)
         else:
             out = self.packed_mm(x2)
@@ -105,12 +115,12 @@ LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
 def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
-                   stored: dict[str, torch.Tensor] | None = None, dense_above: int | None = None) -> None:
+                   stored: dict[str, torch.Tensor] | None = None, dense: DenseSwitch | None = None) -> None:
     """Swap the decoder's dense linear layers (and its experts) for packed ones, in place.
 
     ``stored``: the packed buffers of an earlier call (``packed_state``), loaded instead of re-quantising.
-    Scales end up in ``dtype``, the activations' dtype the kernels require. ``dense_above``: keep each dense
-    weight (it must already be in ``dtype``) for steps of more tokens than this; None = packed kernels only.
+    Scales end up in ``dtype``, the activations' dtype the kernels require. ``dense``: keep each dense weight
+    (it must already be in ``dtype``) for the steps this switch turns on; None = packed kernels only.
     """
     from scalellm.models.moe import SparseMoE
 
@@ -127,8 +137,8 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
         for name, buffer in linear.named_buffers():
             if buffer.is_floating_point():
                 setattr(linear, name, buffer.to(dtype))
-        if dense_above is not None:
-            linear.use_dense_above(weight.detach(), dense_above)
+        if dense is not None:
+            linear.keep_dense(weight.detach(), dense)
         return linear
 
     for path, module in list(model.named_modules()):
