@@ -66,9 +66,9 @@ class ModelRunner:
         del state
         self.dense_above = config.dense_above_tokens
         self.dense_switch = None
-        if self.format.quantize != "none" and self.dense_above is not None:
-            self.dense_switch = DenseSwitch()
         if self.format.quantize != "none":
+            if self.dense_above is not None:
+                self.dense_switch = DenseSwitch()
             packed = load_packed_weights(config.engine_dir, self.format.quantize)
             if packed is None:
                 log.warning("no %s weights built for this torch in %s: quantising now", self.format.quantize,
