@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = args.dtype if args.dtype == AUTO else dtype_name(args.dtype)
     if args.quantize is None:
         args.quantize = native_quantize(args.checkpoint) if args.dtype != "float32" else "none"
+    elif args.quantize != "none" and args.dtype == "float32":
+        raise SystemExit(f"--quantize {args.quantize} computes in bfloat16 activations: use --dtype auto or bfloat16")
     values = template_values(args)
     check_templates(args.templates, values)
     try:

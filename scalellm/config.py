@@ -99,6 +99,11 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     quantize: str | None = None
+    # Quantised formats, opt-in: decode-only steps of at most this many tokens run on the packed kernels
+    # (memory-bound), every other step on a dense copy of the weights in the activations' dtype (faster from
+    # ~8 tokens; scalellm/models/quant.py). Off (None) by default: the two agree only to bf16 rounding, so a
+    # greedy request batched with others no longer reproduces its text alone (tests/test_server_e2e.py).
+    dense_above_tokens: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None  # torch intra-op threads; None = torch's default

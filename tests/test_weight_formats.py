@@ -44,8 +44,10 @@ def text_ids() -> list[int]:
 def teacher_forced_logits(dtype: str, quantize: str, ids: list[int]) -> torch.Tensor:
     """[n, vocab] float32 logits of every position, the whole text as one prefill through our model."""
     blocks = -(-len(ids) // BLOCK_SIZE)
+    # dense_above_tokens=None: the packed kernels even for this one long step (else it would run dense bf16).
     runner = ModelRunner(EngineConfig(engine_dir=str(ENGINE_DIR), dtype=dtype, quantize=quantize,
-                                      cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=blocks)))
+                                      cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=blocks),
+                                      dense_above_tokens=None))
     n = len(ids)
     slots = torch.arange(n)
     batch = AttentionBatch(slots, prefills=[PrefillChunk(0, n, slots)])

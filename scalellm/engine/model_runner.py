@@ -20,7 +20,7 @@ from scalellm.models.attention import (
 from scalellm.models.engine_dir import load_engine_state, load_packed_weights, read_engine_meta
 from scalellm.models.formats import AUTO, WeightFormat, resolve_format
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
-from scalellm.models.quant import quantize_model
+from scalellm.models.quant import DenseSwitch, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,16 @@ class ModelRunner:
         state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
         model.load_hf_state_dict(state, assign=True)
         del state
+        self.dense_above = config.dense_above_tokens
+        self.dense_switch = None
         if self.format.quantize != "none":
+            if self.dense_above is not None:
+                self.dense_switch = DenseSwitch()
             packed = load_packed_weights(config.engine_dir, self.format.quantize)
             if packed is None:
                 log.warning("no %s weights built for this torch in %s: quantising now", self.format.quantize,
                             config.engine_dir)
-            quantize_model(model, self.format.quantize, self.dtype, packed)
+            quantize_model(model, self.format.quantize, self.dtype, packed, self.dense_switch)
         c = self.model_config
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()
@@ -141,6 +145,9 @@ class ModelRunner:
     def run(self, work: list[ScheduledWork]) -> torch.Tensor:
         """Forward the step; returns float32 logits on the CPU for the rows that sample, in work order."""
         input_ids, positions, batch, sample_rows = self._build_batch(work)
+        if self.dense_switch is not None:  # packed kernels only for small steps of generated tokens, one each
+            self.dense_switch.on = len(input_ids) > self.dense_above or any(
+                w.num_tokens > 1 or w.seq.num_computed < len(w.seq.prompt_ids) for w in work)
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),

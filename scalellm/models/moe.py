@@ -65,5 +65,7 @@ class SparseMoE(nn.Module):
             if n:
                 ys[start : start + n] = self._expert(e, xs[start : start + n])
                 start += n
-        ys = (ys * weights.flatten()[order].unsqueeze(1)).to(x.dtype)  # weights stay float32, as in HF
-        return torch.zeros_like(x).index_add_(0, tokens, ys)
+        # Weighted sum in float32 (weights stay float32, as in HF), rounded to x's dtype once at the end: in bf16,
+        # rounding each expert's share first would make k identical experts differ from one.
+        ys = ys.float() * weights.flatten()[order].unsqueeze(1)
+        return x.new_zeros(x.shape, dtype=torch.float32).index_add_(0, tokens, ys).to(x.dtype)

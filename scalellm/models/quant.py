@@ -7,6 +7,13 @@
   from each group's min and max gives back the very same q, so int4 loses nothing against the float32
   reference beyond bf16 rounding of s and z (tests/test_weight_formats.py checks this).
 
+Packed kernels win while a step is memory-bound (a few tokens); bf16 GEMMs beat them from ~8 tokens on a Zen 5
+EPYC (2x at 32; docs/benchmarks.md). So each packed layer may also keep its dense weight (the float32 reference
+cast to bf16) behind a per-model DenseSwitch that the model runner flips per step: dense for every step that
+computes prompt tokens (so a prompt computes the same with or without a prefix-cache hit) or more than a few
+tokens, packed for small decode-only steps. The two agree to about bf16 rounding, not bit for bit, so a request's
+greedy text then depends on what it was batched with; that is why it is opt-in (EngineConfig.dense_above_tokens).
+
 The lm_head (tied to the embedding in SmolLM2, Q8_0 in its GGUF) is int8 in both formats: int4 would add
 error where the GGUF itself keeps 8 bits, and at one token it is the largest single matrix (49152 x 576).
 The embedding lookup stays dense (a gather reads only the step's rows). MoE routers stay dense (tiny).
@@ -14,7 +21,10 @@ The embedding lookup stays dense (a gather reads only the step's rows). MoE rout
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 GROUP_SIZE = 32
@@ -22,7 +32,37 @@ INT4_INNER_K_TILES = 1  # the CPU packing ignores tiling beyond this; 1 is what 
 QUANTIZED_FILE = "weights-{quantize}.safetensors"  # an engine directory's packed weights (built once)
 
 
-class Int8Linear(nn.Module):
+@dataclass
+class DenseSwitch:
+    """Shared by all packed linears of one model: on = run this step on the dense weights."""
+
+    on: bool = False
+
+
+class PackedLinear(nn.Module):
+    """A weight-only quantised linear; optionally its dense weight too, used while ``switch.on``."""
+
+    in_features: int
+    out_features: int
+    dense: torch.Tensor | None = None  # not a buffer: never saved with the packed weights
+    switch: DenseSwitch | None = None
+
+    def keep_dense(self, weight: torch.Tensor, switch: DenseSwitch) -> None:
+        self.dense, self.switch = weight, switch
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.switch is not None and self.switch.on:
+            out = F.linear(x2, self.dense)
+        else:
+            out = self.packed_mm(x2)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(PackedLinear):
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight)  # int8 [N, K]
@@ -35,9 +75,8 @@ class Int8Linear(nn.Module):
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         return cls((w / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-        return out.view(*x.shape[:-1], self.out_features)
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
 
 
 def int4_groups(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, ...]:
@@ -53,7 +92,7 @@ def int4_groups(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[tor
     return q, s, low + 8 * s
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(PackedLinear):
     def __init__(self, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int = GROUP_SIZE) -> None:
         super().__init__()
         self.register_buffer("weight", weight)  # torch's CPU int4 packing of q [N, K]
@@ -68,29 +107,27 @@ class Int4Linear(nn.Module):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
         return cls(packed, torch.stack([s.t(), z.t()], dim=-1).contiguous(), group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features), self.weight, self.group_size, self.scales_and_zeros
-        )
-        return out.view(*x.shape[:-1], self.out_features)
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
 
 
 LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
 def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
-                   stored: dict[str, torch.Tensor] | None = None) -> None:
+                   stored: dict[str, torch.Tensor] | None = None, dense: DenseSwitch | None = None) -> None:
     """Swap the decoder's dense linear layers (and its experts) for packed ones, in place.
 
     ``stored``: the packed buffers of an earlier call (``packed_state``), loaded instead of re-quantising.
-    Scales end up in ``dtype``, the activations' dtype the kernels require.
+    Scales end up in ``dtype``, the activations' dtype the kernels require. ``dense``: keep each dense weight
+    (it must already be in ``dtype``) for the steps this switch turns on; None = packed kernels only.
     """
     from scalellm.models.moe import SparseMoE
 
     if quantize == "none":
         return
 
-    def make(path: str, weight: torch.Tensor | None, kind: str) -> nn.Module:
+    def make(path: str, weight: torch.Tensor, kind: str) -> nn.Module:
         cls = LINEARS[kind]
         if stored is not None:
             buffers = {name.removeprefix(f"{path}."): t for name, t in stored.items() if name.startswith(f"{path}.")}
@@ -100,6 +137,8 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
         for name, buffer in linear.named_buffers():
             if buffer.is_floating_point():
                 setattr(linear, name, buffer.to(dtype))
+        if dense is not None:
+            linear.keep_dense(weight.detach(), dense)
         return linear
 
     for path, module in list(model.named_modules()):
@@ -109,8 +148,7 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"{path}.{name}" if path else name
-                setattr(module, name, make(full, None if stored is not None else child.weight,
-                                           "int8" if name == "lm_head" else quantize))
+                setattr(module, name, make(full, child.weight, "int8" if name == "lm_head" else quantize))
 
 
 def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
