@@ -38,7 +38,7 @@ QUESTIONS = ["What is the capital of France?", "Name three fruits.", "Explain ra
              "Write a haiku about the sea.", "What is 12 times 12?", "Tell me a long story about a dragon.",
              "Translate into French: good night", "List the planets of the solar system."]
 BAD_REQUESTS = [  # each must be refused with a message, never served, never a server error
-    {"max_tokens": -1}, {"max_tokens": 0}, {"max_tokens": 10**6}, {"temperature": -1.0}, {"top_p": 0.0},
+    {"max_tokens": -1}, {"max_tokens": 0}, {"max_tokens": 10**6}, {"temperature": -1.0}, {"top_p": 1.5},
     {"top_k": -5}, {"beam_width": 4}, {"min_tokens": 99, "max_tokens": 4},
 ]
 
