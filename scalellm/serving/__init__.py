@@ -7,9 +7,11 @@ into a non-zero exit; ``cli`` is ``python -m scalellm.serving``.
 
 from scalellm.serving.cli import main
 from scalellm.serving.install import TritonInstall, locate_tritonserver, prepare_backend_dir, server_env
-from scalellm.serving.process import ServerNotReady, TritonServer, free_ports
+from scalellm.serving.process import DEFAULT_HOST, DEFAULT_READY_TIMEOUT_S, ServerNotReady, TritonServer, free_ports
 
 __all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_READY_TIMEOUT_S",
     "ServerNotReady",
     "TritonInstall",
     "TritonServer",
