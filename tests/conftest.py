@@ -7,8 +7,11 @@ first), or ``$SCALELLM_TEST_MODEL_DIR``: a directory written by ``build_engines.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ START_ATTEMPTS = 3  # another process may grab a port between free_ports() and t
 CLIENT_TIMEOUT_S = 180.0  # a hung server fails the test instead of hanging the suite
 # All answers are in by teardown, so anything still in flight then has leaked: no need to wait 30 s for it.
 EXIT_TIMEOUT_S = 5
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 IN_FLIGHT = re.compile(r"has [1-9]\d* in-flight inferences")
 
 
@@ -39,6 +43,18 @@ class RunningServer:
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace")
+
+
+def http_json(url: str, body: dict | None = None, timeout_s: float = CLIENT_TIMEOUT_S) -> tuple[int, dict]:
+    """GET (no body) or POST JSON over plain HTTP, bypassing proxies: (status, decoded JSON body), errors too."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with NO_PROXY.open(request, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def model_repository() -> Path:

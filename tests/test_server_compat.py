@@ -8,15 +8,13 @@ official tensors we implement or refuse, and that Triton loads exactly the confi
 
 from __future__ import annotations
 
-import json
 import queue
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import http_json
 
 from scalellm.config import DEFAULT_MAX_TOKENS
 from scalellm.triton.contract import MODEL_TENSORS, ensemble_steps
@@ -27,19 +25,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.server
 TIMEOUT_S = 180.0
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 PARIS = chatml("What is the capital of France?")
-
-
-def http_json(url: str, body: dict | None = None) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with NO_PROXY.open(request, timeout=TIMEOUT_S) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def tensor(name: str, value: np.ndarray) -> grpcclient.InferInput:

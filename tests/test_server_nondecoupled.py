@@ -7,16 +7,13 @@ KServe v2 ``infer`` (HTTP and gRPC ModelInfer) and HTTP ``generate`` answer; str
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import MODEL_DIR, RunningServer, _start
+from conftest import MODEL_DIR, RunningServer, _start, http_json
 
 from build_engines import DEFAULT_TEMPLATES, render_repository
 from scalellm.triton.params import default_parameters
@@ -24,7 +21,6 @@ from scalellm_client import Client, ScaleLLMError, chatml
 
 pytestmark = pytest.mark.server
 TIMEOUT_S = 180.0
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 QUESTION = "What is the capital of France?"
 
 
@@ -44,16 +40,6 @@ def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
         triton.stop()
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with NO_PROXY.open(request, timeout=TIMEOUT_S) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
 def test_kserve_infer_json_answers(plain_server: RunningServer) -> None:
     """What `curl -X POST .../v2/models/ensemble/infer -d '{"inputs": [...]}'` sends."""
     body = {"inputs": [
@@ -62,7 +48,7 @@ def test_kserve_infer_json_answers(plain_server: RunningServer) -> None:
         {"name": "apply_chat_template", "shape": [1, 1], "datatype": "BOOL", "data": [True]},
         {"name": "exclude_input_in_output", "shape": [1, 1], "datatype": "BOOL", "data": [True]},
     ]}
-    status, answer = post(f"{plain_server.http_url}/v2/models/ensemble/infer", body)
+    status, answer = http_json(f"{plain_server.http_url}/v2/models/ensemble/infer", body)
     assert status == 200, answer
     outputs = {o["name"]: o for o in answer["outputs"]}
     assert outputs["text_output"]["shape"] == [1]
@@ -100,6 +86,6 @@ def test_scalellm_client_generates_and_stream_is_refused(plain_server: RunningSe
         assert "Paris" in client.generate(chatml(QUESTION), max_tokens=32).text
         with pytest.raises(ScaleLLMError, match="stream"):
             list(client.stream(chatml(QUESTION), max_tokens=8))
-    status, body = post(f"{plain_server.http_url}/v2/models/ensemble/generate",
+    status, body = http_json(f"{plain_server.http_url}/v2/models/ensemble/generate",
                         {"text_input": "hi", "max_tokens": 4, "num_return_sequences": 2})
     assert status == 400 and "num_return_sequences" in body["error"], body
