@@ -53,10 +53,13 @@ class ChatTemplate:
     def available(self) -> bool:
         return self.template is not None
 
-    def user_prompt(self, text: str) -> str:
-        """``text`` as one user message, followed by the assistant's turn (``add_generation_prompt``)."""
-        messages = [{"role": "user", "content": text}]
+    def render(self, messages: list[dict]) -> str:
+        """Chat ``messages`` followed by the assistant's turn (``add_generation_prompt``)."""
         return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+
+    def user_prompt(self, text: str) -> str:
+        """``text`` as one user message, followed by the assistant's turn."""
+        return self.render([{"role": "user", "content": text}])
 
 
 def _token_text(token: object) -> str:

@@ -81,3 +81,14 @@ def test_chat_template_matches_transformers(text):
     expected = reference.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     assert ChatTemplate(ENGINE_DIR).user_prompt(text) == expected
+
+
+def test_chat_template_matches_transformers_on_a_conversation():
+    """The router's /v1/chat/completions renders whole conversations with the same ChatTemplate."""
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 + 2?"}]
+    expected = AutoTokenizer.from_pretrained(str(ENGINE_DIR)).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert ChatTemplate(ENGINE_DIR).render(messages) == expected

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from scalellm.tokenization import load_tokenizer
+from scalellm.tokenization import ChatTemplate, load_tokenizer
 
 
 def engine_dir_of(model_dir: Path) -> Path:
@@ -17,12 +17,10 @@ def engine_dir_of(model_dir: Path) -> Path:
 
 class PromptBuilder:
     def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoTokenizer  # slow to import; only the OpenAI front door needs it
-
         engine_dir = engine_dir_of(model_dir)
         if not (engine_dir / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {engine_dir} (give --model-dir a build_engines.py output)")
-        self.hf_tokenizer = AutoTokenizer.from_pretrained(str(engine_dir))
+        self.chat_template = ChatTemplate(engine_dir)  # the same renderer as the ensemble's preprocessing
         self.tokenizer = load_tokenizer(engine_dir)
         self.max_model_len: int | None = None
         info = engine_dir / "scalellm_engine.json"
@@ -31,10 +29,10 @@ class PromptBuilder:
 
     def chat(self, messages: list[dict[str, Any]]) -> str:
         """The prompt text for ``messages`` with the model's chat template (raises ValueError if it fails)."""
-        if not getattr(self.hf_tokenizer, "chat_template", None):
+        if not self.chat_template.available:
             raise ValueError("this model has no chat template: use /v1/completions")
         try:
-            return self.hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.chat_template.render(messages)
         except Exception as exc:  # jinja raises its own errors for messages the template refuses
             raise ValueError(f"messages: the chat template refused them: {exc}") from None
 
