@@ -59,6 +59,8 @@ def bench_format(args: argparse.Namespace, spec: str | None) -> list[dict]:
                           num_threads=args.threads)
     if quantize is not None:  # an older EngineConfig has no quantize field: compare checkouts with no --format
         config.quantize = quantize
+    if args.packed_prompts:
+        config.dense_prompts = False
     start = time.perf_counter()
     engine = LLMEngine(config)
     engine.start()
@@ -86,6 +88,8 @@ def main() -> None:
                         help="weight formats to run one after the other (default: the engine's recorded one)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 gives stable "
                         "ratios on a loaded machine")
+    parser.add_argument("--packed-prompts", action="store_true",
+                        help="quantised formats: prompt tokens on the packed kernels too (EngineConfig.dense_prompts)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 

@@ -44,10 +44,11 @@ def text_ids() -> list[int]:
 def teacher_forced_logits(dtype: str, quantize: str, ids: list[int]) -> torch.Tensor:
     """[n, vocab] float32 logits of every position, the whole text as one prefill through our model."""
     blocks = -(-len(ids) // BLOCK_SIZE)
-    # dense_above_tokens=None: the packed kernels even for this one long step (else it would run dense bf16).
+    # dense_prompts=False: the packed kernels, which generated tokens run on (prompt tokens run on the dense
+    # bf16 copy, i.e. the bfloat16 row of FORMATS).
     runner = ModelRunner(EngineConfig(engine_dir=str(ENGINE_DIR), dtype=dtype, quantize=quantize,
                                       cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=blocks),
-                                      dense_above_tokens=None))
+                                      dense_prompts=False))
     n = len(ids)
     slots = torch.arange(n)
     batch = AttentionBatch(slots, prefills=[PrefillChunk(0, n, slots)])
@@ -110,3 +111,28 @@ def test_int4_recovers_the_gguf_q4_1_blocks():
     assert torch.equal(q, q_gguf)
     assert torch.allclose(s, d, rtol=1e-5, atol=1e-9)
     assert torch.allclose(z, m + 8 * d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_mixed_step_computes_each_row_as_alone(kind):
+    """A step mixing prompt rows (dense) and generated rows (packed) gives each row exactly what a step of that
+    row alone gives: what keeps a request's text independent of what it is batched with."""
+    from scalellm.models.quant import LINEARS, DenseRows
+
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 64) * 0.05).bfloat16()
+    linear = LINEARS[kind].quantize(weight.float())
+    for name, buffer in linear.named_buffers():
+        if buffer.is_floating_point():
+            setattr(linear, name, buffer.bfloat16())
+    rows = DenseRows()
+    linear.keep_dense(weight, rows)
+    x = torch.randn(7, 64).bfloat16()
+    is_prompt = [True, False, False, True, True, False, True]
+    rows.update(is_prompt, torch.device("cpu"))
+    mixed = linear(x)
+    for i, prompt in enumerate(is_prompt):
+        rows.update([prompt], torch.device("cpu"))
+        assert torch.equal(mixed[i], linear(x[i : i + 1])[0])
+    rows.update([False] * 7, torch.device("cpu"))
+    assert not torch.equal(linear(x), F.linear(x, weight))  # generated rows really take the packed kernel

@@ -20,7 +20,7 @@ from scalellm.models.attention import (
 from scalellm.models.engine_dir import load_engine_state, load_packed_weights, read_engine_meta
 from scalellm.models.formats import AUTO, WeightFormat, resolve_format
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
-from scalellm.models.quant import DenseSwitch, quantize_model
+from scalellm.models.quant import DenseRows, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +64,15 @@ class ModelRunner:
         state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
         model.load_hf_state_dict(state, assign=True)
         del state
-        self.dense_above = config.dense_above_tokens
-        self.dense_switch = None
+        self.dense_rows = None
         if self.format.quantize != "none":
-            if self.dense_above is not None:
-                self.dense_switch = DenseSwitch()
+            if config.dense_prompts:
+                self.dense_rows = DenseRows()
             packed = load_packed_weights(config.engine_dir, self.format.quantize)
             if packed is None:
                 log.warning("no %s weights built for this torch in %s: quantising now", self.format.quantize,
                             config.engine_dir)
-            quantize_model(model, self.format.quantize, self.dtype, packed, self.dense_switch)
+            quantize_model(model, self.format.quantize, self.dtype, packed, self.dense_rows)
         c = self.model_config
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()
@@ -109,6 +108,7 @@ class ModelRunner:
         return groups
 
     def _build_batch(self, work: list[ScheduledWork]) -> tuple[list[int], list[int], AttentionBatch, list[int]]:
+        """The step's flat token batch; also tells ``dense_rows`` which rows are prompt tokens."""
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -117,6 +117,7 @@ class ModelRunner:
         decode_lengths: list[int] = []
         prefills: list[PrefillChunk] = []
         sample_rows: list[int] = []
+        prompt_rows: list[bool] = []
         bs = self.block_size
         for w in work:
             seq, start = w.seq, w.seq.num_computed
@@ -124,6 +125,7 @@ class ModelRunner:
             row = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
+            prompt_rows.extend(p < len(seq.prompt_ids) for p in range(start, end))
             table = seq.block_table
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if w.num_tokens == 1:
@@ -140,14 +142,13 @@ class ModelRunner:
         if decode_rows:
             decodes = self._decode_groups(decode_rows, decode_tables, decode_lengths, not prefills)
         batch = AttentionBatch(torch.tensor(slot_mapping, device=self.device), decodes, prefills)
+        if self.dense_rows is not None:
+            self.dense_rows.update(prompt_rows, self.device)
         return input_ids, positions, batch, sample_rows
 
     def run(self, work: list[ScheduledWork]) -> torch.Tensor:
         """Forward the step; returns float32 logits on the CPU for the rows that sample, in work order."""
         input_ids, positions, batch, sample_rows = self._build_batch(work)
-        if self.dense_switch is not None:  # packed kernels only for small steps of generated tokens, one each
-            self.dense_switch.on = len(input_ids) > self.dense_above or any(
-                w.num_tokens > 1 or w.seq.num_computed < len(w.seq.prompt_ids) for w in work)
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),

@@ -13,10 +13,14 @@ over tokens.  Expert weights are fused 3-D parameters: ``w13[e]`` = cat(gate (HF
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from scalellm.models.quant import DenseRows
 
 
 class SparseMoE(nn.Module):
@@ -30,6 +34,8 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.experts13: nn.ModuleList | None = None  # per-expert packed linears once quantised
         self.experts2: nn.ModuleList | None = None
+        self.rows: DenseRows | None = None  # quantised with dense prompts: the model's rows, and the
+        self.expert_rows: DenseRows | None = None  # rows of the expert being run (its packed linears hold this)
 
     def quantize(self, make_linear: Callable[[int, str, torch.Tensor], nn.Module]) -> None:
         """Replace the stacked expert weights by one packed linear per expert (the router stays dense).
@@ -63,6 +69,8 @@ class SparseMoE(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
+                if self.rows is not None:
+                    self.rows.select(tokens[start : start + n], self.expert_rows)
                 ys[start : start + n] = self._expert(e, xs[start : start + n])
                 start += n
         # Weighted sum in float32 (weights stay float32, as in HF), rounded to x's dtype once at the end: in bf16,

@@ -7,12 +7,14 @@
   from each group's min and max gives back the very same q, so int4 loses nothing against the float32
   reference beyond bf16 rounding of s and z (tests/test_weight_formats.py checks this).
 
-Packed kernels win while a step is memory-bound (a few tokens); bf16 GEMMs beat them from ~8 tokens on a Zen 5
-EPYC (2x at 32; docs/benchmarks.md). So each packed layer may also keep its dense weight (the float32 reference
-cast to bf16) behind a per-model DenseSwitch that the model runner flips per step: dense for every step that
-computes prompt tokens (so a prompt computes the same with or without a prefix-cache hit) or more than a few
-tokens, packed for small decode-only steps. The two agree to about bf16 rounding, not bit for bit, so a request's
-greedy text then depends on what it was batched with; that is why it is opt-in (EngineConfig.dense_above_tokens).
+Packed kernels win while a step is memory-bound (a few tokens); bf16 GEMMs beat them from ~16 tokens on a Zen 5
+EPYC (2.8x at 512; docs/benchmarks.md). So each packed layer may also keep its dense weight (the float32
+reference cast to bf16) and run the step's **prompt tokens** on it (DenseRows, set by the model runner per step),
+generated tokens on the packed kernel. Which path a token takes depends only on whether it belongs to its prompt,
+never on what it is batched with, and both kernels compute each row the same whatever the other rows are (tested),
+so a request's text does not depend on its batch. A MoE's experts see the rows routed to them
+(``DenseRows.select``). The dense copy costs memory: turn it off for a model too large for both
+(``EngineConfig.dense_prompts``).
 
 The lm_head (tied to the embedding in SmolLM2, Q8_0 in its GGUF) is int8 in both formats: int4 would add
 error where the GGUF itself keeps 8 bits, and at one token it is the largest single matrix (49152 x 576).
@@ -33,32 +35,58 @@ QUANTIZED_FILE = "weights-{quantize}.safetensors"  # an engine directory's packe
 
 
 @dataclass
-class DenseSwitch:
-    """Shared by all packed linears of one model: on = run this step on the dense weights."""
+class DenseRows:
+    """Shared by the packed linears of one model: which rows of this step's flat token batch run dense."""
 
-    on: bool = False
+    all_dense: bool = False
+    flags: torch.Tensor | None = None  # bool per row, dense indices and packed indices: in a mixed step only
+    dense: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
+
+    def update(self, is_dense: list[bool], device: torch.device) -> None:
+        self.set_flags(torch.tensor(is_dense, dtype=torch.bool, device=device))
+
+    def set_flags(self, flags: torch.Tensor) -> None:
+        num_dense = int(flags.sum())
+        self.all_dense = num_dense == len(flags)
+        mixed = 0 < num_dense < len(flags)
+        self.flags = flags if mixed else None
+        self.dense = flags.nonzero().flatten() if mixed else None
+        self.packed = (~flags).nonzero().flatten() if mixed else None
+
+    def select(self, rows: torch.Tensor, into: DenseRows) -> None:
+        """Make ``into`` describe the given rows of this step (the tokens routed to one MoE expert)."""
+        if self.flags is None:
+            into.all_dense, into.flags, into.dense, into.packed = self.all_dense, None, None, None
+        else:
+            into.set_flags(self.flags[rows])
 
 
 class PackedLinear(nn.Module):
-    """A weight-only quantised linear; optionally its dense weight too, used while ``switch.on``."""
+    """A weight-only quantised linear; optionally its dense weight too, for the rows ``rows`` names."""
 
     in_features: int
     out_features: int
     dense: torch.Tensor | None = None  # not a buffer: never saved with the packed weights
-    switch: DenseSwitch | None = None
+    rows: DenseRows | None = None
 
-    def keep_dense(self, weight: torch.Tensor, switch: DenseSwitch) -> None:
-        self.dense, self.switch = weight, switch
+    def keep_dense(self, weight: torch.Tensor, rows: DenseRows) -> None:
+        self.dense, self.rows = weight, rows
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.switch is not None and self.switch.on:
+        rows = self.rows
+        if rows is not None and rows.all_dense:
             out = F.linear(x2, self.dense)
-        else:
+        elif rows is None or rows.dense is None:
             out = self.packed_mm(x2)
+        else:  # a step mixing prompt and generated tokens: each row on its own path
+            out = x2.new_empty(x2.shape[0], self.out_features)
+            out.index_copy_(0, rows.packed, self.packed_mm(x2.index_select(0, rows.packed)))
+            out.index_copy_(0, rows.dense, F.linear(x2.index_select(0, rows.dense), self.dense))
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -115,19 +143,20 @@ LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
 def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
-                   stored: dict[str, torch.Tensor] | None = None, dense: DenseSwitch | None = None) -> None:
+                   stored: dict[str, torch.Tensor] | None = None, dense: DenseRows | None = None) -> None:
     """Swap the decoder's dense linear layers (and its experts) for packed ones, in place.
 
     ``stored``: the packed buffers of an earlier call (``packed_state``), loaded instead of re-quantising.
     Scales end up in ``dtype``, the activations' dtype the kernels require. ``dense``: keep each dense weight
-    (it must already be in ``dtype``) for the steps this switch turns on; None = packed kernels only.
+    (it must already be in ``dtype``) for the rows ``dense`` names; None = packed kernels only. The lm_head keeps
+    none: it only sees the rows that sample, one per sequence.
     """
     from scalellm.models.moe import SparseMoE
 
     if quantize == "none":
         return
 
-    def make(path: str, weight: torch.Tensor, kind: str) -> nn.Module:
+    def make(path: str, weight: torch.Tensor, kind: str, rows: DenseRows | None) -> nn.Module:
         cls = LINEARS[kind]
         if stored is not None:
             buffers = {name.removeprefix(f"{path}."): t for name, t in stored.items() if name.startswith(f"{path}.")}
@@ -137,18 +166,21 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
         for name, buffer in linear.named_buffers():
             if buffer.is_floating_point():
                 setattr(linear, name, buffer.to(dtype))
-        if dense is not None:
-            linear.keep_dense(weight.detach(), dense)
+        if rows is not None:
+            linear.keep_dense(weight.detach(), rows)
         return linear
 
     for path, module in list(model.named_modules()):
         if isinstance(module, SparseMoE):
-            module.quantize(lambda e, name, w, p=path: make(f"{p}.{name}.{e}", w, quantize))
+            if dense is not None:
+                module.rows, module.expert_rows = dense, DenseRows()
+            module.quantize(lambda e, name, w, p=path, m=module: make(f"{p}.{name}.{e}", w, quantize, m.expert_rows))
             continue
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"{path}.{name}" if path else name
-                setattr(module, name, make(full, child.weight, "int8" if name == "lm_head" else quantize))
+                head = name == "lm_head"
+                setattr(module, name, make(full, child.weight, "int8" if head else quantize, None if head else dense))
 
 
 def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
