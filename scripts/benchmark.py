@@ -78,10 +78,11 @@ def request_metrics(start: float, token_times: list[float], tokens: int) -> dict
 
 
 # ---- through Triton -------------------------------------------------------------------------------------
-async def one_request(client: AsyncClient, prompt: str, output_len: int) -> dict:
+async def one_request(client: AsyncClient, prompt: str, output_len: int, stages: bool = True) -> dict:
+    """One streamed request; ``stages``: also ask for the engine's timestamps (10 more tensors a response)."""
     sent_ns, start = time.time_ns(), time.perf_counter()
     times, tokens, timings = [], 0, None
-    async for chunk in client.stream_chunks(prompt, max_tokens=output_len, end_id=-1, return_perf_metrics=True):
+    async for chunk in client.stream_chunks(prompt, max_tokens=output_len, end_id=-1, return_perf_metrics=stages):
         if chunk.num_tokens > tokens:
             times.extend([time.perf_counter()] * (chunk.num_tokens - tokens))
             tokens = chunk.num_tokens
@@ -103,7 +104,8 @@ async def run_server_level(url: str, protocol: str, c: int, n: int, args) -> tup
         async def gated(i: int, delay: float) -> dict:
             await asyncio.sleep(delay)
             async with gate:
-                return await one_request(client, synthetic_prompt(i, args.input_len), args.output_len)
+                stages = args.stages_every > 0 and i % args.stages_every == 0
+                return await one_request(client, synthetic_prompt(i, args.input_len), args.output_len, stages)
 
         delays, t = [], 0.0
         for _ in range(n):
@@ -386,6 +388,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--peer", choices=["llamacpp"], help="also measure llama.cpp's llama-server, same GGUF")
     parser.add_argument("--peer-script", type=Path, default=PEER_SCRIPT, help="starts the peer (PORT, NP env)")
+    parser.add_argument("--stages-every", type=int, default=8, metavar="N",
+                        help="ask every Nth request for the engine's timestamps (return_perf_metrics), which split "
+                        "E2E into stages; 1 = all, 0 = none. They add 10 tensors to every response of the request.")
     parser.add_argument("--output", type=Path, help="JSON results")
     parser.add_argument("--plot", type=Path, help="PNG: throughput, TTFT and TPOT against concurrency")
     args = parser.parse_args()
