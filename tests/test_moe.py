@@ -74,7 +74,7 @@ def our_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     cfg, model, n = engine.model_config, engine.runner.model, len(ids)
     slots = torch.arange(n)
     caches = [torch.zeros(kv_cache_shape(n, cfg.num_kv_heads, cfg.head_dim)) for _ in range(cfg.num_layers)]
-    batch = AttentionBatch(slots, prefills=[PrefillChunk(0, n, slots)])
+    batch = AttentionBatch(slots, block_size=n, prefills=[PrefillChunk(0, n, slots)])  # one block, prefill only
     hidden = model(torch.tensor(ids), torch.arange(n), caches, batch)
     return model.compute_logits(hidden)
 

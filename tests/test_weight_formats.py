@@ -51,7 +51,7 @@ def teacher_forced_logits(dtype: str, quantize: str, ids: list[int]) -> torch.Te
                                       dense_prompts=False))
     n = len(ids)
     slots = torch.arange(n)
-    batch = AttentionBatch(slots, prefills=[PrefillChunk(0, n, slots)])
+    batch = AttentionBatch(slots, BLOCK_SIZE, prefills=[PrefillChunk(0, n, slots)])
     hidden = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_caches, batch)
     return runner.model.compute_logits(hidden)
 

@@ -100,11 +100,12 @@ class ModelRunner:
         for members in length_groups(lengths):
             members.sort()
             lens = [lengths[i] for i in members]
-            slots = self._slots([tables[i] for i in members], lens)
-            bias = None if min(lens) == max(lens) else decode_bias(torch.tensor(lens), slots.shape[1])
+            width = -(-max(lens) // self.block_size)
+            blocks = torch.tensor([tables[i][:width] + [0] * (width - len(tables[i][:width])) for i in members])
+            bias = decode_bias(torch.tensor(lens), width * self.block_size)
             whole = all_rows and len(members) == len(rows)
             index = None if whole else torch.tensor([rows[i] for i in members], device=self.device)
-            groups.append(DecodeGroup(index, slots.to(self.device), _to(bias, self.device)))
+            groups.append(DecodeGroup(index, blocks.to(self.device), _to(bias, self.device)))
         return groups
 
     def _build_batch(self, work: list[ScheduledWork]) -> tuple[list[int], list[int], AttentionBatch, list[int]]:
@@ -141,7 +142,7 @@ class ModelRunner:
         decodes = []
         if decode_rows:
             decodes = self._decode_groups(decode_rows, decode_tables, decode_lengths, not prefills)
-        batch = AttentionBatch(torch.tensor(slot_mapping, device=self.device), decodes, prefills)
+        batch = AttentionBatch(torch.tensor(slot_mapping, device=self.device), self.block_size, decodes, prefills)
         if self.dense_rows is not None:
             self.dense_rows.update(prompt_rows, self.device)
         return input_ids, positions, batch, sample_rows
