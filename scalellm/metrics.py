@@ -1,11 +1,16 @@
 """Engine metrics on Triton's own Prometheus endpoint (port 8002), through the Python backend's metrics API.
 
 Every family is prefixed ``scalellm_`` and labelled with the Triton model and instance, next to Triton's own
-``nv_inference_*`` families.  Updated once per engine step from the step's summary, not per token.
+``nv_inference_*`` families.  Updated once per engine step from the step's summary, not per token, and off the
+engine's loop thread: each metric call of the Python backend is a round trip to the server (one step's calls
+took 7.7 ms at 64 sequences), so ``record`` only queues the step and a publisher thread makes the calls.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 from typing import Any
 
 from scalellm.engine.engine import StepStats
@@ -13,6 +18,7 @@ from scalellm.engine.engine import StepStats
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+log = logging.getLogger(__name__)
 
 # name -> (kind, help); kinds map to pb_utils.MetricFamily.{COUNTER, GAUGE, HISTOGRAM}
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -56,6 +62,8 @@ class EngineMetrics:
                 self.m[name] = family.Metric(labels=labels)
         self._last_preemptions = 0
         self._last_prefix_hits = 0
+        self._steps: queue.SimpleQueue[StepStats] = queue.SimpleQueue()
+        threading.Thread(target=self._publish_loop, name="scalellm-metrics", daemon=True).start()
 
     def record_rejection(self, reason: str) -> None:
         if reason not in self._rejected:
@@ -63,6 +71,18 @@ class EngineMetrics:
         self._rejected[reason].increment(1)
 
     def record(self, s: StepStats) -> None:
+        """Called by the engine's loop thread after each step: queue it, never wait for the server."""
+        self._steps.put(s)
+
+    def _publish_loop(self) -> None:
+        while True:
+            stats = self._steps.get()
+            try:
+                self._publish(stats)
+            except Exception:  # metrics must never take anything down
+                log.exception("publishing engine metrics failed")
+
+    def _publish(self, s: StepStats) -> None:
         m = self.m
         m["scalellm_requests_running"].set(s.running)
         m["scalellm_requests_waiting"].set(s.waiting)
