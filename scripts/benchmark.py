@@ -55,9 +55,15 @@ WORDS = "the of and to in is was for on that with as by at from his her they thi
 STAGES = ("client -> llm arrival", "queue", "prefill", "decode", "last token -> client")
 
 
-def synthetic_prompt(index: int, words: int) -> str:
-    """Distinct prompts of a fixed length (each of these common words is one token for SmolLM2)."""
-    return f"Request {index}: " + " ".join(WORDS[(index * 7 + i * 3) % len(WORDS)] for i in range(words))
+RUN = random.SystemRandom().randrange(10**6)  # this run's prompts are new to any server's prefix cache
+
+
+def synthetic_prompt(index: int, words: int, level: int) -> str:
+    """Prompts of a fixed length (each of these common words is one token for SmolLM2), distinct across requests,
+    levels and runs: a prefix-cache hit on a prompt from an earlier level would flatter a server that caches
+    (llama.cpp's peer runs without its prompt cache)."""
+    head = f"Request {RUN}.{level}.{index}: "
+    return head + " ".join(WORDS[(index * 7 + i * 3) % len(WORDS)] for i in range(words))
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -98,14 +104,14 @@ async def one_request(client: AsyncClient, prompt: str, output_len: int, stages:
 
 async def run_server_level(url: str, protocol: str, c: int, n: int, args) -> tuple[list[dict], float]:
     async with AsyncClient(url, protocol=protocol, timeout_s=600) as client:
-        await one_request(client, synthetic_prompt(99_999, args.input_len), 2)  # warm the connection
+        await one_request(client, synthetic_prompt(99_999, args.input_len, c), 2)  # warm the connection
         gate, rng = asyncio.Semaphore(c), random.Random(0)
 
         async def gated(i: int, delay: float) -> dict:
             await asyncio.sleep(delay)
             async with gate:
                 stages = args.stages_every > 0 and i % args.stages_every == 0
-                return await one_request(client, synthetic_prompt(i, args.input_len), args.output_len, stages)
+                return await one_request(client, synthetic_prompt(i, args.input_len, c), args.output_len, stages)
 
         delays, t = [], 0.0
         for _ in range(n):
@@ -165,7 +171,7 @@ def run_engine_level(engine, tokenizer, c: int, n: int, args) -> tuple[list[dict
                 gate.release()
                 finished.release()
 
-        ids = tokenizer.encode(synthetic_prompt(i, args.input_len)).ids
+        ids = tokenizer.encode(synthetic_prompt(i, args.input_len, c)).ids
         engine.submit(Sequence(f"bench-{c}-{i}", ids, params, on_output))
 
     rng = random.Random(0)
@@ -246,7 +252,7 @@ def peer_request(url: str, prompt: str, output_len: int) -> dict:
 
 def run_peer_level(url: str, c: int, n: int, args) -> tuple[list[dict], float]:
     """C threads keep C requests in flight until n are done (closed loop, as for our targets)."""
-    peer_request(url, synthetic_prompt(99_999, args.input_len), 2)  # warm
+    peer_request(url, synthetic_prompt(99_999, args.input_len, c), 2)  # warm
     todo: queue.Queue[int] = queue.Queue()
     for i in range(n):
         todo.put(i)
@@ -258,7 +264,7 @@ def run_peer_level(url: str, c: int, n: int, args) -> tuple[list[dict], float]:
                 i = todo.get_nowait()
             except queue.Empty:
                 return
-            results.append(peer_request(url, synthetic_prompt(i, args.input_len), args.output_len))
+            results.append(peer_request(url, synthetic_prompt(i, args.input_len, c), args.output_len))
 
     threads = [threading.Thread(target=worker) for _ in range(c)]
     start = time.perf_counter()
