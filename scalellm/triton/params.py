@@ -21,6 +21,7 @@ ENGINE_PARAMETERS: dict[str, Any] = {
     "max_num_seqs": _SCHED.max_num_seqs,
     "max_num_batched_tokens": _SCHED.max_num_batched_tokens,
     "num_threads": 0,  # 0: torch's default
+    "dense_prompts": int(EngineConfig.dense_prompts),  # int8/int4 engines: 1 = prompt tokens on a dense copy
     "max_queue_size": _SCHED.max_queue_size,  # None: sized from the KV cache (scalellm/engine/admission.py)
     "default_timeout_ms": 0,  # deadline of requests without timeout_ms; 0: none
 }
@@ -63,4 +64,5 @@ def engine_config(params: dict[str, str], engine_dir: Path, meta: dict[str, Any]
             max_queue_size=_int(params, "max_queue_size"),
         ),
         num_threads=_int(params, "num_threads") or None,
+        dense_prompts=bool(_int(params, "dense_prompts")),
     )
