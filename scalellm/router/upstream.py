@@ -8,6 +8,7 @@ Failures that mean "this replica is not there" (refused, reset, closed early, 50
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from typing import Any
@@ -54,19 +55,40 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
     response.close()
 
 
-async def sse_events(session: aiohttp.ClientSession, upstream: Upstream, model: str, fields: Mapping[str, Any],
-                     client_id: str | None, spawn: Spawn) -> AsyncGenerator[bytes, None]:
-    """Each SSE event of ``generate_stream`` as raw bytes (blank line included), the ``id`` put back."""
-    needle, replacement = id_rewriter(upstream.request_id, client_id)
-    body = {**fields, "id": upstream.request_id}
+@contextlib.asynccontextmanager
+async def _posted(session: aiohttp.ClientSession, url: str, spawn: Spawn,
+                  **kwargs: Any) -> AsyncGenerator[aiohttp.ClientResponse, None]:
+    """POST ``url`` and hand over the checked response. Transport errors become ``ReplicaUnavailable``; a body
+    read to its end (or an error) frees the connection, one left unread (the client went away) is drained."""
     try:
-        response = await session.post(_url(upstream, model, "generate_stream"), json=body,
-                                      headers={"Accept": "text/event-stream"})
+        response = await session.post(url, **kwargs)
     except _TRANSPORT_ERRORS as exc:
         raise ReplicaUnavailable(repr(exc)) from None
     done = False
     try:
         await _check(response)
+        yield response
+        done = True
+    except _TRANSPORT_ERRORS as exc:
+        done = True
+        raise ReplicaUnavailable(repr(exc)) from None
+    except UpstreamRejected:
+        done = True
+        raise
+    finally:
+        if done:
+            response.release()
+        else:
+            spawn(_drain(response))
+
+
+async def sse_events(session: aiohttp.ClientSession, upstream: Upstream, model: str, fields: Mapping[str, Any],
+                     client_id: str | None, spawn: Spawn) -> AsyncGenerator[bytes, None]:
+    """Each SSE event of ``generate_stream`` as raw bytes (blank line included), the ``id`` put back."""
+    needle, replacement = id_rewriter(upstream.request_id, client_id)
+    body = {**fields, "id": upstream.request_id}
+    url, headers = _url(upstream, model, "generate_stream"), {"Accept": "text/event-stream"}
+    async with _posted(session, url, spawn, json=body, headers=headers) as response:
         event: list[bytes] = []
         async for line in response.content:
             event.append(line)
@@ -75,18 +97,6 @@ async def sse_events(session: aiohttp.ClientSession, upstream: Upstream, model: 
                 event = []
         if event:
             yield b"".join(event).replace(needle, replacement, 1)
-        done = True
-    except _TRANSPORT_ERRORS as exc:
-        done = True
-        raise ReplicaUnavailable(repr(exc)) from None
-    except UpstreamRejected:
-        done = True
-        raise
-    finally:
-        if done:
-            response.release()
-        else:
-            spawn(_drain(response))
 
 
 async def generate_once(session: aiohttp.ClientSession, upstream: Upstream, model: str, fields: Mapping[str, Any],
@@ -94,26 +104,8 @@ async def generate_once(session: aiohttp.ClientSession, upstream: Upstream, mode
     """The one JSON body of ``generate``, the ``id`` put back."""
     needle, replacement = id_rewriter(upstream.request_id, client_id)
     body = {**fields, "id": upstream.request_id}
-    try:
-        response = await session.post(_url(upstream, model, "generate"), json=body)
-    except _TRANSPORT_ERRORS as exc:
-        raise ReplicaUnavailable(repr(exc)) from None
-    done = False
-    try:
-        await _check(response)
+    async with _posted(session, _url(upstream, model, "generate"), spawn, json=body) as response:
         data = await response.read()
-        done = True
-    except _TRANSPORT_ERRORS as exc:
-        done = True
-        raise ReplicaUnavailable(repr(exc)) from None
-    except UpstreamRejected:
-        done = True
-        raise
-    finally:
-        if done:
-            response.release()
-        else:
-            spawn(_drain(response))
     yield data.replace(needle, replacement, 1)
 
 
