@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
+from routerstack import LocalEndpoints
 
 from scalellm.serving import free_ports
 
@@ -47,7 +48,7 @@ def render_repository(dest: Path, **llm_params: str | int) -> Path:
     return repo
 
 
-class Launcher:
+class Launcher(LocalEndpoints):
     """``python -m scalellm.serving`` as a child process on free ports of 127.0.0.1."""
 
     def __init__(self, repo: Path, log_dir: Path, *args: str) -> None:
@@ -60,14 +61,6 @@ class Launcher:
                "--metrics-port", str(self.metrics_port), "--log-file", str(self.log_file), *args]
         with open(self.output, "wb") as out:
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:

@@ -58,8 +58,23 @@ def start_replicas(model_dir: Path, count: int, log_dir: Path) -> list[TritonSer
     return servers
 
 
+class LocalEndpoints:
+    """The URLs of a child process serving HTTP and gRPC on ``http_port`` / ``grpc_port`` of 127.0.0.1."""
+
+    http_port: int
+    grpc_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+
 @dataclass
-class RouterProcess:
+class RouterProcess(LocalEndpoints):
     """``python -m scalellm.router`` in front of ``replicas``."""
 
     replicas: Sequence[TritonServer]
@@ -69,14 +84,6 @@ class RouterProcess:
     http_port: int = 0
     grpc_port: int = 0
     process: subprocess.Popen | None = field(default=None, repr=False)
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
 
     def start(self) -> RouterProcess:
         self.http_port, self.grpc_port = free_ports(2)
