@@ -86,13 +86,10 @@ class ModelRunner:
         ]
         self._block_offsets = torch.arange(self.block_size)
 
-    def _slots(self, block_tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
-        """[N, W] cache slots of N contexts, padded with slot 0 to the longest (W = lengths' max)."""
-        width_blocks = -(-max(lengths) // self.block_size)
-        table = torch.tensor([t[:width_blocks] + [0] * (width_blocks - len(t[:width_blocks]))
-                              for t in block_tables], dtype=torch.long)
-        slots = (table.unsqueeze(2) * self.block_size + self._block_offsets).flatten(1)
-        return slots[:, : max(lengths)]
+    def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
+        """[length] cache slots of one sequence's first ``length`` tokens (its block table covers them)."""
+        blocks = torch.tensor(table[: -(-length // self.block_size)], dtype=torch.long)
+        return (blocks.unsqueeze(1) * self.block_size + self._block_offsets).flatten()[:length]
 
     def _decode_groups(self, rows: list[int], tables: list[list[int]], lengths: list[int],
                        all_rows: bool) -> list[DecodeGroup]:
@@ -101,7 +98,7 @@ class ModelRunner:
             members.sort()
             lens = [lengths[i] for i in members]
             width = -(-max(lens) // self.block_size)
-            blocks = torch.tensor([tables[i][:width] + [0] * (width - len(tables[i][:width])) for i in members])
+            blocks = torch.tensor([tables[i][:width] + [0] * (width - len(tables[i])) for i in members])  # 0: padding
             bias = decode_bias(torch.tensor(lens), width * self.block_size)
             whole = all_rows and len(members) == len(rows)
             index = None if whole else torch.tensor([rows[i] for i in members], device=self.device)
@@ -134,7 +131,7 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lengths.append(end)
             else:
-                context = self._slots([table], [end])[0]
+                context = self._context_slots(table, end)
                 prefills.append(PrefillChunk(row, w.num_tokens, context.to(self.device),
                                              _to(prefill_mask(w.num_tokens, end), self.device)))
             if w.samples:
