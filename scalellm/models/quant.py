@@ -44,20 +44,28 @@ class DenseRows:
     packed: torch.Tensor | None = None
 
     def update(self, is_dense: list[bool], device: torch.device) -> None:
-        self.set_flags(torch.tensor(is_dense, dtype=torch.bool, device=device))
+        """Once a step, from the model runner; tensors only for a step that mixes both kinds of rows."""
+        num_dense = sum(is_dense)
+        if 0 < num_dense < len(is_dense):
+            self.set_flags(torch.tensor(is_dense, dtype=torch.bool, device=device))
+        else:
+            self._uniform(num_dense == len(is_dense))
 
     def set_flags(self, flags: torch.Tensor) -> None:
         num_dense = int(flags.sum())
-        self.all_dense = num_dense == len(flags)
-        mixed = 0 < num_dense < len(flags)
-        self.flags = flags if mixed else None
-        self.dense = flags.nonzero().flatten() if mixed else None
-        self.packed = (~flags).nonzero().flatten() if mixed else None
+        if 0 < num_dense < len(flags):
+            self.all_dense, self.flags = False, flags
+            self.dense, self.packed = flags.nonzero().flatten(), (~flags).nonzero().flatten()
+        else:
+            self._uniform(num_dense == len(flags))
+
+    def _uniform(self, all_dense: bool) -> None:
+        self.all_dense, self.flags, self.dense, self.packed = all_dense, None, None, None
 
     def select(self, rows: torch.Tensor, into: DenseRows) -> None:
         """Make ``into`` describe the given rows of this step (the tokens routed to one MoE expert)."""
         if self.flags is None:
-            into.all_dense, into.flags, into.dense, into.packed = self.all_dense, None, None, None
+            into._uniform(self.all_dense)
         else:
             into.set_flags(self.flags[rows])
 
