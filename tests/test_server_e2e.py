@@ -83,7 +83,9 @@ def test_stream_equals_generate_for_tricky_text(client: Client) -> None:
         chunks = collect_stream(client, prompt, max_tokens=32, **extra)
         streamed = "".join(c.text for c in chunks)
         assert streamed.encode() == whole.text.encode(), f"{name}: streamed {streamed!r} != {whole.text!r}"
-        assert "\ufffd" not in whole.text, f"{name}: replacement character in {whole.text!r}"
+        # Only a character that max_tokens cut in two may end the text as U+FFFD (docs/ensemble.md).
+        body = whole.text.removesuffix("\ufffd") if whole.finish_reason == "length" else whole.text
+        assert "\ufffd" not in body, f"{name}: replacement character in {whole.text!r}"
         assert_well_formed_stream(chunks)
         assert (chunks[-1].finish_reason, chunks[-1].num_tokens) == (whole.finish_reason, whole.num_tokens)
         texts.append(whole.text)
