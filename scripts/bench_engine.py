@@ -61,6 +61,8 @@ def bench_format(args: argparse.Namespace, spec: str | None) -> list[dict]:
         config.quantize = quantize
     if args.packed_prompts:
         config.dense_prompts = False
+    if args.no_int8_activations:
+        config.int8_activations = False
     start = time.perf_counter()
     engine = LLMEngine(config)
     engine.start()
@@ -90,6 +92,8 @@ def main() -> None:
                         "ratios on a loaded machine")
     parser.add_argument("--packed-prompts", action="store_true",
                         help="quantised formats: prompt tokens on the packed kernels too (EngineConfig.dense_prompts)")
+    parser.add_argument("--no-int8-activations", action="store_true",
+                        help="int4: torch's kernel on bf16 activations, not VNNI (EngineConfig.int8_activations)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 

@@ -8,6 +8,7 @@ import torch
 
 from scalellm.config import CacheConfig, EngineConfig, ModelConfig
 from scalellm.engine.scheduler import ScheduledWork
+from scalellm.models import kernels
 from scalellm.models.attention import (
     AttentionBatch,
     DecodeGroup,
@@ -72,11 +73,12 @@ class ModelRunner:
             if packed is None:
                 log.warning("no %s weights built for this torch in %s: quantising now", self.format.quantize,
                             config.engine_dir)
-            quantize_model(model, self.format.quantize, self.dtype, packed, self.dense_rows)
+            quantize_model(model, self.format.quantize, self.dtype, packed, self.dense_rows, config.int8_activations)
         c = self.model_config
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()
-        log.info("model weights: %s", self.format.name)
+        vnni = any(getattr(m, "vnni", None) is not None for m in model.modules())
+        log.info("model weights: %s%s", self.format.name, ", int4 x int8 on VNNI" if vnni else "")
         self.block_size = config.cache.block_size
         self.num_blocks = num_cache_blocks(self.model_config, config.cache, self.dtype, self.device)
         self.kv_caches = [
@@ -85,6 +87,8 @@ class ModelRunner:
             for _ in range(c.num_layers)
         ]
         self._block_offsets = torch.arange(self.block_size)
+        compiled = kernels.load() if self.device.type == "cpu" else None
+        self.decode_kernel = compiled.paged_decode if compiled is not None else None
 
     def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
         """[length] cache slots of one sequence's first ``length`` tokens (its block table covers them)."""
@@ -93,6 +97,11 @@ class ModelRunner:
 
     def _decode_groups(self, rows: list[int], tables: list[list[int]], lengths: list[int],
                        all_rows: bool) -> list[DecodeGroup]:
+        if self.decode_kernel is not None:  # reads each context in place: one group, padded tables only
+            width = max(len(t) for t in tables)
+            blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+            index = None if all_rows else torch.tensor(rows, device=self.device)
+            return [DecodeGroup(index, blocks.to(self.device), None, torch.tensor(lengths, device=self.device))]
         groups = []
         for members in length_groups(lengths):
             members.sort()
@@ -126,10 +135,10 @@ class ModelRunner:
             prompt_rows.extend(p < len(seq.prompt_ids) for p in range(start, end))
             table = seq.block_table
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if w.num_tokens == 1:
-                decode_rows.append(row)
-                decode_tables.append(table)
-                decode_lengths.append(end)
+            if w.num_tokens == 1 or self.decode_kernel is not None:  # the kernel: every row as one query
+                decode_rows.extend(range(row, row + w.num_tokens))
+                decode_tables.extend([table] * w.num_tokens)
+                decode_lengths.extend(range(start + 1, end + 1))
             else:
                 context = self._context_slots(table, end)
                 prefills.append(PrefillChunk(row, w.num_tokens, context.to(self.device),
@@ -139,7 +148,8 @@ class ModelRunner:
         decodes = []
         if decode_rows:
             decodes = self._decode_groups(decode_rows, decode_tables, decode_lengths, not prefills)
-        batch = AttentionBatch(torch.tensor(slot_mapping, device=self.device), self.block_size, decodes, prefills)
+        batch = AttentionBatch(torch.tensor(slot_mapping, device=self.device), self.block_size, decodes, prefills,
+                               self.decode_kernel)
         if self.dense_rows is not None:
             self.dense_rows.update(prompt_rows, self.device)
         return input_ids, positions, batch, sample_rows

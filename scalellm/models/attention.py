@@ -6,18 +6,26 @@ The KV cache of one layer is a tensor ``[2, num_kv_heads, num_slots, head_dim]``
 Heads come before slots so that a gather of slots yields K and V already in the layout the attention matmuls
 read (no transposed copies per layer).
 
-Everything index-shaped is built once per step by the model runner (AttentionBatch) and shared by all layers;
-a layer only gathers K/V through those indices (one gather for K and V) and calls SDPA. A step mixes two
-shapes of work, so it is split into groups:
+Everything index-shaped is built once per step by the model runner (AttentionBatch) and shared by all layers.
+
+With our CPU kernel (``AttentionBatch.kernel``, scalellm/models/kernels/paged_decode.cpp) every row of the step,
+prompt or generated, is one query over its own sequence's first ``length`` keys, read where they sit in the
+cache: one call per layer, no gathered copy, no padding. A row's result then depends only on its sequence, never
+on how its prompt was chunked, what the prefix cache held or what it was batched with (bit for bit).
+
+Without it (other CPUs, CUDA), a layer gathers K/V through those indices and calls matmuls or SDPA, and a step
+mixes two shapes of work, so it is split into groups:
 * decodes: one query each, batched into matmuls over keys padded to the group's longest context; decodes
   are grouped by context length (a group never pads a context to more than twice its length), so the cost
   follows the real contexts, not the batch's longest one. They gather whole blocks (block_size * head_dim
   contiguous values per index): 3.8x faster than gathering slot by slot at 64 sequences of 192 tokens;
-* prefill chunks: many queries of one sequence, causal over its cached prefix plus the chunk.
+* prefill chunks: many queries of one sequence, causal over its cached prefix plus the chunk. SDPA's result
+  for a token differs in the last bits with the chunk it is in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +37,7 @@ class DecodeGroup:
     token_index: torch.Tensor | None  # [B] rows of the step's flat token batch; None = all rows, in order
     blocks: torch.Tensor  # [B, W] cache blocks of each sequence's context (padded): K = W * block_size keys
     bias: torch.Tensor | None  # [B, 1, K] float32, 0 for a real key and -inf for padding; None = no padding
+    lengths: torch.Tensor | None = None  # [B] int64 keys each row attends to: with ``AttentionBatch.kernel``
 
 
 @dataclass
@@ -47,6 +56,9 @@ class AttentionBatch:
     block_size: int
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # The CPU kernel (scalellm/models/kernels/paged_decode.cpp): then every row is in one DecodeGroup and there
+    # are no prefills. None = the gather + matmuls / SDPA below.
+    kernel: Callable[..., torch.Tensor] | None = None
 
 
 def paged_attention(
@@ -65,6 +77,13 @@ def paged_attention(
     kvh, dim = kv_cache.shape[1], kv_cache.shape[-1]
     by_block = kv_cache.view(2, kvh, -1, batch.block_size * dim)
     for d in batch.decodes:
+        if batch.kernel is not None:
+            qd = q if d.token_index is None else q[d.token_index]
+            o = batch.kernel(qd.contiguous(), kv_cache, d.blocks, d.lengths, batch.block_size, scale)
+            if out is None:
+                return o
+            out[d.token_index] = o
+            continue
         b, width = d.blocks.shape
         kv = by_block.index_select(2, d.blocks.flatten()).view(2, kvh, b, width * batch.block_size, dim)
         o = decode_attention(q if d.token_index is None else q[d.token_index], kv[0], kv[1], d.bias, scale)

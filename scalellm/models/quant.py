@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scalellm.models import kernels
+
 GROUP_SIZE = 32
 INT4_INNER_K_TILES = 1  # the CPU packing ignores tiling beyond this; 1 is what its kernel expects
 QUANTIZED_FILE = "weights-{quantize}.safetensors"  # an engine directory's packed weights (built once)
@@ -81,8 +83,35 @@ class PackedLinear(nn.Module):
     def keep_dense(self, weight: torch.Tensor, rows: DenseRows) -> None:
         self.dense, self.rows = weight, rows
 
+    # The VNNI kernel's weights (kernels.pack) and bits, once ``use_vnni`` packed them; None = torch's kernel.
+    vnni: tuple[torch.Tensor, ...] | None = None
+    vnni_bits = 8
+
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's packed kernel."""
         raise NotImplementedError
+
+    def quantized_mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vnni is not None:
+            return self.vnni_mm(x.contiguous(), *self.vnni)
+        return self.packed_mm(x)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [N, K] unsigned, d and m [N, K/32]) with weight = q * d + m: this layer in the VNNI kernel's terms."""
+        raise NotImplementedError
+
+    def use_vnni(self) -> bool:
+        """Run on the VNNI kernel (activations quantised to int8 per 32-block) where it can run this layer.
+
+        The weights stay exactly what they are; torch's packing is dropped, so ``packed_state`` no longer applies.
+        """
+        module = kernels.load()
+        if module is None or self.in_features % kernels.PAIR or getattr(self, "group_size", 32) != 32:
+            return False
+        self.vnni = (*kernels.pack(*self.codes(), self.vnni_bits), self.vnni_bits)
+        self.vnni_mm = module.q_q8_mm
+        self.weight = None
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -90,10 +119,10 @@ class PackedLinear(nn.Module):
         if rows is not None and rows.all_dense:
             out = F.linear(x2, self.dense)
         elif rows is None or rows.dense is None:
-            out = self.packed_mm(x2)
+            out = self.quantized_mm(x2)
         else:  # a step mixing prompt and generated tokens: each row on its own path
             out = x2.new_empty(x2.shape[0], self.out_features)
-            out.index_copy_(0, rows.packed, self.packed_mm(x2.index_select(0, rows.packed)))
+            out.index_copy_(0, rows.packed, self.quantized_mm(x2.index_select(0, rows.packed)))
             out.index_copy_(0, rows.dense, F.linear(x2.index_select(0, rows.dense), self.dense))
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -113,6 +142,11 @@ class Int8Linear(PackedLinear):
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per channel: q + 128 in 0..255, d = the channel's scale in every block, m = -128 d."""
+        d = self.scales.float()[:, None].expand(-1, self.in_features // 32)
+        return self.weight.to(torch.int32) + 128, d, -128 * d
 
 
 def int4_groups(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, ...]:
@@ -143,21 +177,35 @@ class Int4Linear(PackedLinear):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
         return cls(packed, torch.stack([s.t(), z.t()], dim=-1).contiguous(), group_size)
 
+    vnni_bits = 4
+
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [N, K] (0..15) back out of torch's packing (its kernel on the identity with s = 1, z = 8 gives q),
+        d = s and m = z - 8s: w = (q - 8) s + z."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        ones = torch.ones(self.in_features // self.group_size, self.out_features, dtype=torch.bfloat16)
+        unit = torch.stack([ones, 8 * ones], -1)
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, unit)
+        s, z = self.scales_and_zeros.float().unbind(-1)  # [K/32, N]
+        return q.t().to(torch.int32), s.t(), (z - 8 * s).t()
 
 
 LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
 def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
-                   stored: dict[str, torch.Tensor] | None = None, dense: DenseRows | None = None) -> None:
+                   stored: dict[str, torch.Tensor] | None = None, dense: DenseRows | None = None,
+                   int8_activations: bool = False) -> None:
     """Swap the decoder's dense linear layers (and its experts) for packed ones, in place.
 
     ``stored``: the packed buffers of an earlier call (``packed_state``), loaded instead of re-quantising.
     Scales end up in ``dtype``, the activations' dtype the kernels require. ``dense``: keep each dense weight
     (it must already be in ``dtype``) for the rows ``dense`` names; None = packed kernels only. The lm_head keeps
-    none: it only sees the rows that sample, one per sequence.
+    none: it only sees the rows that sample, one per sequence. ``int8_activations``: int4 layers on the VNNI
+    kernel where the CPU has it (``Int4Linear.use_vnni``).
     """
     from scalellm.models.moe import SparseMoE
 
@@ -176,6 +224,8 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
                 setattr(linear, name, buffer.to(dtype))
         if rows is not None:
             linear.keep_dense(weight.detach(), rows)
+        if int8_activations:
+            linear.use_vnni()
         return linear
 
     for path, module in list(model.named_modules()):

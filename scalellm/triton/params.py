@@ -22,6 +22,7 @@ ENGINE_PARAMETERS: dict[str, Any] = {
     "max_num_batched_tokens": _SCHED.max_num_batched_tokens,
     "num_threads": 0,  # 0: torch's default
     "dense_prompts": int(EngineConfig.dense_prompts),  # int8/int4 engines: 1 = prompt tokens on a dense copy
+    "int8_activations": int(EngineConfig.int8_activations),  # int4 engines: 1 = the VNNI int4 x int8 kernel
     "max_queue_size": _SCHED.max_queue_size,  # None: sized from the KV cache (scalellm/engine/admission.py)
     "default_timeout_ms": 0,  # deadline of requests without timeout_ms; 0: none
 }
@@ -65,4 +66,5 @@ def engine_config(params: dict[str, str], engine_dir: Path, meta: dict[str, Any]
         ),
         num_threads=_int(params, "num_threads") or None,
         dense_prompts=bool(_int(params, "dense_prompts")),
+        int8_activations=bool(_int(params, "int8_activations")),
     )

@@ -1,0 +1,181 @@
+// Decode attention straight from the paged KV cache: one query per sequence, no gathered copy of K/V.
+//
+// The cache of one layer is [2, KVH, slots, D] (scalellm/models/attention.py); a sequence's key j sits at slot
+// blocks[j / block_size] * block_size + j % block_size. Each (sequence, KV head) is one task: the G query heads
+// of that KV head score its keys in float32, a float32 softmax, then the weighted sum of its values. A task
+// reads only its own sequence, so a row's result never depends on what it is batched with.
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+
+// exp(x) for x <= 0: 2^n * e^r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (relative error < 1e-8).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));  // below: 0 after scalef
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < dim * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+// out[t] = the sum of a[t]'s lanes, for 16 vectors at once (a transposed reduction: 45 ops instead of 16 x 10).
+inline __m512 sum16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's sum for a[4i], a[4i+1], a[4i+2], a[4i+3]
+    __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes summed in pairs
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+constexpr int kMaxGroup = 8;   // query heads per KV head
+constexpr int kMaxChunks = 16;  // head_dim / 16
+
+template <typename T>
+void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* lengths, int64_t batch,
+            int64_t heads, int64_t kv_heads, int64_t slots, int64_t dim, int64_t width, int64_t block_size,
+            float scale, T* out) {
+  const int64_t group = heads / kv_heads, chunks = dim / 16;
+#pragma omp parallel
+  {
+    std::vector<float> scores;
+    std::vector<int64_t> context;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < batch * kv_heads; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads, len = lengths[b], padded = (len + 15) / 16 * 16;
+      const T* k_head = cache + h * slots * dim;
+      const T* v_head = cache + (kv_heads + h) * slots * dim;
+      const int64_t* table = blocks + b * width;
+      __m512 qs[kMaxGroup][kMaxChunks];
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t c = 0; c < chunks; ++c)
+          qs[g][c] = _mm512_mul_ps(load16(q + (b * heads + h * group + g) * dim + c * 16), _mm512_set1_ps(scale));
+      scores.resize(group * padded);
+      context.resize(len);  // the context's cache slots, from its block table
+      int64_t* slot = context.data();
+      for (int64_t j = 0, i = 0; j < len; ++i)
+        for (int64_t off = 0; off < block_size && j < len; ++off, ++j) slot[j] = table[i] * block_size + off;
+      // Scores 16 keys at a time: the keys as float32 rows, then per query head 16 dot products whose sums
+      // one transposed reduction gathers into one vector (key t in lane t).
+      alignas(64) float keys[16 * kMaxChunks * 16];
+      for (int64_t j0 = 0; j0 < len; j0 += 16) {
+        const int64_t n = std::min<int64_t>(16, len - j0);
+        for (int64_t j = j0 + 16; j < std::min(len, j0 + 32); ++j)  // the next 16 keys: DRAM latency hides
+          prefetch_row(k_head + slot[j] * dim, dim);
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t j = j0 + t;
+          const T* k = k_head + slot[j] * dim;
+          for (int64_t c = 0; c < chunks; ++c) _mm512_store_ps(keys + (t * chunks + c) * 16, load16(k + c * 16));
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 acc[16];
+          for (int64_t t = 0; t < 16; ++t) {
+            acc[t] = _mm512_setzero_ps();
+            if (t < n)
+              for (int64_t c = 0; c < chunks; ++c)
+                acc[t] = _mm512_fmadd_ps(qs[g][c], _mm512_load_ps(keys + (t * chunks + c) * 16), acc[t]);
+          }
+          _mm512_storeu_ps(scores.data() + g * padded + j0, sum16(acc));
+        }
+      }
+      float inv_sum[kMaxGroup];
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * padded;
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < padded; j += 16) {
+          __mmask16 live = j + 16 <= len ? 0xFFFF : static_cast<__mmask16>((1u << (len - j)) - 1);
+          top = _mm512_mask_max_ps(top, live, top, _mm512_loadu_ps(s + j));
+        }
+        __m512 high = _mm512_set1_ps(_mm512_reduce_max_ps(top)), total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < padded; j += 16) {
+          __mmask16 live = j + 16 <= len ? 0xFFFF : static_cast<__mmask16>((1u << (len - j)) - 1);
+          __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), high)));
+          _mm512_storeu_ps(s + j, e);
+          total = _mm512_add_ps(total, e);
+        }
+        inv_sum[g] = 1.0f / _mm512_reduce_add_ps(total);
+      }
+      __m512 o[kMaxGroup][kMaxChunks];
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t c = 0; c < chunks; ++c) o[g][c] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < len; ++j) {
+        const T* v = v_head + slot[j] * dim;
+        if (j + 16 < len) prefetch_row(v_head + slot[j + 16] * dim, dim);
+        for (int64_t c = 0; c < chunks; ++c) {
+          __m512 vc = load16(v + c * 16);
+          for (int64_t g = 0; g < group; ++g)
+            o[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * padded + j]), vc, o[g][c]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t c = 0; c < chunks; ++c)
+          store16(out + (b * heads + h * group + g) * dim + c * 16, _mm512_mul_ps(o[g][c], _mm512_set1_ps(inv_sum[g])));
+    }
+  }
+}
+
+}  // namespace
+
+// q [B, H, D]; cache [2, KVH, slots, D] of q's dtype (float32 or bfloat16); blocks [B, W] int64 (each
+// sequence's block table, padded); lengths [B] int64 (keys per sequence, >= 1). Returns [B, H, D].
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& blocks,
+                        const at::Tensor& lengths, int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && cache.dim() == 4 && cache.is_contiguous(),
+              "paged_decode: q [B, H, D] and the cache [2, KVH, slots, D] must be contiguous");
+  TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "paged_decode: q and the cache must share a dtype");
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = cache.size(1);
+  TORCH_CHECK(dim % 16 == 0 && dim / 16 <= kMaxChunks && heads % kv_heads == 0 && heads / kv_heads <= kMaxGroup,
+              "paged_decode: head_dim must be a multiple of 16 up to 256, at most 8 query heads per KV head");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && blocks.is_contiguous() &&
+              blocks.size(0) == batch && lengths.size(0) == batch, "paged_decode: blocks [B, W], lengths [B] int64");
+  auto out = at::empty_like(q);
+  if (q.scalar_type() == at::kBFloat16) {
+    decode(q.data_ptr<at::BFloat16>(), cache.data_ptr<at::BFloat16>(), blocks.data_ptr<int64_t>(),
+           lengths.data_ptr<int64_t>(), batch, heads, kv_heads, cache.size(2), dim, blocks.size(1), block_size,
+           static_cast<float>(scale), out.data_ptr<at::BFloat16>());
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: float32 or bfloat16");
+    decode(q.data_ptr<float>(), cache.data_ptr<float>(), blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+           batch, heads, kv_heads, cache.size(2), dim, blocks.size(1), block_size, static_cast<float>(scale),
+           out.data_ptr<float>());
+  }
+  return out;
+}

@@ -1,0 +1,175 @@
+// int4 / int8 weights x int8 activations on AVX-512 VNNI: llama.cpp's Q4_1 (Q8_0) x Q8 dot product.
+//
+// Weights (packed once at load, see scalellm/models/kernels/__init__.py): per output column, per pair of
+// 32-weight blocks, in the order the activations below are laid out in, the weight being q * d + m:
+// 4 bits: 32 bytes whose low nibbles are the pair's first 32 codes and high nibbles its last 32 (q in 0..15);
+// 8 bits: 64 bytes (q in 0..255: a signed int8 code plus 128, m = -128 d).
+// Activations are quantised here, per row and per 32-block: a = round(x / ds), ds = max|x| / 127.
+// Then   y[r, c] = sum_b d[c,b] ds[r,b] sum_i q a  +  sum_b m[c,b] ds[r,b] sum_i a.
+//
+// Each output is computed by the same sequence of operations whatever the number of rows, the row's place in
+// the batch or the number of threads: a row's result never depends on what it is batched with.
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <algorithm>
+#include <memory>
+
+namespace {
+
+constexpr int kPair = 64;  // weights per pair of blocks: one 512-bit VNNI operand
+
+inline __m512 load_row16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_row16(const at::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// One 32-weight block of a row to int8: 32 bytes at out (8 int32 lanes), its scale and its scaled sum.
+template <typename T>
+inline __m256i quantize_block(const T* x, float* ds, float* sa) {
+  __m512 lo = load_row16(x), hi = load_row16(x + 16);
+  float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  float scale = amax / 127.0f;
+  __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));
+  __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+  *ds = scale;
+  *sa = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+  __m128i blo = _mm512_cvtsepi32_epi8(qlo), bhi = _mm512_cvtsepi32_epi8(qhi);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(blo), bhi, 1);
+}
+
+// One row to int8 pairs: per pair, int32 lanes alternate block 0 / block 1 (unpacklo then unpackhi of the two
+// blocks' 4-byte groups), so that lane parity picks the block and a broadcast pair of scales lines up.
+template <typename T>
+inline void quantize_row(const T* x, int64_t k, int8_t* aq, float* ds, float* sa) {
+  for (int64_t p = 0; p < k / kPair; ++p) {
+    __m256i b0 = quantize_block(x + p * kPair, ds + 2 * p, sa + 2 * p);
+    __m256i b1 = quantize_block(x + p * kPair + 32, ds + 2 * p + 1, sa + 2 * p + 1);
+    __m256i* to = reinterpret_cast<__m256i*>(aq + p * kPair);
+    _mm256_storeu_si256(to, _mm256_unpacklo_epi32(b0, b1));
+    _mm256_storeu_si256(to + 1, _mm256_unpackhi_epi32(b0, b1));
+  }
+}
+
+template <int Bits>
+inline __m512i unpack_pair(const uint8_t* w) {
+  if constexpr (Bits == 8) return _mm512_loadu_si512(w);
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+  return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+}
+
+inline __m512 pair_scales(const float* s) {  // (s0, s1) to [s0, s1, s0, s1, ...]
+  return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(s)));
+}
+
+// The q*a part of an R x C tile of outputs: y[r][c] for rows r0.., columns c0...
+template <int Bits, int R, int C>
+inline void tile(const uint8_t* wq, const float* d, const int8_t* aq, const float* ds, int64_t pairs,
+                 int64_t r0, int64_t c0, float* y) {  // y: row r0's 16 columns, c0 among them
+  __m512 acc[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t blocks = 2 * pairs;
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i w[C];
+    __m512 dw[C];
+    for (int j = 0; j < C; ++j) {
+      w[j] = unpack_pair<Bits>(wq + ((c0 + j) * pairs + p) * (8 * Bits));
+      dw[j] = pair_scales(d + (c0 + j) * blocks + 2 * p);
+    }
+    for (int i = 0; i < R; ++i) {
+      __m512i a = _mm512_loadu_si512(aq + ((r0 + i) * pairs + p) * kPair);
+      __m512 da = pair_scales(ds + (r0 + i) * blocks + 2 * p);
+      for (int j = 0; j < C; ++j) {
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[j], a);
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[j], da), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) y[i * 16 + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int Bits, int R>  // rows r0.. of columns c0..c1 (at most 16) into y, whose first row is rb
+inline void tile_rows(const uint8_t* wq, const float* d, const int8_t* aq, const float* ds, int64_t pairs,
+                      int64_t r0, int64_t rb, int64_t c0, int64_t c1, float* y) {
+  float* yr = y + (r0 - rb) * 16;
+  int64_t c = c0;
+  for (; c + 4 <= c1; c += 4) tile<Bits, R, 4>(wq, d, aq, ds, pairs, r0, c, yr + (c - c0));
+  for (; c < c1; ++c) tile<Bits, R, 1>(wq, d, aq, ds, pairs, r0, c, yr + (c - c0));
+}
+
+inline void store_row16(float* out, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(out, mask, v); }
+inline void store_row16(at::BFloat16* out, __m512 v, __mmask16 mask) {  // round to nearest even
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(out, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+
+template <int Bits, typename T>
+void q_q8_mm(const T* x, const uint8_t* wq, const float* d, const float* m_t, int64_t m, int64_t k,
+              int64_t n, T* out) {
+  const int64_t pairs = k / kPair, blocks = k / 32;
+  std::unique_ptr<int8_t[]> aq(new int8_t[m * k]);
+  std::unique_ptr<float[]> ds(new float[m * blocks]), sa(new float[m * blocks]);
+  const int64_t chunks = (n + 15) / 16;
+#pragma omp parallel
+  {
+    // Rows to int8, then (after the barrier) columns in chunks of 16: a chunk's weights stay in L1 while every
+    // row passes over them; the m-term and the store run 16 columns at a time.
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < m; ++r) quantize_row(x + r * k, k, aq.get() + r * k, ds.get() + r * blocks, sa.get() + r * blocks);
+    constexpr int64_t kRows = 64;
+    alignas(64) float y[kRows * 16];
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < chunks; ++g) {
+      const int64_t c0 = g * 16, c1 = std::min(n, c0 + 16);
+      for (int64_t rb = 0; rb < m; rb += kRows) {
+        const int64_t re = std::min(m, rb + kRows);
+        int64_t r = rb;
+        for (; r + 4 <= re; r += 4) tile_rows<Bits, 4>(wq, d, aq.get(), ds.get(), pairs, r, rb, c0, c1, y);
+        for (; r < re; ++r) tile_rows<Bits, 1>(wq, d, aq.get(), ds.get(), pairs, r, rb, c0, c1, y);
+        const __mmask16 mask = static_cast<__mmask16>((1u << (c1 - c0)) - 1);
+        for (r = rb; r < re; ++r) {
+          const float* sar = sa.get() + r * blocks;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t b = 0; b < blocks; ++b)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(sar[b]), _mm512_maskz_loadu_ps(mask, m_t + b * n + c0), acc);
+          store_row16(out + r * n + c0, _mm512_add_ps(_mm512_load_ps(y + (r - rb) * 16), acc), mask);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// x [M, K] float32 or bfloat16; wq uint8 [N, K * bits / 8] (bits 4: q in 0..15 as nibbles; 8: q in 0..255);
+// d float32 [N, K/32]; m_t float32 [K/32, N]: the weight is q * d + m. Returns [M, N] in x's dtype.
+at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m_t,
+                   int64_t bits) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "q_q8_mm: x must be a contiguous [M, K] matrix");
+  const int64_t m = x.size(0), k = x.size(1), n = wq.size(0);
+  TORCH_CHECK(bits == 4 || bits == 8, "q_q8_mm: bits must be 4 or 8");
+  TORCH_CHECK(k % kPair == 0 && wq.size(1) * 8 == k * bits, "q_q8_mm: K must be a multiple of 64 and match wq");
+  TORCH_CHECK(wq.scalar_type() == at::kByte && d.scalar_type() == at::kFloat && m_t.scalar_type() == at::kFloat &&
+              wq.is_contiguous() && d.is_contiguous() && m_t.is_contiguous(), "q_q8_mm: wq uint8, d and m_t float32");
+  auto out = at::empty({m, n}, x.options());
+  if (m == 0) return out;
+  auto run = [&](auto* xp, auto* op) {
+    if (bits == 4) q_q8_mm<4>(xp, wq.data_ptr<uint8_t>(), d.data_ptr<float>(), m_t.data_ptr<float>(), m, k, n, op);
+    else q_q8_mm<8>(xp, wq.data_ptr<uint8_t>(), d.data_ptr<float>(), m_t.data_ptr<float>(), m, k, n, op);
+  };
+  if (x.scalar_type() == at::kBFloat16) {
+    run(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "q_q8_mm: x must be float32 or bfloat16");
+    run(x.data_ptr<float>(), out.data_ptr<float>());
+  }
+  return out;
+}

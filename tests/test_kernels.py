@@ -1,0 +1,120 @@
+"""Our AVX-512 CPU kernels (scalellm/models/kernels) against plain torch computing the same thing.
+
+They run on this CI's machines (AVX-512 VNNI); elsewhere the engine keeps torch's kernels and these skip.
+What a user would notice if they broke: wrong logits, or a request's text changing with what it is batched with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from scalellm.models import kernels
+from scalellm.models.attention import decode_attention, decode_bias
+from scalellm.models.quant import Int4Linear, Int8Linear, int4_groups
+
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no AVX-512 VNNI or no compiler here")
+
+
+def reference_q_q8(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """What q_q8_mm computes, in float64: x quantised to int8 per 32-block times the weights q * d + m."""
+    rows, k = x.shape
+    blocks = x.double().view(rows, k // 32, 32)
+    ds = blocks.abs().amax(-1, keepdim=True) / 127
+    a = torch.where(ds > 0, (blocks / ds.clamp(min=1e-30)).round(), 0) * ds
+    w = q.double() * d.double().repeat_interleave(32, 1) + m.double().repeat_interleave(32, 1)
+    return a.view(rows, k) @ w.t()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_q_q8_mm_matches_its_definition(bits, dtype):
+    torch.manual_seed(0)
+    n, k = 37, 192  # a column tail (37 = 2 * 16 + 5) and three pairs of blocks
+    q = torch.randint(0, 2**bits, (n, k), dtype=torch.int32)
+    d, m = torch.rand(n, k // 32) * 0.01, torch.randn(n, k // 32) * 0.01
+    x = torch.randn(7, k).to(dtype)  # a row tail (7 = 4 + 3)
+    out = kernels.load().q_q8_mm(x, *kernels.pack(q, d, m, bits), bits)
+    want = reference_q_q8(x.float(), q, d, m)
+    assert out.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(out.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+def test_vnni_linear_rows_do_not_depend_on_the_batch(cls):
+    torch.manual_seed(1)
+    linear = cls.quantize(torch.randn(80, 128) * 0.05)
+    for name, buffer in linear.named_buffers():
+        if buffer.is_floating_point():
+            setattr(linear, name, buffer.bfloat16())
+    plain = linear(torch.randn(3, 128).bfloat16())
+    assert linear.use_vnni()
+    x = torch.randn(9, 128).bfloat16()
+    together = linear(x)
+    for i in range(9):
+        assert torch.equal(together[i], linear(x[i : i + 1])[0])
+    assert not torch.equal(plain, linear(x[:3]))  # it really is another kernel now
+
+
+def test_int4_codes_come_back_out_of_torchs_packing():
+    torch.manual_seed(2)
+    weight = torch.randn(64, 96) * 0.05
+    q, s, z = int4_groups(weight)
+    codes, d, m = Int4Linear.quantize(weight).codes()
+    assert torch.equal(codes, q)
+    assert torch.allclose(d, s, rtol=1e-2) and torch.allclose(m, z - 8 * s, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_matches_gathered_attention(dtype):
+    """Keys scattered over the cache in blocks, contexts of different lengths (tails of 16 included)."""
+    torch.manual_seed(3)
+    batch, heads, kv_heads, dim, block = 5, 9, 3, 64, 16
+    cache = torch.randn(2, kv_heads, 80 * block, dim).to(dtype)
+    lengths = torch.tensor([1, 16, 17, 70, 200])
+    width = 13
+    tables = torch.randperm(80)[: batch * width].view(batch, width)
+    q = torch.randn(batch, heads, dim).to(dtype)
+    out = kernels.load().paged_decode(q, cache, tables, lengths, block, dim**-0.5)
+    kv = cache.view(2, kv_heads, -1, block * dim).index_select(2, tables.flatten())
+    kv = kv.view(2, kv_heads, batch, width * block, dim).double()
+    want = decode_attention(q.double(), kv[0], kv[1], decode_bias(lengths, width * block).double(), dim**-0.5)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert out.dtype == dtype
+    assert torch.allclose(out.double(), want, atol=tol)
+    for i in range(batch):  # each sequence alone gives the same bits
+        alone = kernels.load().paged_decode(q[i : i + 1].contiguous(), cache, tables[i : i + 1].contiguous(),
+                                            lengths[i : i + 1].contiguous(), block, dim**-0.5)
+        assert torch.equal(alone[0], out[i])
+
+
+def test_engine_rows_are_the_same_bits_alone_chunked_cached_and_batched():
+    """The default engine (int4 on VNNI, attention on the kernel): a request's log-probs do not change by one
+    bit whether it runs alone, in a crowd that splits its prompt into chunks, or from the prefix cache."""
+    from test_engine_parity import ENGINE_DIR
+
+    from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
+    from scalellm.engine.engine import LLMEngine
+    from scalellm.engine.sequence import SamplingParams
+    from scalellm.tokenization import load_tokenizer
+
+    if not (ENGINE_DIR / "model.safetensors").exists():
+        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)")
+    engine = LLMEngine(EngineConfig(engine_dir=str(ENGINE_DIR), dtype="auto", cache=CacheConfig(num_blocks=256),
+                                    scheduler=SchedulerConfig(max_num_batched_tokens=40)))
+    engine.start()
+    try:
+        text = load_tokenizer(ENGINE_DIR).encode((Path(__file__).parent / "data" / "perplexity_text.txt").read_text())
+        prompts = [text.ids[start : start + length] for start, length in ((0, 70), (100, 45), (200, 90))]
+        params = SamplingParams(max_tokens=12, stop_token_ids=(0,), return_log_probs=True)
+        alone = [engine.generate([ids], params)[0] for ids in prompts]
+        crowd = engine.generate([prompts[i % len(prompts)] for i in range(12)], params)
+    finally:
+        engine.stop()
+    assert any(out.num_cached_tokens > 0 for out in crowd)  # some prompts did come from the prefix cache
+    for i, out in enumerate(crowd):
+        assert out.token_ids == alone[i % len(prompts)].token_ids
+        assert out.log_probs == alone[i % len(prompts)].log_probs
