@@ -34,7 +34,8 @@ def test_q_q8_mm_matches_its_definition(bits, dtype):
     torch.manual_seed(0)
     n, k = 37, 192  # a column tail (37 = 2 * 16 + 5) and three pairs of blocks
     q = torch.randint(0, 2**bits, (n, k), dtype=torch.int32)
-    d, m = torch.rand(n, k // 32) * 0.01, torch.randn(n, k // 32) * 0.01
+    # scales as the kernel keeps them (float16), so that the reference multiplies the very same weights
+    d, m = (torch.rand(n, k // 32) * 0.01).half().float(), (torch.randn(n, k // 32) * 0.01).half().float()
     x = torch.randn(7, k).to(dtype)  # a row tail (7 = 4 + 3)
     out = kernels.load().q_q8_mm(x, *kernels.pack(q, d, m, bits), bits)
     want = reference_q_q8(x.float(), q, d, m)

@@ -69,9 +69,13 @@ def load():
 
 
 def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """(q int [N, K] in 0..2^bits-1, d and m [N, K/32]: w = q * d + m) to ``q_q8_mm``'s (wq, d, m transposed)."""
+    """(q int [N, K] in 0..2^bits-1, d and m [N, K/32]: w = q * d + m) to ``q_q8_mm``'s (wq, d, m transposed).
+
+    d and m in float16, as GGUF's Q4_1 and Q8_0 blocks keep them: at one token the step reads every weight
+    byte from memory, and float32 scales would add a third to an int4 layer's bytes.
+    """
     n, k = q.shape
     pairs = q.reshape(n, k // PAIR, PAIR)[..., PAIR_ORDER].to(torch.uint8)
     if bits == 4:
         pairs = pairs[..., :32] | (pairs[..., 32:] << 4)
-    return pairs.reshape(n, -1).contiguous(), d.float().contiguous(), m.float().t().contiguous()
+    return pairs.reshape(n, -1).contiguous(), d.half().contiguous(), m.float().t().half().contiguous()

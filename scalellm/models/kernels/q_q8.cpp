@@ -62,13 +62,17 @@ inline __m512i unpack_pair(const uint8_t* w) {
   return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
 }
 
+inline __m512 pair_scales(const uint16_t* s) {  // float16 (s0, s1) to float32 [s0, s1, s0, s1, ...]
+  return _mm512_cvtph_ps(_mm256_set1_epi32(*reinterpret_cast<const int32_t*>(s)));
+}
+
 inline __m512 pair_scales(const float* s) {  // (s0, s1) to [s0, s1, s0, s1, ...]
   return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(s)));
 }
 
 // The q*a part of an R x C tile of outputs: y[r][c] for rows r0.., columns c0...
 template <int Bits, int R, int C>
-inline void tile(const uint8_t* wq, const float* d, const int8_t* aq, const float* ds, int64_t pairs,
+inline void tile(const uint8_t* wq, const uint16_t* d, const int8_t* aq, const float* ds, int64_t pairs,
                  int64_t r0, int64_t c0, float* y) {  // y: row r0's 16 columns, c0 among them
   __m512 acc[R][C];
   for (int i = 0; i < R; ++i)
@@ -95,7 +99,7 @@ inline void tile(const uint8_t* wq, const float* d, const int8_t* aq, const floa
 }
 
 template <int Bits, int R>  // rows r0.. of columns c0..c1 (at most 16) into y, whose first row is rb
-inline void tile_rows(const uint8_t* wq, const float* d, const int8_t* aq, const float* ds, int64_t pairs,
+inline void tile_rows(const uint8_t* wq, const uint16_t* d, const int8_t* aq, const float* ds, int64_t pairs,
                       int64_t r0, int64_t rb, int64_t c0, int64_t c1, float* y) {
   float* yr = y + (r0 - rb) * 16;
   int64_t c = c0;
@@ -112,7 +116,7 @@ inline void store_row16(at::BFloat16* out, __m512 v, __mmask16 mask) {  // round
 }
 
 template <int Bits, typename T>
-void q_q8_mm(const T* x, const uint8_t* wq, const float* d, const float* m_t, int64_t m, int64_t k,
+void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m_t, int64_t m, int64_t k,
               int64_t n, T* out) {
   const int64_t pairs = k / kPair, blocks = k / 32;
   std::unique_ptr<int8_t[]> aq(new int8_t[m * k]);
@@ -139,7 +143,8 @@ void q_q8_mm(const T* x, const uint8_t* wq, const float* d, const float* m_t, in
           const float* sar = sa.get() + r * blocks;
           __m512 acc = _mm512_setzero_ps();
           for (int64_t b = 0; b < blocks; ++b)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(sar[b]), _mm512_maskz_loadu_ps(mask, m_t + b * n + c0), acc);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(sar[b]),
+                                  _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m_t + b * n + c0)), acc);
           store_row16(out + r * n + c0, _mm512_add_ps(_mm512_load_ps(y + (r - rb) * 16), acc), mask);
         }
       }
@@ -150,20 +155,22 @@ void q_q8_mm(const T* x, const uint8_t* wq, const float* d, const float* m_t, in
 }  // namespace
 
 // x [M, K] float32 or bfloat16; wq uint8 [N, K * bits / 8] (bits 4: q in 0..15 as nibbles; 8: q in 0..255);
-// d float32 [N, K/32]; m_t float32 [K/32, N]: the weight is q * d + m. Returns [M, N] in x's dtype.
+// d float16 [N, K/32]; m_t float16 [K/32, N]: the weight is q * d + m. Returns [M, N] in x's dtype.
 at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m_t,
                    int64_t bits) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "q_q8_mm: x must be a contiguous [M, K] matrix");
   const int64_t m = x.size(0), k = x.size(1), n = wq.size(0);
   TORCH_CHECK(bits == 4 || bits == 8, "q_q8_mm: bits must be 4 or 8");
   TORCH_CHECK(k % kPair == 0 && wq.size(1) * 8 == k * bits, "q_q8_mm: K must be a multiple of 64 and match wq");
-  TORCH_CHECK(wq.scalar_type() == at::kByte && d.scalar_type() == at::kFloat && m_t.scalar_type() == at::kFloat &&
-              wq.is_contiguous() && d.is_contiguous() && m_t.is_contiguous(), "q_q8_mm: wq uint8, d and m_t float32");
+  TORCH_CHECK(wq.scalar_type() == at::kByte && d.scalar_type() == at::kHalf && m_t.scalar_type() == at::kHalf &&
+              wq.is_contiguous() && d.is_contiguous() && m_t.is_contiguous(), "q_q8_mm: wq uint8, d and m_t float16");
   auto out = at::empty({m, n}, x.options());
   if (m == 0) return out;
   auto run = [&](auto* xp, auto* op) {
-    if (bits == 4) q_q8_mm<4>(xp, wq.data_ptr<uint8_t>(), d.data_ptr<float>(), m_t.data_ptr<float>(), m, k, n, op);
-    else q_q8_mm<8>(xp, wq.data_ptr<uint8_t>(), d.data_ptr<float>(), m_t.data_ptr<float>(), m, k, n, op);
+    auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+    auto* mp = reinterpret_cast<const uint16_t*>(m_t.data_ptr<at::Half>());
+    if (bits == 4) q_q8_mm<4>(xp, wq.data_ptr<uint8_t>(), dp, mp, m, k, n, op);
+    else q_q8_mm<8>(xp, wq.data_ptr<uint8_t>(), dp, mp, m, k, n, op);
   };
   if (x.scalar_type() == at::kBFloat16) {
     run(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
