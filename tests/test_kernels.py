@@ -119,3 +119,36 @@ def test_engine_rows_are_the_same_bits_alone_chunked_cached_and_batched():
     for i, out in enumerate(crowd):
         assert out.token_ids == alone[i % len(prompts)].token_ids
         assert out.log_probs == alone[i % len(prompts)].log_probs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_ops_match_the_torch_ops_they_replace(dtype):
+    """RMSNorm (+ residual add), RoPE + cache write and silu * mul against the unfused torch code of llama.py."""
+    import torch.nn.functional as F
+
+    from scalellm.models.llama import RMSNorm, RotaryEmbedding, apply_rope
+
+    torch.manual_seed(4)
+    ops, rows, hidden, heads, kv_heads, dim = kernels.load(), 37, 576, 9, 3, 64  # 37: threads and row tails
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    norm = RMSNorm(hidden, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(hidden).to(dtype)
+    x, delta = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
+    assert torch.allclose(ops.rms_norm(x.clone(), None, norm.weight, 1e-5).float(), norm(x).float(), **tol)
+    residual = x.clone()
+    assert torch.allclose(ops.rms_norm(residual, delta, norm.weight, 1e-5).float(), norm(x + delta).float(), **tol)
+    assert torch.equal(residual, x + delta)  # the residual add happened in place, rounded as torch rounds it
+
+    gate_up = torch.randn(rows, 2 * 1536).to(dtype)
+    gate, up = gate_up.split(1536, dim=-1)
+    assert torch.allclose(ops.silu_mul(gate_up).float(), (F.silu(gate) * up).float(), **tol)
+
+    rope = RotaryEmbedding(dim, 2048, 100000.0)
+    positions, slots = torch.randint(0, 2048, (rows,)), torch.randperm(512)[:rows]
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim).to(dtype)
+    cache = torch.zeros(2, kv_heads, 512, dim, dtype=dtype)
+    q = ops.rope_kv(qkv, rope.cos, rope.sin, positions, cache, slots, heads, kv_heads)
+    qk = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, dim), rope.table(positions, dtype))
+    assert torch.equal(q, qk[:, :heads])  # rounded where torch's ops round: the same bits
+    assert torch.equal(cache[0, :, slots].transpose(0, 1), qk[:, heads:])
+    assert torch.equal(cache[1, :, slots].transpose(0, 1), qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim))

@@ -89,6 +89,8 @@ class ModelRunner:
         self._block_offsets = torch.arange(self.block_size)
         compiled = kernels.load() if self.device.type == "cpu" else None
         self.decode_kernel = compiled.paged_decode if compiled is not None else None
+        if compiled is not None:
+            self.model.use_kernels(compiled)
 
     def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
         """[length] cache slots of one sequence's first ``length`` tokens (its block table covers them)."""

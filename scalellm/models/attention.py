@@ -101,6 +101,13 @@ def paged_attention(
     return out
 
 
+def attend_in_place(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """The kernel path: the step's K/V are already in the cache (written with RoPE by the rope_kv kernel) and
+    every row is one query of the step's one DecodeGroup. q [T, H, D] contiguous -> [T, H, D]."""
+    (rows,) = batch.decodes
+    return batch.kernel(q, kv_cache, rows.blocks, rows.lengths, batch.block_size, scale)
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, H, D], one query per sequence
     k: torch.Tensor,  # [KVH, B, K, D]

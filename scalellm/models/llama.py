@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalellm.config import ModelConfig
-from scalellm.models.attention import AttentionBatch, paged_attention
+from scalellm.models.attention import AttentionBatch, attend_in_place, paged_attention
 from scalellm.models.moe import SparseMoE
 
 # transformers 5 holds Mixtral's MoE in memory as mlp.gate / mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then
@@ -64,6 +64,8 @@ def apply_rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> t
 
 
 class Attention(nn.Module):
+    kernels = None  # our CPU kernels (scalellm/models/kernels), set by LlamaForCausalLM.use_kernels
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -81,6 +83,10 @@ class Attention(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         t = x.shape[0]
+        if self.kernels is not None and batch.kernel is not None:  # rope = (cos, sin tables, positions)
+            q = self.kernels.rope_kv(self.qkv_proj(x), *rope, kv_cache, batch.slot_mapping, self.num_heads,
+                                     self.num_kv_heads)
+            return self.o_proj(attend_in_place(q, kv_cache, batch, self.scale).view(t, self.q_size))
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = apply_rope(qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)), rope)  # q, k at once
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -98,7 +104,11 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
+    kernels = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.down_proj(self.kernels.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -117,13 +127,22 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
+    kernels = None
+
     def forward(self, x, rope, kv_cache, batch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, batch)
         ffn = self.block_sparse_moe if self.is_moe else self.mlp
+        if self.kernels is not None:  # the residual adds fused into the norms; x is this forward's own tensor
+            eps, ops = self.input_layernorm.eps, self.kernels
+            h = ops.rms_norm(x, None, self.input_layernorm.weight, eps)
+            h = ops.rms_norm(x, self.self_attn(h, rope, kv_cache, batch), self.post_attention_layernorm.weight, eps)
+            return x.add_(ffn(h))
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, batch)
         return x + ffn(self.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nn.Module):
+    kernels = None
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -142,10 +161,21 @@ class LlamaForCausalLM(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        rope = self.rope.table(positions, x.dtype)
+        if self.kernels is not None and batch.kernel is not None:  # rope_kv reads the tables itself
+            rope = (self.rope.cos, self.rope.sin, positions)
+        else:
+            rope = self.rope.table(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, rope, kv_cache, batch)
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, None, self.norm.weight, self.norm.eps)
         return self.norm(x)
+
+    def use_kernels(self, kernels) -> None:
+        """Run the layers' elementwise parts on our CPU kernels (``scalellm.models.kernels.load()``)."""
+        for module in self.modules():
+            if isinstance(module, (LlamaForCausalLM, DecoderLayer, Attention, MLP)):
+                module.kernels = kernels
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 * q_q8.cpp: int4 / int8 weights x activations quantised to int8 per 32-block, on VNNI (llama.cpp's Q4_1 and
   Q8_0 x Q8 dot products). torch ships no x86 kernel that multiplies by int8 activations: its packed int4 and
   int8 matmuls widen every weight to float, which is fine for one token (memory-bound) but slow at 64.
-* paged_decode.cpp: decode attention reading K/V where they sit in the paged cache (no gathered copy).
+* paged_decode.cpp: attention reading K/V where they sit in the paged cache (no gathered copy).
+* layer_ops.cpp: a decoder layer's elementwise parts fused (RMSNorm + residual add, RoPE + K/V cache write,
+  silu * mul): at one token a step's time is mostly the dispatch of ~1500 small torch ops.
 
 Numbers in docs/benchmarks.md. ``load()`` returns None where they cannot run (no AVX-512 VNNI, no compiler,
 SCALELLM_NO_KERNELS=1): callers keep torch's kernels.
@@ -21,7 +23,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("bindings.cpp", "q_q8.cpp", "paged_decode.cpp")]
+SOURCES = [str(Path(__file__).with_name(name))
+           for name in ("bindings.cpp", "q_q8.cpp", "paged_decode.cpp", "layer_ops.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 CFLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
           "-mfma", "-fopenmp"]

@@ -6,7 +6,15 @@ at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& blocks,
                         const at::Tensor& lengths, int64_t block_size, double scale);
 
+at::Tensor rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps);
+at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                   at::Tensor cache, const at::Tensor& slots, int64_t heads, int64_t kv_heads);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("q_q8_mm", &q_q8_mm, "int4/int8 weights x activations quantised to int8 per 32-block (AVX-512 VNNI)");
+  module.def("rms_norm", &rms_norm, "RMSNorm of each row (after x += delta in place, with delta)");
+  module.def("rope_kv", &rope_kv, "RoPE on q and k, K and V written into the paged cache; returns q");
+  module.def("silu_mul", &silu_mul, "silu(gate) * up");
   module.def("paged_decode", &paged_decode, "decode attention over the paged KV cache (AVX-512)");
 }

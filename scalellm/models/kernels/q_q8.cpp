@@ -9,8 +9,7 @@
 //
 // Each output is computed by the same sequence of operations whatever the number of rows, the row's place in
 // the batch or the number of threads: a row's result never depends on what it is batched with.
-#include <ATen/ATen.h>
-#include <immintrin.h>
+#include "simd.h"
 
 #include <cstdint>
 #include <algorithm>
@@ -18,18 +17,14 @@
 
 namespace {
 
-constexpr int kPair = 64;  // weights per pair of blocks: one 512-bit VNNI operand
+using namespace scalellm;
 
-inline __m512 load_row16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_row16(const at::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+constexpr int kPair = 64;  // weights per pair of blocks: one 512-bit VNNI operand
 
 // One 32-weight block of a row to int8: 32 bytes at out (8 int32 lanes), its scale and its scaled sum.
 template <typename T>
 inline __m256i quantize_block(const T* x, float* ds, float* sa) {
-  __m512 lo = load_row16(x), hi = load_row16(x + 16);
+  __m512 lo = load16(x), hi = load16(x + 16);
   float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
   float scale = amax / 127.0f;
   __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
@@ -107,14 +102,6 @@ inline void tile_rows(const uint8_t* wq, const uint16_t* d, const int8_t* aq, co
   for (; c < c1; ++c) tile<Bits, R, 1>(wq, d, aq, ds, pairs, r0, c, yr + (c - c0));
 }
 
-inline void store_row16(float* out, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(out, mask, v); }
-inline void store_row16(at::BFloat16* out, __m512 v, __mmask16 mask) {  // round to nearest even
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_mask_storeu_epi16(out, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-}
-
 template <int Bits, typename T>
 void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m_t, int64_t m, int64_t k,
               int64_t n, T* out) {
@@ -145,7 +132,7 @@ void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m
           for (int64_t b = 0; b < blocks; ++b)
             acc = _mm512_fmadd_ps(_mm512_set1_ps(sar[b]),
                                   _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m_t + b * n + c0)), acc);
-          store_row16(out + r * n + c0, _mm512_add_ps(_mm512_load_ps(y + (r - rb) * 16), acc), mask);
+          store16(out + r * n + c0, _mm512_add_ps(_mm512_load_ps(y + (r - rb) * 16), acc), mask);
         }
       }
     }
