@@ -1,0 +1,113 @@
+"""Our CPU kernels (scalellm/models/kernels) against the torch code they replace, side by side in one run.
+
+    .venv/bin/python scripts/bench_kernels.py --threads 2 --output build/bench-kernels.json
+
+* matmuls at SmolLM2-135M's shapes (qkv, o, gate_up, down in int4; the lm_head in int8) for 1, 8 and 64 rows:
+  ``q_q8_mm`` (int8 activations, VNNI) against torch's ``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``
+  on bf16 activations. One layer's weights stay in cache here: in the engine, one token streams every layer's
+  weights from memory, so the 1-row ratios are the kernels' compute, not what a step gains;
+* attention for 64 / 8 / 1 sequences of 100-400 keys scattered over the cache in blocks: ``paged_decode``
+  against the gather + matmuls path (scalellm/models/attention.py), bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from scalellm.models import kernels
+from scalellm.models.attention import decode_attention, decode_bias
+from scalellm.models.quant import Int4Linear, Int8Linear
+
+SHAPES = [("qkv_proj", Int4Linear, 960, 576), ("o_proj", Int4Linear, 576, 576),
+          ("gate_up_proj", Int4Linear, 3072, 576), ("down_proj", Int4Linear, 576, 1536),
+          ("lm_head", Int8Linear, 49152, 576)]
+
+
+def best_us(fn, repeat: int) -> float:
+    """Best of 3 means of ``repeat`` calls, in microseconds."""
+    fn()
+    means = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        means.append((time.perf_counter() - start) / repeat * 1e6)
+    return min(means)
+
+
+def bench_matmuls(rows_list: list[int]) -> list[dict]:
+    results = []
+    for name, cls, n, k in SHAPES:
+        torch.manual_seed(0)
+        weight = torch.randn(n, k) * 0.05
+        theirs, ours = cls.quantize(weight), cls.quantize(weight)
+        for linear in (theirs, ours):
+            for buffer_name, buffer in linear.named_buffers():
+                if buffer.is_floating_point():
+                    setattr(linear, buffer_name, buffer.bfloat16())
+        assert ours.use_vnni(), "the VNNI kernel does not run here"
+        for rows in rows_list:
+            x = torch.randn(rows, k).bfloat16()
+            repeat = 5 if name == "lm_head" else 50
+            torch_us = best_us(lambda: theirs.packed_mm(x), repeat)  # noqa: B023
+            ours_us = best_us(lambda: ours.quantized_mm(x), repeat)  # noqa: B023
+            results.append({"kind": "matmul", "name": name, "rows": rows, "n": n, "k": k, "torch_us": torch_us,
+                             "ours_us": ours_us, "speedup": torch_us / ours_us})
+            print(f"{name:13s} {rows:3d} rows: torch {torch_us:9.1f} us  ours {ours_us:9.1f} us  "
+                  f"x{torch_us / ours_us:.2f}", flush=True)
+    return results
+
+
+def bench_attention(batches: list[int]) -> list[dict]:
+    results = []
+    heads, kv_heads, dim, block, num_blocks = 9, 3, 64, 16, 2048
+    module = kernels.load()
+    for batch in batches:
+        torch.manual_seed(0)
+        cache = torch.randn(2, kv_heads, num_blocks * block, dim).bfloat16()
+        lengths = torch.randint(100, 400, (batch,))
+        width = int((lengths.max() + block - 1) // block)
+        tables = torch.randperm(num_blocks)[: batch * width].view(batch, width)
+        q = torch.randn(batch, heads, dim).bfloat16()
+        by_block = cache.view(2, kv_heads, -1, block * dim)
+        bias = decode_bias(lengths, width * block)
+
+        def gathered():
+            kv = by_block.index_select(2, tables.flatten()).view(2, kv_heads, batch, width * block, dim)  # noqa: B023
+            return decode_attention(q, kv[0], kv[1], bias, dim**-0.5)  # noqa: B023
+
+        torch_us = best_us(gathered, 20)
+        ours_us = best_us(lambda: module.paged_decode(q, cache, tables, lengths, block, dim**-0.5), 20)  # noqa: B023
+        results.append({"kind": "attention", "sequences": batch, "keys": int(lengths.sum()), "torch_us": torch_us,
+                        "ours_us": ours_us, "speedup": torch_us / ours_us})
+        print(f"attention {batch:3d} sequences: gather+matmuls {torch_us:8.1f} us  ours {ours_us:8.1f} us  "
+              f"x{torch_us / ours_us:.2f}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--sequences", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    if kernels.load() is None:
+        raise SystemExit("our kernels do not run here (no AVX-512 VNNI, or no compiler)")
+    torch.set_num_threads(args.threads)
+    results = bench_matmuls(args.rows) + bench_attention(args.sequences)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "unknown")
+        args.output.write_text(json.dumps({"cpu": cpu, "threads": args.threads, "torch": torch.__version__,
+                                           "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
