@@ -32,7 +32,7 @@ def reference_q_q8(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.T
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_q_q8_mm_matches_its_definition(bits, dtype):
     torch.manual_seed(0)
-    n, k = 37, 192  # a column tail (37 = 2 * 16 + 5) and three pairs of blocks
+    n, k = 37, 1088  # a column tail (37 = 2 * 16 + 5); two groups of 16 blocks, then a pair
     q = torch.randint(0, 2**bits, (n, k), dtype=torch.int32)
     # scales as the kernel keeps them (float16), so that the reference multiplies the very same weights
     d, m = (torch.rand(n, k // 32) * 0.01).half().float(), (torch.randn(n, k // 32) * 0.01).half().float()
@@ -47,13 +47,13 @@ def test_q_q8_mm_matches_its_definition(bits, dtype):
 @pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
 def test_vnni_linear_rows_do_not_depend_on_the_batch(cls):
     torch.manual_seed(1)
-    linear = cls.quantize(torch.randn(80, 128) * 0.05)
+    linear = cls.quantize(torch.randn(80, 576) * 0.05)  # a group of 16 blocks, then a pair
     for name, buffer in linear.named_buffers():
         if buffer.is_floating_point():
             setattr(linear, name, buffer.bfloat16())
-    plain = linear(torch.randn(3, 128).bfloat16())
+    plain = linear(torch.randn(3, 576).bfloat16())
     assert linear.use_vnni()
-    x = torch.randn(9, 128).bfloat16()
+    x = torch.randn(9, 576).bfloat16()
     together = linear(x)
     for i in range(9):
         assert torch.equal(together[i], linear(x[i : i + 1])[0])
