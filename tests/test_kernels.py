@@ -152,3 +152,9 @@ def test_layer_ops_match_the_torch_ops_they_replace(dtype):
     assert torch.equal(q, qk[:, :heads])  # rounded where torch's ops round: the same bits
     assert torch.equal(cache[0, :, slots].transpose(0, 1), qk[:, heads:])
     assert torch.equal(cache[1, :, slots].transpose(0, 1), qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim))
+
+
+def test_models_the_kernels_cannot_take_keep_torchs_code():
+    """paged_decode and the layer ops have fixed register tiles: other head shapes must not reach them."""
+    assert kernels.fits(64, 3) and kernels.fits(128, 8)  # SmolLM2, Llama 3 70B / Mixtral
+    assert not kernels.fits(72, 1) and not kernels.fits(64, 32)  # head_dim off 16; multi-query with 32 heads

@@ -88,6 +88,10 @@ class ModelRunner:
         ]
         self._block_offsets = torch.arange(self.block_size)
         compiled = kernels.load() if self.device.type == "cpu" else None
+        if compiled is not None and not kernels.fits(c.head_dim, c.num_heads // c.num_kv_heads):
+            log.info("head_dim %d with %d query heads per KV head: torch's attention and layer code serve",
+                     c.head_dim, c.num_heads // c.num_kv_heads)
+            compiled = None
         self.decode_kernel = compiled.paged_decode if compiled is not None else None
         if compiled is not None:
             self.model.use_kernels(compiled)

@@ -71,6 +71,11 @@ def load():
         return None
 
 
+def fits(head_dim: int, group: int) -> bool:
+    """Whether paged_decode.cpp and layer_ops.cpp take a model with these heads (their fixed register tiles)."""
+    return head_dim % 16 == 0 and head_dim <= 256 and group <= 8
+
+
 def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     """(q int [N, K] in 0..2^bits-1, d and m [N, K/32]: w = q * d + m) to ``q_q8_mm``'s (wq, d, m transposed).
 
