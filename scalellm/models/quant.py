@@ -16,6 +16,10 @@ so a request's text does not depend on its batch. A MoE's experts see the rows r
 (``DenseRows.select``). The dense copy costs memory: turn it off for a model too large for both
 (``EngineConfig.dense_prompts``).
 
+On CPUs with AVX-512 VNNI the packed layers run instead on our kernel (``PackedLinear.use_vnni``,
+scalellm/models/kernels/q_q8.cpp): the same weights times activations quantised to int8 per 32-block, llama.cpp's
+Q4_1 / Q8_0 x Q8 dot product, 1.4-2x torch's packed kernels (``EngineConfig.int8_activations``).
+
 The lm_head (tied to the embedding in SmolLM2, Q8_0 in its GGUF) is int8 in both formats: int4 would add
 error where the GGUF itself keeps 8 bits, and at one token it is the largest single matrix (49152 x 576).
 The embedding lookup stays dense (a gather reads only the step's rows). MoE routers stay dense (tiny).
