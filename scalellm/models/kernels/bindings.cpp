@@ -11,10 +11,13 @@ at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tenso
                    at::Tensor cache, const at::Tensor& slots, int64_t heads, int64_t kv_heads);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
+// Every kernel lets go of the GIL while it runs, as torch's own ops do: the llm model's sender thread turns the
+// engine's outputs into Triton responses meanwhile (holding it starved the sender for whole matmuls).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("q_q8_mm", &q_q8_mm, "int4/int8 weights x activations quantised to int8 per 32-block (AVX-512 VNNI)");
-  module.def("rms_norm", &rms_norm, "RMSNorm of each row (after x += delta in place, with delta)");
-  module.def("rope_kv", &rope_kv, "RoPE on q and k, K and V written into the paged cache; returns q");
-  module.def("silu_mul", &silu_mul, "silu(gate) * up");
-  module.def("paged_decode", &paged_decode, "decode attention over the paged KV cache (AVX-512)");
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  module.def("q_q8_mm", &q_q8_mm, release(), "int4/int8 weights x activations quantised to int8 per 32-block");
+  module.def("rms_norm", &rms_norm, release(), "RMSNorm of each row (after x += delta in place, with delta)");
+  module.def("rope_kv", &rope_kv, release(), "RoPE on q and k, K and V written into the paged cache; returns q");
+  module.def("silu_mul", &silu_mul, release(), "silu(gate) * up");
+  module.def("paged_decode", &paged_decode, release(), "attention over the paged KV cache, one query per row");
 }
