@@ -105,10 +105,10 @@ class EngineConfig:
     # result (scalellm/models/quant.py). Costs the dense copy in memory (bf16: 2 bytes a weight outside the MoE
     # experts and the lm_head, +212 MB for SmolLM2-135M); False = packed kernels for every token.
     dense_prompts: bool = True
-    # int4: multiply by activations quantised to int8 per 32-block, on AVX-512 VNNI (llama.cpp's Q4_1 x Q8; the
-    # kernel is scalellm/models/kernels/q4_q8.cpp, built on first use), where the CPU and a compiler allow;
-    # False, or a CPU without VNNI = torch's int4 kernel on bf16 activations. Either computes a row the same
-    # whatever it is batched with.
+    # int4 / int8: the packed layers multiply activations quantised to int8 per 32-block, on AVX-512 VNNI
+    # (llama.cpp's Q4_1 / Q8_0 x Q8; scalellm/models/kernels/q_q8.cpp), where the CPU and a compiler allow;
+    # False, or no VNNI = torch's packed kernels on bf16 activations. Either computes a row the same whatever it
+    # is batched with.
     int8_activations: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -104,8 +104,18 @@ class ModelRunner:
     def _decode_groups(self, rows: list[int], tables: list[list[int]], lengths: list[int],
                        all_rows: bool) -> list[DecodeGroup]:
         if self.decode_kernel is not None:  # reads each context in place: one group, padded tables only
-            width = max(len(t) for t in tables)
-            blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+            unique: list[list[int]] = []  # a prompt's rows share its sequence's table: pad it once, repeat it
+            counts: list[int] = []
+            for table in tables:
+                if unique and table is unique[-1]:
+                    counts[-1] += 1
+                else:
+                    unique.append(table)
+                    counts.append(1)
+            width = max(len(t) for t in unique)
+            blocks = torch.tensor([t + [0] * (width - len(t)) for t in unique])
+            if len(unique) < len(tables):
+                blocks = blocks.repeat_interleave(torch.tensor(counts), dim=0)
             index = None if all_rows else torch.tensor(rows, device=self.device)
             return [DecodeGroup(index, blocks.to(self.device), None, torch.tensor(lengths, device=self.device))]
         groups = []

@@ -69,7 +69,10 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:
-    """Write the step's K/V into the cache, then attend; returns [T, H, D]."""
+    """Write the step's K/V into the cache, then attend; returns [T, H, D]. Not for a batch built for the kernel
+    (``attend_in_place``): its rows carry no padding bias."""
+    if batch.kernel is not None:
+        raise ValueError("an AttentionBatch built for the CPU kernel goes to attend_in_place")
     kv_cache.index_copy_(2, batch.slot_mapping, torch.stack([k, v]).transpose(1, 2))
     gqa = q.shape[1] != k.shape[1]  # prefill chunks: SDPA groups the heads itself
     only_decodes = not batch.prefills and len(batch.decodes) == 1 and batch.decodes[0].token_index is None
@@ -77,13 +80,6 @@ def paged_attention(
     kvh, dim = kv_cache.shape[1], kv_cache.shape[-1]
     by_block = kv_cache.view(2, kvh, -1, batch.block_size * dim)
     for d in batch.decodes:
-        if batch.kernel is not None:
-            qd = q if d.token_index is None else q[d.token_index]
-            o = batch.kernel(qd.contiguous(), kv_cache, d.blocks, d.lengths, batch.block_size, scale)
-            if out is None:
-                return o
-            out[d.token_index] = o
-            continue
         b, width = d.blocks.shape
         kv = by_block.index_select(2, d.blocks.flatten()).view(2, kvh, b, width * batch.block_size, dim)
         o = decode_attention(q if d.token_index is None else q[d.token_index], kv[0], kv[1], d.bias, scale)

@@ -30,7 +30,7 @@ CFLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "
           "-mfma", "-fopenmp"]
 PAIR = 64  # weights per VNNI operand: two 32-weight blocks
 
-# Where in a pair's 64 bytes each weight goes (q4_q8.cpp's activation layout): 4-byte groups alternate between
+# Where in a pair's 64 bytes each weight goes (q_q8.cpp's activation layout): 4-byte groups alternate between
 # the two blocks, in the order unpacklo/unpackhi of their eight groups produce.
 _GROUPS = [0, 1, 4, 5, 2, 3, 6, 7]
 PAIR_ORDER = torch.tensor([32 * block + 4 * group + t for group in _GROUPS for block in (0, 1) for t in range(4)])
@@ -53,7 +53,7 @@ def cpu_supports() -> bool:
 
 @functools.cache
 def load():
-    """The compiled module (its ``mm``), or None where the CPU or the toolchain cannot run it."""
+    """The compiled module (bindings.cpp lists its functions), or None where the CPU or toolchain cannot run it."""
     if os.environ.get("SCALELLM_NO_KERNELS") == "1" or not cpu_supports():
         return None
     from torch.utils import cpp_extension
