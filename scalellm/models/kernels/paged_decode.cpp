@@ -91,12 +91,12 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
         float* s = scores.data() + g * padded;
         __m512 top = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < padded; j += 16) {
-          __mmask16 live = j + 16 <= len ? 0xFFFF : static_cast<__mmask16>((1u << (len - j)) - 1);
+          const __mmask16 live = first(len - j);
           top = _mm512_mask_max_ps(top, live, top, _mm512_loadu_ps(s + j));
         }
         __m512 high = _mm512_set1_ps(_mm512_reduce_max_ps(top)), total = _mm512_setzero_ps();
         for (int64_t j = 0; j < padded; j += 16) {
-          __mmask16 live = j + 16 <= len ? 0xFFFF : static_cast<__mmask16>((1u << (len - j)) - 1);
+          const __mmask16 live = first(len - j);
           __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), high)));
           _mm512_storeu_ps(s + j, e);
           total = _mm512_add_ps(total, e);

@@ -125,7 +125,7 @@ void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m
         int64_t r = rb;
         for (; r + 4 <= re; r += 4) tile_rows<Bits, 4>(wq, d, aq.get(), ds.get(), pairs, r, rb, c0, c1, y);
         for (; r < re; ++r) tile_rows<Bits, 1>(wq, d, aq.get(), ds.get(), pairs, r, rb, c0, c1, y);
-        const __mmask16 mask = static_cast<__mmask16>((1u << (c1 - c0)) - 1);
+        const __mmask16 mask = first(c1 - c0);
         for (r = rb; r < re; ++r) {
           const float* sar = sa.get() + r * blocks;
           __m512 acc = _mm512_setzero_ps();
