@@ -336,6 +336,9 @@ def test_client_that_leaves_frees_the_engine(stack: Stack, api: str) -> None:
 
 
 # ---- failover (kills a replica; keep it last, it restarts the replica when done) ---------------------------
+LONG = 384  # tokens of the streams running when a replica is killed: 48 could all finish first once decode got fast
+
+
 def test_killed_replica_loses_no_unstarted_request(stack: Stack) -> None:
     """Replica 1 is killed once 8 streams (4 on each replica) have their first tokens: the ones it was running
     end with a clear error; 8 requests sent just then, with no token yet, are all answered in full."""
@@ -349,8 +352,9 @@ def test_killed_replica_loses_no_unstarted_request(stack: Stack) -> None:
             async def one(i: int) -> tuple[int, str | None]:
                 tokens = 0
                 try:
-                    async for chunk in client.stream_chunks(f"Request {i}: tell me a story.", max_tokens=48,
-                                                            end_id=-1):
+                    # the first 8 long enough to be still running when the kill lands, however fast the engine
+                    async for chunk in client.stream_chunks(f"Request {i}: tell me a story.",
+                                                            max_tokens=LONG if i < 8 else 48, end_id=-1):
                         tokens = chunk.num_tokens
                         if tokens and i < 8:
                             streaming.add(i)
@@ -372,7 +376,7 @@ def test_killed_replica_loses_no_unstarted_request(stack: Stack) -> None:
         errors = [error for _, error in started if error is not None]
         assert errors, "no stream was running on the killed replica"
         assert all("failed mid-stream" in error for error in errors), errors
-        assert all(tokens == 48 for tokens, error in started if error is None)
+        assert all(tokens == LONG for tokens, error in started if error is None)
         assert unstarted == [(48, None)] * 8  # retried on the live replica where the dead one got them
         assert router_metric(stack, "scalellm_router_requests_failed_total", victim) - failed_before == len(errors)
         assert router_metric(stack, "scalellm_router_replica_healthy", victim) == 0
