@@ -35,6 +35,14 @@ def test_counters_grow_by_the_tokens_generated(server: RunningServer, grpc_clien
     assert generated == 18
     assert wait_for(url, "scalellm_generation_tokens_total", tokens0 + generated) == tokens0 + generated
     assert wait_for(url, "scalellm_time_to_first_token_seconds_count", ttft0 + 3) == ttft0 + 3
+    # histograms as Prometheus exposes them: cumulative buckets up to +Inf == _count
+    itl_count = scrape(url, "scalellm_inter_token_latency_seconds_count")
+    text = urllib.request.urlopen(url).read().decode()
+    buckets = {float(le): float(v) for le, v in re.findall(
+        r'^scalellm_inter_token_latency_seconds_bucket{[^}]*le="([^"]+)"[^}]*} (\S+)$', text, re.M)}
+    assert buckets[float("inf")] == itl_count >= generated - 3
+    counts = [buckets[le] for le in sorted(buckets)]
+    assert counts == sorted(counts)
     assert scrape(url, "scalellm_kv_cache_blocks_total") > 0
     assert wait_for(url, "scalellm_kv_cache_blocks_used", 0) == 0  # everything given back
     assert scrape(url, "scalellm_requests_running") == 0
