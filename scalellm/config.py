@@ -113,3 +113,9 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    # Nice value of the engine thread's OpenMP workers (the engine thread itself keeps its own), where our CPU
+    # kernels load. A server's cores are shared with Triton's threads, which each streamed token wakes: at
+    # nice 19 those threads take a worker's core rather than the engine thread's, and the kernels hand a
+    # preempted worker's remaining work to the engine thread (dynamic schedules) instead of waiting for it.
+    # C=64 through Triton on 2 cores: +11-13% tokens/s (docs/benchmarks.md, session 11). 0: leave them be.
+    worker_nice: int = 19

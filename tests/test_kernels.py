@@ -28,15 +28,16 @@ def reference_q_q8(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.T
     return a.view(rows, k) @ w.t()
 
 
+@pytest.mark.parametrize("rows", [7, 70])  # even column split below 16 rows, dynamic grabs from 16 on
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_q_q8_mm_matches_its_definition(bits, dtype):
+def test_q_q8_mm_matches_its_definition(bits, dtype, rows):
     torch.manual_seed(0)
     n, k = 37, 1088  # a column tail (37 = 2 * 16 + 5); two groups of 16 blocks, then a pair
     q = torch.randint(0, 2**bits, (n, k), dtype=torch.int32)
     # scales as the kernel keeps them (float16), so that the reference multiplies the very same weights
     d, m = (torch.rand(n, k // 32) * 0.01).half().float(), (torch.randn(n, k // 32) * 0.01).half().float()
-    x = torch.randn(7, k).to(dtype)  # a row tail (7 = 4 + 3)
+    x = torch.randn(rows, k).to(dtype)  # a row tail (7 = 4 + 3; 70 = 64 + 4 + 2)
     out = kernels.load().q_q8_mm(x, *kernels.pack(q, d, m, bits), bits)
     want = reference_q_q8(x.float(), q, d, m)
     assert out.dtype == dtype
@@ -158,3 +159,27 @@ def test_models_the_kernels_cannot_take_keep_torchs_code():
     """paged_decode and the layer ops have fixed register tiles: other head shapes must not reach them."""
     assert kernels.fits(64, 3) and kernels.fits(128, 8)  # SmolLM2, Llama 3 70B / Mixtral
     assert not kernels.fits(72, 1) and not kernels.fits(64, 32)  # head_dim off 16; multi-query with 32 heads
+
+
+def test_nice_workers_lowers_the_workers_not_the_caller():
+    """EngineConfig.worker_nice: Triton's threads should preempt the engine's OpenMP workers, never the engine
+    thread itself (which would then hold every parallel region up)."""
+    import os
+    import threading
+
+    def nice_of(tid: int) -> int:
+        return int(Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+    seen: dict[str, object] = {}
+
+    def engine_thread() -> None:  # a fresh thread gets its own OpenMP pool, as the engine's loop thread does
+        torch.set_num_threads(2)
+        seen["set"] = kernels.nice_workers(7)
+        seen["caller"] = nice_of(threading.get_native_id())
+        seen["all"] = sorted(nice_of(int(t)) for t in os.listdir("/proc/self/task"))
+
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    thread.join()
+    assert seen["set"] == 1 and seen["caller"] == 0
+    assert 7 in seen["all"]

@@ -25,6 +25,7 @@ ENGINE_PARAMETERS: dict[str, Any] = {
     "int8_activations": int(EngineConfig.int8_activations),  # int4 engines: 1 = the VNNI int4 x int8 kernel
     "max_queue_size": _SCHED.max_queue_size,  # None: sized from the KV cache (scalellm/engine/admission.py)
     "default_timeout_ms": 0,  # deadline of requests without timeout_ms; 0: none
+    "worker_nice": EngineConfig.worker_nice,  # nice of the engine's OpenMP workers (0: unchanged)
 }
 
 
@@ -67,4 +68,5 @@ def engine_config(params: dict[str, str], engine_dir: Path, meta: dict[str, Any]
         num_threads=_int(params, "num_threads") or None,
         dense_prompts=bool(_int(params, "dense_prompts")),
         int8_activations=bool(_int(params, "int8_activations")),
+        worker_nice=_int(params, "worker_nice") or 0,
     )

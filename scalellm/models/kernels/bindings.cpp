@@ -1,6 +1,21 @@
 // The Python module of scalellm/models/kernels: one extension, so the heavy headers compile once per file.
 #include <torch/extension.h>
 
+#include <omp.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// The calling thread's OpenMP workers (not the caller) at this nice value; returns how many were set.
+int64_t nice_workers(int64_t nice) {
+  int64_t done = 0;
+#pragma omp parallel reduction(+ : done)
+  {
+    if (omp_get_thread_num() != 0) done += setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), nice) == 0;
+  }
+  return done;
+}
+
 at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m_t,
                    int64_t bits);
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& blocks,
@@ -19,5 +34,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("rms_norm", &rms_norm, release(), "RMSNorm of each row (after x += delta in place, with delta)");
   module.def("rope_kv", &rope_kv, release(), "RoPE on q and k, K and V written into the paged cache; returns q");
   module.def("silu_mul", &silu_mul, release(), "silu(gate) * up");
+  module.def("nice_workers", &nice_workers, "the calling thread's OpenMP workers at this nice value");
   module.def("paged_decode", &paged_decode, release(), "attention over the paged KV cache, one query per row");
 }

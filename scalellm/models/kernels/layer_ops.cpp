@@ -21,7 +21,7 @@ void for_rows(int64_t rows, int64_t cost_per_row, F&& body) {
     for (int64_t r = 0; r < rows; ++r) body(r);
     return;
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, kRowsPerThread / 2)  // a preempted thread's rows go to the other
   for (int64_t r = 0; r < rows; ++r) body(r);
 }
 
