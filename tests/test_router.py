@@ -106,8 +106,8 @@ def engines_stop_generating(stack: Stack, since: float, timeout_s: float = 10.0,
 
 
 def step_engines(stack: Stack) -> None:
-    """One short request per replica: the engines publish their gauges once per step, and a cancel that leaves
-    an engine idle takes no step of its own."""
+    """One short request per replica: the engines publish their gauges from their steps' summaries, and a cancel
+    that leaves an engine idle takes no step of its own."""
     for replica in stack.replicas:
         with Client(replica.grpc_url, timeout_s=CLIENT_TIMEOUT_S) as direct:
             direct.generate("Hi", max_tokens=1)
@@ -246,8 +246,15 @@ def test_prefix_aware_routing_raises_prefix_cache_hits(stack: Stack) -> None:
     """Groups of requests sharing a long system prompt: the prefix policy keeps each group on one replica, so
     its prefix is computed once, where least-tokens alternates replicas and computes it twice."""
 
-    def hits() -> float:
-        return sum(metric(scrape(r.metrics_url), "scalellm_prefix_cache_hit_tokens_total") for r in stack.replicas)
+    def hits() -> float:  # once the engines' publishers (every 0.2 s) have caught up
+        def now() -> float:
+            return sum(metric(scrape(r.metrics_url), "scalellm_prefix_cache_hit_tokens_total") for r in stack.replicas)
+
+        value, previous = now(), None
+        while value != previous:
+            time.sleep(0.5)
+            value, previous = now(), value
+        return value
 
     def workload(router: RouterProcess, tag: str) -> float:
         start = hits()
@@ -287,7 +294,11 @@ def _read_until_tokens(sock_file, events: int) -> None:  # type: ignore[no-untyp
 def test_client_that_leaves_frees_the_engine(stack: Stack, api: str) -> None:
     """A client drops its stream after a few tokens: every engine's running requests and KV blocks go back to
     what they were before it came (the request would otherwise generate for minutes)."""
+    deadline = time.monotonic() + 5.0  # earlier tests' last steps reach the metrics within 0.2 s
     idle = engine_idle_state(stack)
+    while any(running for running, _ in idle) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        idle = engine_idle_state(stack)
     assert all(running == 0 for running, _ in idle)
     cancelled = router_metric(stack, "scalellm_router_requests_cancelled_total")
     if api == "grpc":
@@ -331,6 +342,9 @@ def test_client_that_leaves_frees_the_engine(stack: Stack, api: str) -> None:
     stopped = engines_stop_generating(stack, since=left)
     print(f"{api}: the engine's token counter last moved {stopped:.3f} s after the client left")
     step_engines(stack)
+    deadline = time.monotonic() + 5.0  # the engines publish their metrics every 0.2 s (scalellm/metrics.py)
+    while engine_idle_state(stack) != idle and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert engine_idle_state(stack) == idle  # no request running, every KV block back
     assert router_metric(stack, "scalellm_router_requests_cancelled_total") == cancelled + 1
 
