@@ -6,6 +6,8 @@ What a user would notice if they broke: wrong logits, or a request's text changi
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -164,8 +166,6 @@ def test_models_the_kernels_cannot_take_keep_torchs_code():
 def test_nice_workers_lowers_the_workers_not_the_caller():
     """EngineConfig.worker_nice: Triton's threads should preempt the engine's OpenMP workers, never the engine
     thread itself (which would then hold every parallel region up)."""
-    import os
-    import threading
 
     def nice_of(tid: int) -> int:
         return int(Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
