@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -30,6 +32,7 @@ CLIENT_TIMEOUT_S = 180.0  # a hung server fails the test instead of hanging the 
 EXIT_TIMEOUT_S = 5
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 IN_FLIGHT = re.compile(r"has [1-9]\d* in-flight inferences")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,26 @@ class RunningServer:
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace")
+
+
+def settled(read: Callable[[], T], every_s: float = 0.5) -> T:
+    """``read()`` once two reads ``every_s`` apart agree: the engines publish their metrics every 0.2 s
+    (scalellm/metrics.py), so a value read right after a request may still move."""
+    value, previous = read(), None
+    while value != previous:
+        time.sleep(every_s)
+        value, previous = read(), value
+    return value
+
+
+def poll(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 5.0) -> T:
+    """``read()`` until ``done`` holds of it or ``timeout_s`` passes; the last value either way."""
+    deadline = time.monotonic() + timeout_s
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        value = read()
+    return value
 
 
 def http_json(url: str, body: dict | None = None, timeout_s: float = CLIENT_TIMEOUT_S) -> tuple[int, dict]:

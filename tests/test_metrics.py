@@ -6,7 +6,7 @@ import re
 import time
 import urllib.request
 
-from conftest import RunningServer
+from conftest import RunningServer, settled
 
 from scalellm_client import Client
 
@@ -27,19 +27,10 @@ def wait_for(url: str, family: str, expected: float, timeout_s: float = 5.0) -> 
     return value
 
 
-def settled(url: str, family: str) -> float:
-    """The family's value once the engine's publisher (every 0.2 s) has caught up with earlier tests' requests."""
-    value, previous = scrape(url, family), None
-    while value != previous:
-        time.sleep(0.5)
-        value, previous = scrape(url, family), value
-    return value
-
-
 def test_counters_grow_by_the_tokens_generated(server: RunningServer, grpc_client: Client) -> None:
     url = server.metrics_url
-    tokens0 = settled(url, "scalellm_generation_tokens_total")
-    ttft0 = settled(url, "scalellm_time_to_first_token_seconds_count")
+    tokens0 = settled(lambda: scrape(url, "scalellm_generation_tokens_total"))  # earlier tests' tokens included
+    ttft0 = settled(lambda: scrape(url, "scalellm_time_to_first_token_seconds_count"))
     generated = sum(grpc_client.generate(f"Count to {n}:", max_tokens=n, end_id=-1).num_tokens for n in (5, 6, 7))
     assert generated == 18
     assert wait_for(url, "scalellm_generation_tokens_total", tokens0 + generated) == tokens0 + generated

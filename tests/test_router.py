@@ -20,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import IN_FLIGHT, MODEL_DIR, model_repository
+from conftest import IN_FLIGHT, MODEL_DIR, model_repository, poll, settled
 from routerstack import RouterProcess, metric, scrape, small_model_dir, start_replicas
 from transformers import AutoTokenizer
 from tritonclient.utils import InferenceServerException
@@ -246,15 +246,9 @@ def test_prefix_aware_routing_raises_prefix_cache_hits(stack: Stack) -> None:
     """Groups of requests sharing a long system prompt: the prefix policy keeps each group on one replica, so
     its prefix is computed once, where least-tokens alternates replicas and computes it twice."""
 
-    def hits() -> float:  # once the engines' publishers (every 0.2 s) have caught up
-        def now() -> float:
-            return sum(metric(scrape(r.metrics_url), "scalellm_prefix_cache_hit_tokens_total") for r in stack.replicas)
-
-        value, previous = now(), None
-        while value != previous:
-            time.sleep(0.5)
-            value, previous = now(), value
-        return value
+    def hits() -> float:
+        return settled(lambda: sum(metric(scrape(r.metrics_url), "scalellm_prefix_cache_hit_tokens_total")
+                                   for r in stack.replicas))
 
     def workload(router: RouterProcess, tag: str) -> float:
         start = hits()
@@ -294,11 +288,7 @@ def _read_until_tokens(sock_file, events: int) -> None:  # type: ignore[no-untyp
 def test_client_that_leaves_frees_the_engine(stack: Stack, api: str) -> None:
     """A client drops its stream after a few tokens: every engine's running requests and KV blocks go back to
     what they were before it came (the request would otherwise generate for minutes)."""
-    deadline = time.monotonic() + 5.0  # earlier tests' last steps reach the metrics within 0.2 s
-    idle = engine_idle_state(stack)
-    while any(running for running, _ in idle) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        idle = engine_idle_state(stack)
+    idle = poll(lambda: engine_idle_state(stack), lambda state: not any(running for running, _ in state))
     assert all(running == 0 for running, _ in idle)
     cancelled = router_metric(stack, "scalellm_router_requests_cancelled_total")
     if api == "grpc":
@@ -342,10 +332,8 @@ def test_client_that_leaves_frees_the_engine(stack: Stack, api: str) -> None:
     stopped = engines_stop_generating(stack, since=left)
     print(f"{api}: the engine's token counter last moved {stopped:.3f} s after the client left")
     step_engines(stack)
-    deadline = time.monotonic() + 5.0  # the engines publish their metrics every 0.2 s (scalellm/metrics.py)
-    while engine_idle_state(stack) != idle and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert engine_idle_state(stack) == idle  # no request running, every KV block back
+    # no request running, every KV block back (once published: every 0.2 s)
+    assert poll(lambda: engine_idle_state(stack), lambda state: state == idle) == idle
     assert router_metric(stack, "scalellm_router_requests_cancelled_total") == cancelled + 1
 
 
