@@ -25,7 +25,6 @@ from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.sampler import sample
 from scalellm.engine.scheduler import ScheduledWork, Scheduler
 from scalellm.engine.sequence import FinishedRequest, RequestOutput, RequestTimings, SamplingParams, Sequence
-from scalellm.models import kernels
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -163,8 +162,7 @@ class LLMEngine:
 
     def _loop(self) -> None:
         try:
-            if self.config.worker_nice and self.runner.decode_kernel is not None:  # our kernels serve
-                kernels.nice_workers(self.config.worker_nice)  # this thread's OpenMP pool: see EngineConfig
+            self.runner.nice_workers(self.config.worker_nice)  # this thread's OpenMP pool
             self._serve()
         except BaseException as exc:  # the thread is dying: fail every request, admit none (see _die)
             self._die(exc)

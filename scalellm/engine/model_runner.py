@@ -95,6 +95,13 @@ class ModelRunner:
         self.decode_kernel = compiled.paged_decode if compiled is not None else None
         if compiled is not None:
             self.model.use_kernels(compiled)
+        self._compiled = compiled
+
+    def nice_workers(self, nice: int) -> None:
+        """The calling thread's OpenMP workers at ``nice`` where our kernels serve (EngineConfig.worker_nice):
+        their dynamic schedules let the caller take over a preempted worker's share; torch's static ones don't."""
+        if nice and self._compiled is not None:
+            self._compiled.nice_workers(nice)
 
     def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
         """[length] cache slots of one sequence's first ``length`` tokens (its block table covers them)."""

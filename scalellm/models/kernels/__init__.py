@@ -71,12 +71,6 @@ def load():
         return None
 
 
-def nice_workers(nice: int) -> int:
-    """Set the calling thread's OpenMP workers to ``nice`` (see EngineConfig.worker_nice); 0 without kernels."""
-    module = load()
-    return 0 if module is None else module.nice_workers(nice)
-
-
 def fits(head_dim: int, group: int) -> bool:
     """Whether paged_decode.cpp and layer_ops.cpp take a model with these heads (their fixed register tiles)."""
     return head_dim % 16 == 0 and head_dim <= 256 and group <= 8
