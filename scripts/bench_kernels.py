@@ -3,11 +3,14 @@
     .venv/bin/python scripts/bench_kernels.py --threads 2 --output build/bench-kernels.json
 
 * matmuls at SmolLM2-135M's shapes (qkv, o, gate_up, down in int4; the lm_head in int8) for 1, 8 and 64 rows:
-  ``q_q8_mm`` (int8 activations, VNNI) against torch's ``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``
-  on bf16 activations. One layer's weights stay in cache here: in the engine, one token streams every layer's
+  ``q_q8_mm`` (int8 activations) against what serves without it: on a CPU with native bf16, torch's
+  ``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` on bf16 activations; elsewhere (AVX2) the float32
+  weights' ``F.linear``. One layer's weights stay in cache here: in the engine, one token streams every layer's
   weights from memory, so the 1-row ratios are the kernels' compute, not what a step gains;
 * attention for 64 / 8 / 1 sequences of 100-400 keys scattered over the cache in blocks: ``paged_decode``
-  against the gather + matmuls path (scalellm/models/attention.py), bf16.
+  against the gather + matmuls path (scalellm/models/attention.py), in the same activations' dtype.
+
+``--isa avx2`` measures the AVX2 build on an AVX-512 machine (default: the best this CPU runs).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from scalellm.models import kernels
 from scalellm.models.attention import decode_attention, decode_bias
+from scalellm.models.formats import cpu_has_native_bf16
 from scalellm.models.quant import Int4Linear, Int8Linear
 
 SHAPES = [("qkv_proj", Int4Linear, 960, 576), ("o_proj", Int4Linear, 576, 576),
@@ -40,7 +45,7 @@ def best_us(fn, repeat: int) -> float:
     return min(means)
 
 
-def bench_matmuls(rows_list: list[int]) -> list[dict]:
+def bench_matmuls(rows_list: list[int], module, dtype: torch.dtype) -> list[dict]:
     results = []
     for name, cls, n, k in SHAPES:
         torch.manual_seed(0)
@@ -49,12 +54,16 @@ def bench_matmuls(rows_list: list[int]) -> list[dict]:
         for linear in (theirs, ours):
             for buffer_name, buffer in linear.named_buffers():
                 if buffer.is_floating_point():
-                    setattr(linear, buffer_name, buffer.bfloat16())
-        assert ours.use_vnni(), "the VNNI kernel does not run here"
+                    setattr(linear, buffer_name, buffer.to(dtype))
+        assert ours.use_q8(), "our q_q8_mm does not run here"
+        ours.q8_mm = module.q_q8_mm
         for rows in rows_list:
-            x = torch.randn(rows, k).bfloat16()
+            x = torch.randn(rows, k).to(dtype)
             repeat = 5 if name == "lm_head" else 50
-            torch_us = best_us(lambda: theirs.packed_mm(x), repeat)  # noqa: B023
+            if dtype == torch.bfloat16:
+                torch_us = best_us(lambda: theirs.packed_mm(x), repeat)  # noqa: B023
+            else:
+                torch_us = best_us(lambda: F.linear(x, weight), repeat)  # noqa: B023
             ours_us = best_us(lambda: ours.quantized_mm(x), repeat)  # noqa: B023
             results.append({"kind": "matmul", "name": name, "rows": rows, "n": n, "k": k, "torch_us": torch_us,
                              "ours_us": ours_us, "speedup": torch_us / ours_us})
@@ -63,17 +72,16 @@ def bench_matmuls(rows_list: list[int]) -> list[dict]:
     return results
 
 
-def bench_attention(batches: list[int]) -> list[dict]:
+def bench_attention(batches: list[int], module, dtype: torch.dtype) -> list[dict]:
     results = []
     heads, kv_heads, dim, block, num_blocks = 9, 3, 64, 16, 2048
-    module = kernels.load()
     for batch in batches:
         torch.manual_seed(0)
-        cache = torch.randn(2, kv_heads, num_blocks * block, dim).bfloat16()
+        cache = torch.randn(2, kv_heads, num_blocks * block, dim).to(dtype)
         lengths = torch.randint(100, 400, (batch,))
         width = int((lengths.max() + block - 1) // block)
         tables = torch.randperm(num_blocks)[: batch * width].view(batch, width)
-        q = torch.randn(batch, heads, dim).bfloat16()
+        q = torch.randn(batch, heads, dim).to(dtype)
         by_block = cache.view(2, kv_heads, -1, block * dim)
         bias = decode_bias(lengths, width * block)
 
@@ -95,17 +103,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--sequences", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--isa", choices=sorted(kernels.ISAS), help="default: the best this CPU runs")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    if kernels.load() is None:
-        raise SystemExit("our kernels do not run here (no AVX-512 VNNI, or no compiler)")
+    module = kernels.load(args.isa)
+    if module is None:
+        raise SystemExit("our kernels do not run here (no AVX2, or no compiler)")
     torch.set_num_threads(args.threads)
-    results = bench_matmuls(args.rows) + bench_attention(args.sequences)
+    dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    print(f"{args.isa or kernels.best_isa()} kernels, {dtype} activations", flush=True)
+    results = bench_matmuls(args.rows, module, dtype) + bench_attention(args.sequences, module, dtype)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), "unknown")
-        args.output.write_text(json.dumps({"cpu": cpu, "threads": args.threads, "torch": torch.__version__,
+        args.output.write_text(json.dumps({"cpu": cpu, "isa": args.isa or kernels.best_isa(), "dtype": str(dtype),
+                                           "threads": args.threads, "torch": torch.__version__,
                                            "results": results}, indent=2))
 
 

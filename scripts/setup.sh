@@ -46,9 +46,9 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
     log "installed in $((SECONDS - started)) s"
 fi
 
-# 1b. Our AVX-512 CPU kernels (scalellm/models/kernels): compiled once here (~40 s) rather than while the first
-#     server starts; a CPU without AVX-512 VNNI or a failed build leaves torch's kernels serving.
-"$PY" -c 'from scalellm.models import kernels; print("[setup] CPU kernels:", "built" if kernels.load() else "not used here")' >&2
+# 1b. Our CPU kernels (scalellm/models/kernels, AVX-512 VNNI or AVX2): compiled once here (~40 s) rather than
+#     while the first server starts; a CPU without AVX2 or a failed build leaves torch's kernels serving.
+"$PY" -c 'from scalellm.models import kernels; print("[setup] CPU kernels:", f"built for {kernels.best_isa()}" if kernels.load() else "not used here")' >&2
 
 # 2. Container tools, only when asked (scripts/containers.sh does the work).
 if [[ " $* " == *" --containers "* ]]; then

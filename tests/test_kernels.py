@@ -1,6 +1,7 @@
-"""Our AVX-512 CPU kernels (scalellm/models/kernels) against plain torch computing the same thing.
+"""Our CPU kernels (scalellm/models/kernels) against plain torch computing the same thing.
 
-They run on this CI's machines (AVX-512 VNNI); elsewhere the engine keeps torch's kernels and these skip.
+Each test runs once per instruction set this CPU runs (AVX-512 VNNI and AVX2 on an AVX-512 machine, AVX2 alone
+on an AVX2 one); without AVX2 the engine keeps torch's kernels and these skip.
 What a user would notice if they broke: wrong logits, or a request's text changing with what it is batched with.
 """
 
@@ -17,7 +18,16 @@ from scalellm.models import kernels
 from scalellm.models.attention import decode_attention, decode_bias
 from scalellm.models.quant import Int4Linear, Int8Linear, int4_groups
 
-pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no AVX-512 VNNI or no compiler here")
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 or no compiler here")
+
+
+@pytest.fixture(params=kernels.runnable_isas() or ["none"])
+def ops(request):
+    """The kernels built for one instruction set."""
+    module = kernels.load(request.param)
+    if module is None:
+        pytest.skip(f"our {request.param} kernels do not build here")
+    return module
 
 
 def reference_q_q8(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -33,14 +43,14 @@ def reference_q_q8(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.T
 @pytest.mark.parametrize("rows", [7, 70])  # even column split below 16 rows, dynamic grabs from 16 on
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_q_q8_mm_matches_its_definition(bits, dtype, rows):
+def test_q_q8_mm_matches_its_definition(ops, bits, dtype, rows):
     torch.manual_seed(0)
     n, k = 37, 1088  # a column tail (37 = 2 * 16 + 5); two groups of 16 blocks, then a pair
     q = torch.randint(0, 2**bits, (n, k), dtype=torch.int32)
     # scales as the kernel keeps them (float16), so that the reference multiplies the very same weights
     d, m = (torch.rand(n, k // 32) * 0.01).half().float(), (torch.randn(n, k // 32) * 0.01).half().float()
     x = torch.randn(rows, k).to(dtype)  # a row tail (7 = 4 + 3; 70 = 64 + 4 + 2)
-    out = kernels.load().q_q8_mm(x, *kernels.pack(q, d, m, bits), bits)
+    out = ops.q_q8_mm(x, *kernels.pack(q, d, m, bits), bits)
     want = reference_q_q8(x.float(), q, d, m)
     assert out.dtype == dtype
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
@@ -48,14 +58,14 @@ def test_q_q8_mm_matches_its_definition(bits, dtype, rows):
 
 
 @pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
-def test_vnni_linear_rows_do_not_depend_on_the_batch(cls):
+def test_q8_linear_rows_do_not_depend_on_the_batch(cls):
     torch.manual_seed(1)
     linear = cls.quantize(torch.randn(80, 576) * 0.05)  # a group of 16 blocks, then a pair
     for name, buffer in linear.named_buffers():
         if buffer.is_floating_point():
             setattr(linear, name, buffer.bfloat16())
     plain = linear(torch.randn(3, 576).bfloat16())
-    assert linear.use_vnni()
+    assert linear.use_q8()
     x = torch.randn(9, 576).bfloat16()
     together = linear(x)
     for i in range(9):
@@ -73,7 +83,7 @@ def test_int4_codes_come_back_out_of_torchs_packing():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_matches_gathered_attention(dtype):
+def test_paged_decode_matches_gathered_attention(ops, dtype):
     """Keys scattered over the cache in blocks, contexts of different lengths (tails of 16 included)."""
     torch.manual_seed(3)
     batch, heads, kv_heads, dim, block = 5, 9, 3, 64, 16
@@ -82,7 +92,7 @@ def test_paged_decode_matches_gathered_attention(dtype):
     width = 13
     tables = torch.randperm(80)[: batch * width].view(batch, width)
     q = torch.randn(batch, heads, dim).to(dtype)
-    out = kernels.load().paged_decode(q, cache, tables, lengths, block, dim**-0.5)
+    out = ops.paged_decode(q, cache, tables, lengths, block, dim**-0.5)
     kv = cache.view(2, kv_heads, -1, block * dim).index_select(2, tables.flatten())
     kv = kv.view(2, kv_heads, batch, width * block, dim).double()
     want = decode_attention(q.double(), kv[0], kv[1], decode_bias(lengths, width * block).double(), dim**-0.5)
@@ -90,8 +100,8 @@ def test_paged_decode_matches_gathered_attention(dtype):
     assert out.dtype == dtype
     assert torch.allclose(out.double(), want, atol=tol)
     for i in range(batch):  # each sequence alone gives the same bits
-        alone = kernels.load().paged_decode(q[i : i + 1].contiguous(), cache, tables[i : i + 1].contiguous(),
-                                            lengths[i : i + 1].contiguous(), block, dim**-0.5)
+        alone = ops.paged_decode(q[i : i + 1].contiguous(), cache, tables[i : i + 1].contiguous(),
+                                 lengths[i : i + 1].contiguous(), block, dim**-0.5)
         assert torch.equal(alone[0], out[i])
 
 
@@ -125,14 +135,14 @@ def test_engine_rows_are_the_same_bits_alone_chunked_cached_and_batched():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_ops_match_the_torch_ops_they_replace(dtype):
+def test_layer_ops_match_the_torch_ops_they_replace(ops, dtype):
     """RMSNorm (+ residual add), RoPE + cache write and silu * mul against the unfused torch code of llama.py."""
     import torch.nn.functional as F
 
     from scalellm.models.llama import RMSNorm, RotaryEmbedding, apply_rope
 
     torch.manual_seed(4)
-    ops, rows, hidden, heads, kv_heads, dim = kernels.load(), 37, 576, 9, 3, 64  # 37: threads and row tails
+    rows, hidden, heads, kv_heads, dim = 37, 576, 9, 3, 64  # 37: threads and row tails
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     norm = RMSNorm(hidden, 1e-5).to(dtype)
     norm.weight.data = torch.randn(hidden).to(dtype)
@@ -163,7 +173,7 @@ def test_models_the_kernels_cannot_take_keep_torchs_code():
     assert not kernels.fits(72, 1) and not kernels.fits(64, 32)  # head_dim off 16; multi-query with 32 heads
 
 
-def test_nice_workers_lowers_the_workers_not_the_caller():
+def test_nice_workers_lowers_the_workers_not_the_caller(ops):
     """EngineConfig.worker_nice: Triton's threads should preempt the engine's OpenMP workers, never the engine
     thread itself (which would then hold every parallel region up)."""
 
@@ -174,7 +184,7 @@ def test_nice_workers_lowers_the_workers_not_the_caller():
 
     def engine_thread() -> None:  # a fresh thread gets its own OpenMP pool, as the engine's loop thread does
         torch.set_num_threads(2)
-        seen["set"] = kernels.load().nice_workers(7)
+        seen["set"] = ops.nice_workers(7)
         seen["caller"] = nice_of(threading.get_native_id())
         seen["all"] = sorted(nice_of(int(t)) for t in os.listdir("/proc/self/task"))
 

@@ -16,9 +16,10 @@ so a request's text does not depend on its batch. A MoE's experts see the rows r
 (``DenseRows.select``). The dense copy costs memory: turn it off for a model too large for both
 (``EngineConfig.dense_prompts``).
 
-On CPUs with AVX-512 VNNI the packed layers run instead on our kernel (``PackedLinear.use_vnni``,
+Where our kernels build (AVX-512 VNNI or AVX2) the packed layers run instead on q_q8_mm (``PackedLinear.use_q8``,
 scalellm/models/kernels/q_q8.cpp): the same weights times activations quantised to int8 per 32-block, llama.cpp's
-Q4_1 / Q8_0 x Q8 dot product, 1.4-2x torch's packed kernels (``EngineConfig.int8_activations``).
+Q4_1 / Q8_0 x Q8 dot product, 1.4-2x torch's packed kernels on VNNI (``EngineConfig.int8_activations``). It takes
+float32 activations too, which is what makes the quantised formats pay on AVX2 CPUs (scalellm/models/formats.py).
 
 The lm_head (tied to the embedding in SmolLM2, Q8_0 in its GGUF) is int8 in both formats: int4 would add
 error where the GGUF itself keeps 8 bits, and at one token it is the largest single matrix (49152 x 576).
@@ -87,33 +88,33 @@ class PackedLinear(nn.Module):
     def keep_dense(self, weight: torch.Tensor, rows: DenseRows) -> None:
         self.dense, self.rows = weight, rows
 
-    # The VNNI kernel's weights (kernels.pack) and bits, once ``use_vnni`` packed them; None = torch's kernel.
-    vnni: tuple[torch.Tensor, ...] | None = None
-    vnni_bits = 8
+    # q_q8_mm's weights (kernels.pack) and bits, once ``use_q8`` packed them; None = torch's kernel.
+    q8: tuple[torch.Tensor, ...] | None = None
+    q8_bits = 8
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         """torch's packed kernel."""
         raise NotImplementedError
 
     def quantized_mm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vnni is not None:
-            return self.vnni_mm(x.contiguous(), *self.vnni)
+        if self.q8 is not None:
+            return self.q8_mm(x.contiguous(), *self.q8)
         return self.packed_mm(x)
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q [N, K] unsigned, d and m [N, K/32]) with weight = q * d + m: this layer in the VNNI kernel's terms."""
+        """(q [N, K] unsigned, d and m [N, K/32]) with weight = q * d + m: this layer in q_q8_mm's terms."""
         raise NotImplementedError
 
-    def use_vnni(self) -> bool:
-        """Run on the VNNI kernel (activations quantised to int8 per 32-block) where it can run this layer.
+    def use_q8(self) -> bool:
+        """Run on our q_q8_mm (activations quantised to int8 per 32-block) where it builds and takes this layer.
 
         The weights stay exactly what they are; torch's packing is dropped, so ``packed_state`` no longer applies.
         """
         module = kernels.load()
         if module is None or self.in_features % kernels.PAIR or getattr(self, "group_size", 32) != 32:
             return False
-        self.vnni = (*kernels.pack(*self.codes(), self.vnni_bits), self.vnni_bits)
-        self.vnni_mm = module.q_q8_mm
+        self.q8 = (*kernels.pack(*self.codes(), self.q8_bits), self.q8_bits)
+        self.q8_mm = module.q_q8_mm
         self.weight = None
         return True
 
@@ -181,7 +182,7 @@ class Int4Linear(PackedLinear):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
         return cls(packed, torch.stack([s.t(), z.t()], dim=-1).contiguous(), group_size)
 
-    vnni_bits = 4
+    q8_bits = 4
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
@@ -208,8 +209,8 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
     ``stored``: the packed buffers of an earlier call (``packed_state``), loaded instead of re-quantising.
     Scales end up in ``dtype``, the activations' dtype the kernels require. ``dense``: keep each dense weight
     (it must already be in ``dtype``) for the rows ``dense`` names; None = packed kernels only. The lm_head keeps
-    none: it only sees the rows that sample, one per sequence. ``int8_activations``: int4 layers on the VNNI
-    kernel where the CPU has it (``Int4Linear.use_vnni``).
+    none: it only sees the rows that sample, one per sequence. ``int8_activations``: the packed layers on our
+    q_q8_mm where it builds (``PackedLinear.use_q8``).
     """
     from scalellm.models.moe import SparseMoE
 
@@ -229,7 +230,7 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
         if rows is not None:
             linear.keep_dense(weight.detach(), rows)
         if int8_activations:
-            linear.use_vnni()
+            linear.use_q8()
         return linear
 
     for path, module in list(model.named_modules()):

@@ -1,14 +1,17 @@
-"""Our AVX-512 CPU kernels, built on first use with torch's C++ extension loader and cached on disk:
+"""Our CPU kernels, built on first use with torch's C++ extension loader and cached on disk:
 
-* q_q8.cpp: int4 / int8 weights x activations quantised to int8 per 32-block, on VNNI (llama.cpp's Q4_1 and
-  Q8_0 x Q8 dot products). torch ships no x86 kernel that multiplies by int8 activations: its packed int4 and
-  int8 matmuls widen every weight to float, which is fine for one token (memory-bound) but slow at 64.
+* q_q8.cpp: int4 / int8 weights x activations quantised to int8 per 32-block (llama.cpp's Q4_1 and Q8_0 x Q8
+  dot products). torch ships no x86 kernel that multiplies by int8 activations: its packed int4 and int8
+  matmuls widen every weight to float, which is fine for one token (memory-bound) but slow at 64, and on CPUs
+  without native bf16 (AVX2) they take a slow path for float32 activations.
 * paged_decode.cpp: attention reading K/V where they sit in the paged cache (no gathered copy).
 * layer_ops.cpp: a decoder layer's elementwise parts fused (RMSNorm + residual add, RoPE + K/V cache write,
   silu * mul): at one token a step's time is mostly the dispatch of ~1500 small torch ops.
 
-Numbers in docs/benchmarks.md. ``load()`` returns None where they cannot run (no AVX-512 VNNI, no compiler,
-SCALELLM_NO_KERNELS=1): callers keep torch's kernels.
+The same sources build for two instruction sets (simd.h): AVX-512 with VNNI, and AVX2 + FMA + F16C, where the
+int8 dot products take two instructions instead of one. ``load()`` builds the best one this CPU runs. Numbers
+in docs/benchmarks.md. It returns None where neither can run (no compiler, SCALELLM_NO_KERNELS=1, a CPU
+without AVX2): callers keep torch's kernels. SCALELLM_KERNELS=avx2 picks AVX2 on an AVX-512 machine.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ log = logging.getLogger(__name__)
 
 SOURCES = [str(Path(__file__).with_name(name))
            for name in ("bindings.cpp", "q_q8.cpp", "paged_decode.cpp", "layer_ops.cpp")]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-CFLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-          "-mfma", "-fopenmp"]
+# Instruction set -> (the CPU flags it needs, in /proc/cpuinfo's names; its compiler flags), best first.
+ISAS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+}
+CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
 PAIR = 64  # weights per VNNI operand: two 32-weight blocks
 
 # Where in a pair's 64 bytes each weight goes (q_q8.cpp's activation layout): 4-byte groups alternate between
@@ -43,31 +50,51 @@ def cache_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "build" / "kernels"
 
 
-def cpu_supports() -> bool:
+def cpu_flags() -> set[str]:
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return all(flag in flags for flag in CPU_FLAGS)
+        return set()
+
+
+def runnable_isas() -> list[str]:
+    """The instruction sets of ISAS this CPU runs, best first."""
+    flags = cpu_flags()
+    return [isa for isa, (needs, _) in ISAS.items() if all(flag in flags for flag in needs)]
+
+
+def best_isa() -> str | None:
+    """What ``load()`` builds here: SCALELLM_KERNELS (avx512 | avx2 | none) if the CPU runs it, else the best."""
+    if os.environ.get("SCALELLM_NO_KERNELS") == "1":
+        return None
+    runnable = runnable_isas()
+    wanted = os.environ.get("SCALELLM_KERNELS")
+    if wanted is not None:
+        return wanted if wanted in runnable else None
+    return runnable[0] if runnable else None
+
+
+def load(isa: str | None = None):
+    """The compiled module for ``isa`` (default ``best_isa()``; bindings.cpp lists its functions), or None where
+    the CPU or the toolchain cannot run it."""
+    isa = isa or best_isa()
+    return _build(isa) if isa is not None and isa in runnable_isas() else None
 
 
 @functools.cache
-def load():
-    """The compiled module (bindings.cpp lists its functions), or None where the CPU or toolchain cannot run it."""
-    if os.environ.get("SCALELLM_NO_KERNELS") == "1" or not cpu_supports():
-        return None
+def _build(isa: str):
     from torch.utils import cpp_extension
 
-    directory = cache_dir() / f"torch-{torch.__version__}"
+    directory = cache_dir() / f"torch-{torch.__version__}-{isa}"
     directory.mkdir(parents=True, exist_ok=True)
     scripts = str(Path(sys.executable).parent)  # pip's ninja, where the virtualenv is not activated
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     try:
-        return cpp_extension.load("scalellm_kernels", SOURCES, extra_cflags=CFLAGS,
+        return cpp_extension.load(f"scalellm_kernels_{isa}", SOURCES, extra_cflags=CFLAGS + ISAS[isa][1],
                                   build_directory=str(directory), verbose=False)
     except Exception as exc:  # no compiler, no ninja: torch's kernels still serve, just slower
-        log.warning("our AVX-512 kernels did not build, torch's serve instead: %s", exc)
+        log.warning("our %s kernels did not build, torch's serve instead: %s", isa, exc)
         return None
 
 

@@ -27,19 +27,19 @@ void for_rows(int64_t rows, int64_t cost_per_row, F&& body) {
 
 template <typename T>
 void norm_row(T* x, const T* delta, const T* weight, T* out, int64_t h, float eps) {
-  __m512 acc = _mm512_setzero_ps();
+  vf acc = vzero();
   for (int64_t c = 0; c < h; c += 16) {
-    const __mmask16 m = first(h - c);
+    const int64_t m = h - c;
     if (delta != nullptr) {  // the residual stream as stored (rounded to T), then its norm
-      store16(x + c, _mm512_add_ps(load16(x + c, m), load16(delta + c, m)), m);
+      store16(x + c, vadd(load16(x + c, m), load16(delta + c, m)), m);
     }
-    __m512 v = load16(x + c, m);
-    acc = _mm512_fmadd_ps(v, v, acc);
+    vf v = load16(x + c, m);
+    acc = vfma(v, v, acc);
   }
-  const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(h) + eps));
+  const vf inv = vset(1.0f / std::sqrt(vsum(acc) / static_cast<float>(h) + eps));
   for (int64_t c = 0; c < h; c += 16) {
-    const __mmask16 m = first(h - c);
-    store16(out + c, _mm512_mul_ps(round16<T>(_mm512_mul_ps(load16(x + c, m), inv)), load16(weight + c, m)), m);
+    const int64_t m = h - c;
+    store16(out + c, vmul(round16<T>(vmul(load16(x + c, m), inv)), load16(weight + c, m)), m);
   }
 }
 
@@ -76,18 +76,18 @@ void rope_kv_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
       const T* x = row + head * dim;
       T* to = head < heads ? qp + (r * heads + head) * dim : kv + ((head - heads) * num_slots + slot[r]) * dim;
       for (int64_t i = 0; i < half; i += 16) {  // x * cos + rotate_half(x) * sin, cos and sin in T
-        const __mmask16 m = first(half - i);
-        __m512 lo = load16(x + i, m), hi = load16(x + half + i, m);
-        __m512 c0 = round16<T>(load16(c + i, m)), s0 = round16<T>(load16(s + i, m));
-        __m512 c1 = round16<T>(load16(c + half + i, m)), s1 = round16<T>(load16(s + half + i, m));
-        store16(to + i, _mm512_sub_ps(round16<T>(_mm512_mul_ps(lo, c0)), round16<T>(_mm512_mul_ps(hi, s0))), m);
-        store16(to + half + i, _mm512_add_ps(round16<T>(_mm512_mul_ps(hi, c1)), round16<T>(_mm512_mul_ps(lo, s1))), m);
+        const int64_t m = half - i;
+        vf lo = load16(x + i, m), hi = load16(x + half + i, m);
+        vf c0 = round16<T>(load16(c + i, m)), s0 = round16<T>(load16(s + i, m));
+        vf c1 = round16<T>(load16(c + half + i, m)), s1 = round16<T>(load16(s + half + i, m));
+        store16(to + i, vsub(round16<T>(vmul(lo, c0)), round16<T>(vmul(hi, s0))), m);
+        store16(to + half + i, vadd(round16<T>(vmul(hi, c1)), round16<T>(vmul(lo, s1))), m);
       }
     }
     for (int64_t head = 0; head < kv_heads; ++head) {  // v heads: copied into the cache
       const T* x = row + (heads + kv_heads + head) * dim;
       T* to = kv + ((kv_heads + head) * num_slots + slot[r]) * dim;
-      for (int64_t i = 0; i < dim; i += 16) store16(to + i, load16(x + i, first(dim - i)), first(dim - i));
+      for (int64_t i = 0; i < dim; i += 16) store16(to + i, load16(x + i, dim - i), dim - i);
     }
   });
 }
@@ -103,10 +103,10 @@ at::Tensor silu_mul_impl(const at::Tensor& gate_up) {
   for_rows(rows, inter, [&](int64_t r) {
     const T* g = in + r * 2 * inter;
     for (int64_t c = 0; c < inter; c += 16) {
-      const __mmask16 m = first(inter - c);
-      __m512 gv = load16(g + c, m);
-      __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-      store16(op + r * inter + c, _mm512_mul_ps(round16<T>(silu), load16(g + inter + c, m)), m);
+      const int64_t m = inter - c;
+      vf gv = load16(g + c, m);
+      vf silu = vdiv(gv, vadd(vset(1.0f), exp16(vsub(vzero(), gv))));
+      store16(op + r * inter + c, vmul(round16<T>(silu), load16(g + inter + c, m)), m);
     }
   });
   return out;

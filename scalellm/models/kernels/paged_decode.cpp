@@ -21,21 +21,6 @@ inline void prefetch_row(const T* row, int64_t dim) {
   for (int64_t off = 0; off < dim * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
-// out[t] = the sum of a[t]'s lanes, for 16 vectors at once (a transposed reduction: 45 ops instead of 16 x 10).
-inline __m512 sum16(const __m512* a) {
-  __m512 b[8], c[4], d[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's sum for a[4i], a[4i+1], a[4i+2], a[4i+3]
-    __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
-    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  for (int i = 0; i < 2; ++i)  // 128-bit lanes summed in pairs
-    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
-}
-
 constexpr int kMaxGroup = 8;   // query heads per KV head
 constexpr int kMaxChunks = 16;  // head_dim / 16
 
@@ -54,10 +39,10 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
       const T* k_head = cache + h * slots * dim;
       const T* v_head = cache + (kv_heads + h) * slots * dim;
       const int64_t* table = blocks + b * width;
-      __m512 qs[kMaxGroup][kMaxChunks];
+      vf qs[kMaxGroup][kMaxChunks];
       for (int64_t g = 0; g < group; ++g)
         for (int64_t c = 0; c < chunks; ++c)
-          qs[g][c] = _mm512_mul_ps(load16(q + (b * heads + h * group + g) * dim + c * 16), _mm512_set1_ps(scale));
+          qs[g][c] = vmul(load16(q + (b * heads + h * group + g) * dim + c * 16), vset(scale));
       scores.resize(group * padded);
       context.resize(len);  // the context's cache slots, from its block table
       int64_t* slot = context.data();
@@ -73,51 +58,47 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
         for (int64_t t = 0; t < n; ++t) {
           const int64_t j = j0 + t;
           const T* k = k_head + slot[j] * dim;
-          for (int64_t c = 0; c < chunks; ++c) _mm512_store_ps(keys + (t * chunks + c) * 16, load16(k + c * 16));
+          for (int64_t c = 0; c < chunks; ++c) store16(keys + (t * chunks + c) * 16, load16(k + c * 16));
         }
         for (int64_t g = 0; g < group; ++g) {
-          __m512 acc[16];
+          vf acc[16];
           for (int64_t t = 0; t < 16; ++t) {
-            acc[t] = _mm512_setzero_ps();
+            acc[t] = vzero();
             if (t < n)
               for (int64_t c = 0; c < chunks; ++c)
-                acc[t] = _mm512_fmadd_ps(qs[g][c], _mm512_load_ps(keys + (t * chunks + c) * 16), acc[t]);
+                acc[t] = vfma(qs[g][c], load16(keys + (t * chunks + c) * 16), acc[t]);
           }
-          _mm512_storeu_ps(scores.data() + g * padded + j0, sum16(acc));
+          store16(scores.data() + g * padded + j0, sum16(acc));
         }
       }
       float inv_sum[kMaxGroup];
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * padded;
-        __m512 top = _mm512_set1_ps(-INFINITY);
+        vf top = vset(-INFINITY);
+        for (int64_t j = 0; j < padded; j += 16) top = vmax(top, keep_first(load16(s + j), len - j, -INFINITY));
+        vf high = vset(vmaxval(top)), total = vzero();
         for (int64_t j = 0; j < padded; j += 16) {
-          const __mmask16 live = first(len - j);
-          top = _mm512_mask_max_ps(top, live, top, _mm512_loadu_ps(s + j));
+          vf e = keep_first(exp16(vsub(load16(s + j), high)), len - j, 0.0f);
+          store16(s + j, e);
+          total = vadd(total, e);
         }
-        __m512 high = _mm512_set1_ps(_mm512_reduce_max_ps(top)), total = _mm512_setzero_ps();
-        for (int64_t j = 0; j < padded; j += 16) {
-          const __mmask16 live = first(len - j);
-          __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), high)));
-          _mm512_storeu_ps(s + j, e);
-          total = _mm512_add_ps(total, e);
-        }
-        inv_sum[g] = 1.0f / _mm512_reduce_add_ps(total);
+        inv_sum[g] = 1.0f / vsum(total);
       }
-      __m512 o[kMaxGroup][kMaxChunks];
+      vf o[kMaxGroup][kMaxChunks];
       for (int64_t g = 0; g < group; ++g)
-        for (int64_t c = 0; c < chunks; ++c) o[g][c] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) o[g][c] = vzero();
       for (int64_t j = 0; j < len; ++j) {
         const T* v = v_head + slot[j] * dim;
         if (j + 16 < len) prefetch_row(v_head + slot[j + 16] * dim, dim);
         for (int64_t c = 0; c < chunks; ++c) {
-          __m512 vc = load16(v + c * 16);
+          vf vc = load16(v + c * 16);
           for (int64_t g = 0; g < group; ++g)
-            o[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * padded + j]), vc, o[g][c]);
+            o[g][c] = vfma(vset(scores[g * padded + j]), vc, o[g][c]);
         }
       }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t c = 0; c < chunks; ++c)
-          store16(out + (b * heads + h * group + g) * dim + c * 16, _mm512_mul_ps(o[g][c], _mm512_set1_ps(inv_sum[g])));
+          store16(out + (b * heads + h * group + g) * dim + c * 16, vmul(o[g][c], vset(inv_sum[g])));
     }
   }
 }
