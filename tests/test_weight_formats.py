@@ -1,5 +1,6 @@
-"""bf16 / int8 / int4 weights against the float32 reference, teacher-forced on a fixed ~1k-token English text
-(tests/data/perplexity_text.txt): top-1 agreement with float32's next-token choice and perplexity.
+"""bf16 / int8 / int4 weights (on bf16 or float32 activations) against the float32 reference, teacher-forced on
+a fixed ~1k-token English text (tests/data/perplexity_text.txt): top-1 agreement with float32's next-token choice
+and perplexity.
 
 Bounds (issue #8): bf16 agreement >= 0.95 and perplexity within 1%; int8 >= 0.93 and 2%; int4 (the GGUF's own
 Q4_1 blocks, re-derived exactly by scalellm/models/quant.py) within 3%.
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from scalellm.config import CacheConfig, EngineConfig
 from scalellm.engine.model_runner import ModelRunner
+from scalellm.models import kernels
 from scalellm.models.attention import AttentionBatch, PrefillChunk
 from scalellm.models.quant import int4_groups
 from scalellm.tokenization import load_tokenizer
@@ -31,6 +33,9 @@ FORMATS = [
     ("bfloat16", "none", 0.95, 0.01),
     ("bfloat16", "int8", 0.93, 0.02),
     ("bfloat16", "int4", 0.93, 0.03),
+    # what ``auto`` serves on CPUs without native bf16 (AVX2): our int8 kernels take float32 activations
+    ("float32", "int8", 0.93, 0.02),
+    ("float32", "int4", 0.93, 0.03),
 ]
 
 
@@ -68,6 +73,8 @@ def reference(text_ids) -> torch.Tensor:
 @pytest.mark.parametrize(("dtype", "quantize", "min_agreement", "max_ppl_change"), FORMATS,
                          ids=[f"{d}-{q}" for d, q, *_ in FORMATS])
 def test_format_tracks_float32(text_ids, reference, dtype, quantize, min_agreement, max_ppl_change):
+    if dtype == "float32" and kernels.load() is None:
+        pytest.skip("quantised weights on float32 activations run on our kernels, which do not build here")
     logits = teacher_forced_logits(dtype, quantize, text_ids)
     agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
     ppl, ref_ppl = perplexity(logits, text_ids), perplexity(reference, text_ids)

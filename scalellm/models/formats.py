@@ -7,10 +7,13 @@ this machine's CPU can do, so one engine directory serves well on every machine 
 * a CPU with native bf16 dot products (avx512_bf16 or AMX) computes in bfloat16: GEMMs ran 4x faster than
   float32 at 64 tokens on a Zen 5 EPYC (avx512_bf16, no AMX; docs/benchmarks.md), and the int8/int4 packed
   matmuls are only fast with bf16 activations there (float32 activations take a slow path, 7-20x slower);
-* any other CPU (AVX2) computes in float32 and ignores ``quantize``: bf16 is emulated there (1-2.5 GFLOP/s
-  against 120-160 for float32 on an AVX2 EPYC) and so are the packed kernels' bf16 paths. Nothing built with
-  these formats can hit an illegal instruction: the choice only picks between ATen kernels that dispatch on
-  the CPU themselves.
+* any other CPU (AVX2) computes in float32: bf16 is emulated there (1-2.5 GFLOP/s against 120-160 for float32
+  on an AVX2 EPYC), and so are torch's packed kernels' bf16 paths. ``quantize`` holds there only where our
+  int8 kernels build (scalellm/models/kernels, AVX2 build): they take float32 activations, and at one token
+  the step reads a quarter of float32's weight bytes (docs/benchmarks.md, session 12); elsewhere float32 weights.
+
+Nothing built with these formats can hit an illegal instruction: torch's ATen kernels dispatch on the CPU
+themselves, and ours are built only for an instruction set /proc/cpuinfo lists.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ class WeightFormat:
         return dtype if self.quantize == "none" else f"{self.quantize} weights, {dtype} activations"
 
 
-def resolve_format(dtype: str, quantize: str = "none", device: str = "cpu") -> WeightFormat:
-    """The format to load an engine recorded as (dtype, quantize) in, on this machine."""
+def resolve_format(dtype: str, quantize: str = "none", device: str = "cpu", q8_kernels: bool = False) -> WeightFormat:
+    """The format to load an engine recorded as (dtype, quantize) in, on this machine. ``q8_kernels``: our int8
+    kernels will run the quantised layers (they take float32 activations as well as bfloat16)."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE} (got {quantize!r})")
     if dtype != AUTO:
@@ -62,10 +66,10 @@ def resolve_format(dtype: str, quantize: str = "none", device: str = "cpu") -> W
         return WeightFormat(torch.bfloat16 if dtype == AUTO else DTYPES[dtype])
     native_bf16 = cpu_has_native_bf16()
     if dtype == AUTO:
-        if not native_bf16:
-            return WeightFormat(torch.float32)  # quantised kernels need bf16 activations to pay off
-        return WeightFormat(torch.bfloat16, quantize)
-    if quantize != "none" and DTYPES[dtype] != torch.bfloat16:
-        raise ValueError(f"quantize={quantize!r} computes in bfloat16 activations; build it with --dtype "
-                         f"auto or bfloat16 (got {dtype!r})")
+        if native_bf16:
+            return WeightFormat(torch.bfloat16, quantize)
+        return WeightFormat(torch.float32, quantize if q8_kernels else "none")  # torch's would emulate bf16
+    if quantize != "none" and DTYPES[dtype] != torch.bfloat16 and not (q8_kernels and DTYPES[dtype] == torch.float32):
+        raise ValueError(f"quantize={quantize!r} computes in bfloat16 activations, or float32 ones on our int8 "
+                         f"kernels (AVX2 or AVX-512, where they build); got dtype {dtype!r}")
     return WeightFormat(DTYPES[dtype], quantize)

@@ -22,7 +22,7 @@ ENGINE_PARAMETERS: dict[str, Any] = {
     "max_num_batched_tokens": _SCHED.max_num_batched_tokens,
     "num_threads": 0,  # 0: torch's default
     "dense_prompts": int(EngineConfig.dense_prompts),  # int8/int4 engines: 1 = prompt tokens on a dense copy
-    "int8_activations": int(EngineConfig.int8_activations),  # int4 engines: 1 = the VNNI int4 x int8 kernel
+    "int8_activations": int(EngineConfig.int8_activations),  # quantised engines: 1 = our int4/int8 x int8 kernel
     "max_queue_size": _SCHED.max_queue_size,  # None: sized from the KV cache (scalellm/engine/admission.py)
     "default_timeout_ms": 0,  # deadline of requests without timeout_ms; 0: none
     "worker_nice": EngineConfig.worker_nice,  # nice of the engine's OpenMP workers (0: unchanged)
