@@ -103,8 +103,9 @@ class EngineConfig:
     # GEMMs, 2.8x the packed kernels at 512 tokens on a Zen 5 EPYC), generated tokens on the packed kernels
     # (memory-bound). A token's path depends only on whether it is a prompt token, so batching never changes a
     # result (scalellm/models/quant.py). Costs the dense copy in memory (bf16: 2 bytes a weight outside the MoE
-    # experts and the lm_head, +212 MB for SmolLM2-135M); False = packed kernels for every token. bf16 activations
-    # only: on float32 ones (AVX2 CPUs) our int8 kernel is faster at every prompt length (model_runner.py).
+    # experts and the lm_head, +212 MB for SmolLM2-135M); False = packed kernels for every token. On float32
+    # activations (AVX2 CPUs) our int8 kernel is faster even at 512 rows, but the dense rows keep the prompt's
+    # first token float32's own: int8 activations moved "The capital of France is Paris" to another answer there.
     dense_prompts: bool = True
     # int4 / int8: the packed layers multiply activations quantised to int8 per 32-block on our kernels
     # (llama.cpp's Q4_1 / Q8_0 x Q8; scalellm/models/kernels/q_q8.cpp, AVX-512 VNNI or AVX2), where the CPU and a

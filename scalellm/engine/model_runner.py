@@ -67,18 +67,16 @@ class ModelRunner:
         state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
         model.load_hf_state_dict(state, assign=True)
         del state
-        self.dense_rows = None
+        self.dense_rows = self.head_rows = None
         if self.format.quantize != "none":
-            # Dense prompt rows pay where bf16 GEMMs beat the packed kernels. On float32 activations (AVX2) our
-            # int8 kernel beats float32 GEMMs even at 512 rows (1.3-1.7x on a Zen 3 EPYC), and MKL's float32
-            # GEMM picks its kernel by the row count, so a prompt's logits would depend on its batch.
-            if config.dense_prompts and self.dtype != torch.float32:
-                self.dense_rows = DenseRows()
+            if config.dense_prompts:
+                self.dense_rows, self.head_rows = DenseRows(), DenseRows()
             packed = load_packed_weights(config.engine_dir, self.format.quantize)
             if packed is None:
                 log.warning("no %s weights built for this torch in %s: quantising now", self.format.quantize,
                             config.engine_dir)
-            quantize_model(model, self.format.quantize, self.dtype, packed, self.dense_rows, config.int8_activations)
+            quantize_model(model, self.format.quantize, self.dtype, packed, self.dense_rows, config.int8_activations,
+                           self.head_rows)
         c = self.model_config
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()
@@ -180,6 +178,7 @@ class ModelRunner:
                                self.decode_kernel)
         if self.dense_rows is not None:
             self.dense_rows.update(prompt_rows, self.device)
+            self.head_rows.update([prompt_rows[r] for r in sample_rows], self.device)
         return input_ids, positions, batch, sample_rows
 
     def run(self, work: list[ScheduledWork]) -> torch.Tensor:

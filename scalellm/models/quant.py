@@ -39,6 +39,7 @@ from scalellm.models import kernels
 
 GROUP_SIZE = 32
 INT4_INNER_K_TILES = 1  # the CPU packing ignores tiling beyond this; 1 is what its kernel expects
+MIN_DENSE_ROWS = 16  # float32 dense calls: see PackedLinear.dense_mm
 QUANTIZED_FILE = "weights-{quantize}.safetensors"  # an engine directory's packed weights (built once)
 
 
@@ -119,17 +120,25 @@ class PackedLinear(nn.Module):
         self.weight = None
         return True
 
+    def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense weight on rows that run dense. MKL's float32 GEMM computes a row differently below 12 rows
+        (1-3, 5-7, 9-11 on a Zen 3 EPYC) than from there on, so float32 calls get at least MIN_DENSE_ROWS rows
+        (zero padding): a prompt row's result then does not depend on how many rows share its step."""
+        if x.dtype != torch.float32 or x.shape[0] >= MIN_DENSE_ROWS:
+            return F.linear(x, self.dense)
+        return F.linear(F.pad(x, (0, 0, 0, MIN_DENSE_ROWS - x.shape[0])), self.dense)[: x.shape[0]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         rows = self.rows
         if rows is not None and rows.all_dense:
-            out = F.linear(x2, self.dense)
+            out = self.dense_mm(x2)
         elif rows is None or rows.dense is None:
             out = self.quantized_mm(x2)
         else:  # a step mixing prompt and generated tokens: each row on its own path
             out = x2.new_empty(x2.shape[0], self.out_features)
             out.index_copy_(0, rows.packed, self.quantized_mm(x2.index_select(0, rows.packed)))
-            out.index_copy_(0, rows.dense, F.linear(x2.index_select(0, rows.dense), self.dense))
+            out.index_copy_(0, rows.dense, self.dense_mm(x2.index_select(0, rows.dense)))
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -220,14 +229,15 @@ LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
 
 def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
                    stored: dict[str, torch.Tensor] | None = None, dense: DenseRows | None = None,
-                   int8_activations: bool = False) -> None:
+                   int8_activations: bool = False, head_dense: DenseRows | None = None) -> None:
     """Swap the decoder's dense linear layers (and its experts) for packed ones, in place.
 
     ``stored``: the packed buffers of an earlier call (``packed_state``), loaded instead of re-quantising.
     Scales end up in ``dtype``, the activations' dtype the kernels require. ``dense``: keep each dense weight
     (it must already be in ``dtype``) for the rows ``dense`` names; None = packed kernels only. The lm_head keeps
-    none: it only sees the rows that sample, one per sequence. ``int8_activations``: the packed layers on our
-    q_q8_mm where it builds (``PackedLinear.use_q8``).
+    none of its own: ``head_dense`` names the sampling rows that run on its dense weight (tied to the embedding, so
+    no copy): a prompt's last row, whose logits pick the first generated token. ``int8_activations``: the packed
+    layers on our q_q8_mm where it builds (``PackedLinear.use_q8``).
     """
     from scalellm.models.moe import SparseMoE
 
@@ -260,7 +270,8 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
             if isinstance(child, nn.Linear):
                 full = f"{path}.{name}" if path else name
                 head = name == "lm_head"
-                setattr(module, name, make(full, child.weight, "int8" if head else quantize, None if head else dense))
+                rows = head_dense if head else dense
+                setattr(module, name, make(full, child.weight, "int8" if head else quantize, rows))
 
 
 def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
