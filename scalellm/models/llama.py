@@ -174,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
     def use_kernels(self, kernels) -> None:
         """Run the layers' elementwise parts on our CPU kernels (``scalellm.models.kernels.load()``)."""
         for module in self.modules():
-            if isinstance(module, (LlamaForCausalLM, DecoderLayer, Attention, MLP)):
+            if isinstance(module, (LlamaForCausalLM, DecoderLayer, Attention, MLP, SparseMoE)):
                 module.kernels = kernels
 
     @torch.inference_mode()

@@ -37,6 +37,8 @@ class SparseMoE(nn.Module):
         self.rows: DenseRows | None = None  # quantised with dense prompts: the model's rows, and the
         self.expert_rows: DenseRows | None = None  # rows of the expert being run (its packed linears hold this)
 
+    kernels = None  # our CPU kernels, set by LlamaForCausalLM.use_kernels: silu * up as the dense MLP computes it
+
     def quantize(self, make_linear: Callable[[int, str, torch.Tensor], nn.Module]) -> None:
         """Replace the stacked expert weights by one packed linear per expert (the router stays dense).
 
@@ -46,17 +48,23 @@ class SparseMoE(nn.Module):
         del self.w13, self.w2
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        if self.experts13 is not None:
-            gate, up = self.experts13[e](x).split(self.intermediate, dim=-1)
-            return self.experts2[e](F.silu(gate) * up)
-        gate, up = F.linear(x, self.w13[e]).split(self.intermediate, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[e])
+        gate_up = self.experts13[e](x) if self.experts13 is not None else F.linear(x, self.w13[e])
+        if self.kernels is not None:
+            hidden = self.kernels.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            hidden = F.silu(gate) * up
+        return self.experts2[e](hidden) if self.experts2 is not None else F.linear(hidden, self.w2[e])
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([T, k] float32 weights summing to 1 per token, [T, k] expert ids), as Mixtral routes."""
         probs = F.softmax(self.gate(x).float(), dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
-        return weights / weights.sum(dim=-1, keepdim=True), experts
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        # The last (smallest) weight as 1 minus the others: with k = 2 that subtraction is exact (the first is
+        # >= 0.5), so the weights sum to exactly 1 and k identical experts give back the expert's own output.
+        last = 1 - weights[:, :-1].sum(dim=-1, keepdim=True)
+        return torch.cat([weights[:, :-1], last], dim=-1), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
         weights, experts = self.route(x)
@@ -73,7 +81,9 @@ class SparseMoE(nn.Module):
                     self.rows.select(tokens[start : start + n], self.expert_rows)
                 ys[start : start + n] = self._expert(e, xs[start : start + n])
                 start += n
-        # Weighted sum in float32 (weights stay float32, as in HF), rounded to x's dtype once at the end: in bf16,
-        # rounding each expert's share first would make k identical experts differ from one.
-        ys = ys.float() * weights.flatten()[order].unsqueeze(1)
-        return x.new_zeros(x.shape, dtype=torch.float32).index_add_(0, tokens, ys).to(x.dtype)
+        # Weighted sum in float64, rounded to x's dtype once at the end: a float32 share times a float32 weight is
+        # exact in float64, so k = 2 identical experts (weights summing to exactly 1) give back the expert's own
+        # output bit for bit, in float32 as in bf16. (Rounding each share first, or summing in float32, would not:
+        # on the int8-activation kernels such a one-ulp difference grows into different text.)
+        ys = ys.double() * weights.flatten()[order].double().unsqueeze(1)
+        return x.new_zeros(x.shape, dtype=torch.float64).index_add_(0, tokens, ys).to(x.dtype)
