@@ -50,6 +50,7 @@ def cache_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "build" / "kernels"
 
 
+@functools.cache
 def cpu_flags() -> set[str]:
     try:
         return set(Path("/proc/cpuinfo").read_text().split())
