@@ -57,6 +57,26 @@ def test_q_q8_mm_matches_its_definition(ops, bits, dtype, rows):
     assert torch.allclose(out.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_q_f32_mm_is_float32_arithmetic_on_the_weights_and_batch_invariant(ops, bits):
+    """Prompt rows on float32 activations: the weights q * d + m times x to float32 rounding, each row the same
+    bits whatever the rows around it (1-5 rows take the tail tiles, 6 a full one; 16+ dynamic grabs)."""
+    torch.manual_seed(4)
+    n, k = 37, 1088  # a panel tail (37 = 2 * 16 + 5)
+    q = torch.randint(0, 2**bits, (n, k), dtype=torch.int32)
+    d, m = torch.rand(n, k // 32) * 0.01, torch.randn(n, k // 32) * 0.01
+    w = q.double() * d.double().repeat_interleave(32, 1) + m.double().repeat_interleave(32, 1)
+    packed = kernels.pack_f32(q, d, m, bits)
+    x = torch.randn(23, k)
+    out = ops.q_f32_mm(x, *packed, n, bits)
+    want = x.double() @ w.t()
+    assert out.dtype == torch.float32 and out.shape == (23, n)
+    assert torch.allclose(out.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    for rows in (1, 2, 3, 5, 6, 7, 16):
+        assert torch.equal(ops.q_f32_mm(x[:rows].contiguous(), *packed, n, bits), out[:rows])
+    assert torch.equal(ops.q_f32_mm(x[17:].contiguous(), *packed, n, bits), out[17:])
+
+
 @pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
 def test_q8_linear_rows_do_not_depend_on_the_batch(cls):
     torch.manual_seed(1)

@@ -120,12 +120,14 @@ def test_int4_recovers_the_gguf_q4_1_blocks():
     assert torch.allclose(z, m + 8 * d, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("dtype", "prompt_rows"), [(torch.bfloat16, "dense"), (torch.float32, "dense"),
+                                                   (torch.float32, "q_f32")])
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_mixed_step_computes_each_row_as_alone(kind, dtype):
-    """A step mixing prompt rows (dense) and generated rows (packed) gives each row exactly what a step of that
-    row alone gives: what keeps a request's text independent of what it is batched with. float32: MKL's GEMM
-    computes a row differently at 1-3 rows than at 4, so this also checks the padding of float32 dense calls."""
+def test_mixed_step_computes_each_row_as_alone(kind, dtype, prompt_rows):
+    """A step mixing prompt rows (dense, or float32 arithmetic on q_f32_mm) and generated rows (packed) gives each
+    row exactly what a step of that row alone gives: what keeps a request's text independent of what it is batched
+    with. Dense float32: MKL's GEMM computes a row differently at 1-3 rows than at 4, so this also checks the
+    padding of float32 dense calls."""
     from scalellm.models.quant import LINEARS, DenseRows
 
     if dtype == torch.float32 and kernels.load() is None:
@@ -136,9 +138,10 @@ def test_mixed_step_computes_each_row_as_alone(kind, dtype):
     for name, buffer in linear.named_buffers():
         if buffer.is_floating_point():
             setattr(linear, name, buffer.to(dtype))
-    linear.use_q8()
+    linear.use_q8(f32_rows=prompt_rows == "q_f32")
+    assert (linear.f32 is not None) == (prompt_rows == "q_f32")
     rows = DenseRows()
-    linear.keep_dense(weight, rows)
+    linear.keep_dense(None if prompt_rows == "q_f32" else weight, rows)
     x = torch.randn(7, 64).to(dtype)
     is_prompt = [True, False, False, True, True, False, True]
     rows.update(is_prompt, torch.device("cpu"))

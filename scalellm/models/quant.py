@@ -20,9 +20,14 @@ Where our kernels build (AVX-512 VNNI or AVX2) the packed layers run instead on 
 scalellm/models/kernels/q_q8.cpp): the same weights times activations quantised to int8 per 32-block, llama.cpp's
 Q4_1 / Q8_0 x Q8 dot product, 1.4-2x torch's packed kernels on VNNI (``EngineConfig.int8_activations``). It takes
 float32 activations too, which is what makes the quantised formats pay on AVX2 CPUs (scalellm/models/formats.py).
+There the prompt rows run on q_f32_mm instead of a dense copy (``PackedLinear.use_f32``): the same weights, which
+are exactly the float32 reference's, in float32 arithmetic, 1.1-1.8x MKL's sgemm at 128 prompt rows on a Zen 3
+EPYC and batch-invariant by construction; no dense float32 copy is kept.
 
 The lm_head (tied to the embedding in SmolLM2, Q8_0 in its GGUF) is int8 in both formats: int4 would add
-error where the GGUF itself keeps 8 bits, and at one token it is the largest single matrix (49152 x 576).
+error where the GGUF itself keeps 8 bits, and at one token it is the largest single matrix (49152 x 576). Its
+int8 is per channel; the rows that pick a prompt's first token use the embedding itself (dense), or on
+q_f32_mm the embedding's own Q8_0 blocks, recovered exactly (``q8_0_blocks``).
 The embedding lookup stays dense (a gather reads only the step's rows). MoE routers stay dense (tiny).
 """
 
@@ -87,12 +92,15 @@ class PackedLinear(nn.Module):
     dense: torch.Tensor | None = None  # not a buffer: never saved with the packed weights
     rows: DenseRows | None = None
 
-    def keep_dense(self, weight: torch.Tensor, rows: DenseRows) -> None:
+    def keep_dense(self, weight: torch.Tensor | None, rows: DenseRows) -> None:
+        """Run ``rows`` on ``weight`` (or on q_f32_mm, where ``use_q8(f32_rows=True)`` packed it: no weight)."""
         self.dense, self.rows = weight, rows
 
     # q_q8_mm's weights (kernels.pack) and bits, once ``use_q8`` packed them; None = torch's kernel.
     q8: tuple[torch.Tensor, ...] | None = None
     q8_bits = 8
+    # q_f32_mm's (kernels.pack_f32), for the rows ``rows`` names on float32 activations; None = ``dense``.
+    f32: tuple[torch.Tensor | int, ...] | None = None
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         """torch's packed kernel."""
@@ -107,23 +115,35 @@ class PackedLinear(nn.Module):
         """(q [N, K] unsigned, d and m [N, K/32]) with weight = q * d + m: this layer in q_q8_mm's terms."""
         raise NotImplementedError
 
-    def use_q8(self) -> bool:
-        """Run on our q_q8_mm (activations quantised to int8 per 32-block) where it builds and takes this layer.
+    def use_q8(self, f32_rows: bool = False) -> bool:
+        """Run on our q_q8_mm (activations quantised to int8 per 32-block) where it builds and takes this layer;
+        with ``f32_rows``, also the rows ``rows`` names on q_f32_mm (float32 arithmetic on the same weights).
 
         The weights stay exactly what they are; torch's packing is dropped, so ``packed_state`` no longer applies.
         """
         module = kernels.load()
         if module is None or self.in_features % kernels.PAIR or getattr(self, "group_size", 32) != 32:
             return False
-        self.q8 = (*kernels.pack(*self.codes(), self.q8_bits), self.q8_bits)
+        codes = self.codes()
+        self.q8 = (*kernels.pack(*codes, self.q8_bits), self.q8_bits)
         self.q8_mm = module.q_q8_mm
+        if f32_rows:
+            self.use_f32(codes, self.q8_bits)
         self.weight = None
         return True
 
+    def use_f32(self, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bits: int) -> None:
+        """Float32 rows on q_f32_mm with these codes (q, d, m: w = q * d + m, exactly), not on a dense weight."""
+        self.f32 = (*kernels.pack_f32(*codes, bits), self.out_features, bits)
+        self.f32_mm = kernels.load().q_f32_mm
+
     def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """The dense weight on rows that run dense. MKL's float32 GEMM computes a row differently below 12 rows
+        """The rows that run dense: on q_f32_mm where it was packed, else on the dense weight. MKL's float32 GEMM
+        computes a row differently below 12 rows
         (1-3, 5-7, 9-11 on a Zen 3 EPYC) than from there on, so float32 calls get at least MIN_DENSE_ROWS rows
         (zero padding): a prompt row's result then does not depend on how many rows share its step."""
+        if self.f32 is not None and x.dtype == torch.float32:
+            return self.f32_mm(x.contiguous(), *self.f32)
         if x.dtype != torch.float32 or x.shape[0] >= MIN_DENSE_ROWS:
             return F.linear(x, self.dense)
         return F.linear(F.pad(x, (0, 0, 0, MIN_DENSE_ROWS - x.shape[0])), self.dense)[: x.shape[0]]
@@ -227,6 +247,20 @@ def int4_pack_order(n: int, k: int) -> torch.Tensor:
 LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
+def q8_0_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The weight as GGUF Q8_0 blocks in q_f32_mm's terms (q + 128, d, m = -128 d; d = the block's max |w| / 127
+    in float16), or None unless q * d gives back every float32 weight exactly."""
+    n, k = weight.shape
+    if k % 32:
+        return None
+    w = weight.detach().float().view(n, k // 32, 32)
+    d = (w.abs().amax(-1) / 127).half().float()
+    q = (w / torch.where(d > 0, d, 1)[..., None]).round().clamp(-127, 127)
+    if not torch.equal(q * d[..., None], w):
+        return None
+    return (q.to(torch.int32) + 128).view(n, k), d, -128 * d
+
+
 def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
                    stored: dict[str, torch.Tensor] | None = None, dense: DenseRows | None = None,
                    int8_activations: bool = False, head_dense: DenseRows | None = None) -> None:
@@ -244,7 +278,7 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
     if quantize == "none":
         return
 
-    def make(path: str, weight: torch.Tensor, kind: str, rows: DenseRows | None) -> nn.Module:
+    def make(path: str, weight: torch.Tensor, kind: str, rows: DenseRows | None, head: bool = False) -> nn.Module:
         cls = LINEARS[kind]
         if stored is not None:
             buffers = {name.removeprefix(f"{path}."): t for name, t in stored.items() if name.startswith(f"{path}.")}
@@ -254,10 +288,15 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
         for name, buffer in linear.named_buffers():
             if buffer.is_floating_point():
                 setattr(linear, name, buffer.to(dtype))
+        f32_rows = rows is not None and dtype == torch.float32
+        if int8_activations and linear.use_q8(f32_rows and not head) and f32_rows and head:
+            # the lm_head's int8 is per channel, lossy against the tied embedding: float32 rows get the
+            # embedding's own Q8_0 blocks where it holds them exactly (a GGUF-built engine does)
+            codes = q8_0_blocks(weight)
+            if codes is not None:
+                linear.use_f32(codes, 8)
         if rows is not None:
-            linear.keep_dense(weight.detach(), rows)
-        if int8_activations:
-            linear.use_q8()
+            linear.keep_dense(None if linear.f32 is not None else weight.detach(), rows)
         return linear
 
     for path, module in list(model.named_modules()):
@@ -271,7 +310,7 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
                 full = f"{path}.{name}" if path else name
                 head = name == "lm_head"
                 rows = head_dense if head else dense
-                setattr(module, name, make(full, child.weight, "int8" if head else quantize, rows))
+                setattr(module, name, make(full, child.weight, "int8" if head else quantize, rows, head))
 
 
 def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -4,6 +4,9 @@
   dot products). torch ships no x86 kernel that multiplies by int8 activations: its packed int4 and int8
   matmuls widen every weight to float, which is fine for one token (memory-bound) but slow at 64, and on CPUs
   without native bf16 (AVX2) they take a slow path for float32 activations.
+* q_f32.cpp: the same weights x float32 activations in float32 arithmetic, for prompt rows on CPUs without
+  native bf16: the float32 reference's answer, batch-invariant by construction, faster than MKL's sgemm on
+  the dense copy it replaces.
 * paged_decode.cpp: attention reading K/V where they sit in the paged cache (no gathered copy).
 * layer_ops.cpp: a decoder layer's elementwise parts fused (RMSNorm + residual add, RoPE + K/V cache write,
   silu * mul): at one token a step's time is mostly the dispatch of ~1500 small torch ops.
@@ -27,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [str(Path(__file__).with_name(name))
-           for name in ("bindings.cpp", "q_q8.cpp", "paged_decode.cpp", "layer_ops.cpp")]
+           for name in ("bindings.cpp", "q_q8.cpp", "q_f32.cpp", "paged_decode.cpp", "layer_ops.cpp")]
 # Instruction set -> (the CPU flags it needs, in /proc/cpuinfo's names; its compiler flags), best first.
 ISAS = {
     "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
@@ -115,3 +118,18 @@ def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[
     if bits == 4:
         pairs = pairs[..., :32] | (pairs[..., 32:] << 4)
     return pairs.reshape(n, -1).contiguous(), d.half().contiguous(), m.float().t().half().contiguous()
+
+
+def pack_f32(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """(q int [N, K], d and m [N, K/32]: w = q * d + m) to ``q_f32_mm``'s 16-column k-major panels (wp, d, m).
+
+    d and m stay float32: q * d + m is then exactly the float32 weight the engine's reference holds.
+    """
+    n, k = q.shape
+    padded = -(-n // 16) * 16
+    q, d, m = (torch.nn.functional.pad(t, (0, 0, 0, padded - n)) for t in (q.to(torch.int32), d.float(), m.float()))
+    panels = q.view(padded // 16, 16, k).transpose(1, 2)  # [P, K, 16]
+    if bits == 4:
+        panels = panels[..., 0::2] | (panels[..., 1::2] << 4)
+    scales = [t.view(padded // 16, 16, k // 32).transpose(1, 2).contiguous() for t in (d, m)]
+    return panels.to(torch.uint8).contiguous(), *scales
