@@ -59,6 +59,23 @@ inline void tile(const float* x, const float* panel, int64_t k, float* y, int64_
   for (int i = 0; i < R; ++i) store16(y + i * n, acc[i], cols);
 }
 
+// A few rows (at most kRows): widen each k's 16 weights in registers and use them at once, no panel (one token
+// is memory-bound: the codes' bytes are what it reads). The same operations as the panel path, so the same bits.
+template <int Bits, int R>
+inline void direct(const float* x, const uint8_t* wp, const float* dp, const float* mp, int64_t k, float* y,
+                   int64_t n, int64_t cols) {
+  vf acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = vzero();
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const vf d = load16(dp + b * 16), m = load16(mp + b * 16);
+    for (int64_t t = b * 32; t < b * 32 + 32; ++t) {
+      const vf w = vfma(widen_u8(codes16<Bits>(wp + t * 2 * Bits)), d, m);
+      for (int i = 0; i < R; ++i) acc[i] = vfma(vset(x[i * k + t]), w, acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) store16(y + i * n, acc[i], cols);
+}
+
 template <int Bits>
 void q_f32_mm(const float* x, const uint8_t* wp, const float* dp, const float* mp, int64_t m, int64_t k,
               int64_t n, float* out) {
@@ -70,9 +87,23 @@ void q_f32_mm(const float* x, const uint8_t* wp, const float* dp, const float* m
                                             std::max<int64_t>(1, panels / (4 * threads)));
 #pragma omp parallel
   {
-    std::unique_ptr<float[]> panel(new float[k * 16]);
+    std::unique_ptr<float[]> panel(new float[m > kRows ? k * 16 : 1]);
 #pragma omp for schedule(dynamic, grain)
     for (int64_t g = 0; g < panels; ++g) {
+      const uint8_t* wg = wp + g * k * 2 * Bits;
+      const float *dg = dp + g * blocks * 16, *mg = mp + g * blocks * 16;
+      if (m <= kRows) {
+        const int64_t c0 = g * 16, cols = std::min<int64_t>(16, n - c0);
+        switch (m) {
+          case 6: direct<Bits, 6>(x, wg, dg, mg, k, out + c0, n, cols); break;
+          case 5: direct<Bits, 5>(x, wg, dg, mg, k, out + c0, n, cols); break;
+          case 4: direct<Bits, 4>(x, wg, dg, mg, k, out + c0, n, cols); break;
+          case 3: direct<Bits, 3>(x, wg, dg, mg, k, out + c0, n, cols); break;
+          case 2: direct<Bits, 2>(x, wg, dg, mg, k, out + c0, n, cols); break;
+          default: direct<Bits, 1>(x, wg, dg, mg, k, out + c0, n, cols); break;
+        }
+        continue;
+      }
       widen_panel<Bits>(wp + g * k * 2 * Bits, dp + g * blocks * 16, mp + g * blocks * 16, k, panel.get());
       const int64_t c0 = g * 16, cols = std::min<int64_t>(16, n - c0);
       int64_t r = 0;
