@@ -102,11 +102,13 @@ def test_int4_codes_come_back_out_of_torchs_packing():
     assert torch.allclose(d, s, rtol=1e-2) and torch.allclose(m, z - 8 * s, atol=1e-3)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (16, 2, 128), (10, 2, 48)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_matches_gathered_attention(ops, dtype):
-    """Keys scattered over the cache in blocks, contexts of different lengths (tails of 16 included)."""
+def test_paged_decode_matches_gathered_attention(ops, dtype, heads, kv_heads, dim):
+    """Keys scattered over the cache in blocks, contexts of different lengths (tails of 16 included); SmolLM2's
+    heads, and other query heads per KV head and head sizes (the AVX2 body's register tiles depend on both)."""
     torch.manual_seed(3)
-    batch, heads, kv_heads, dim, block = 5, 9, 3, 64, 16
+    batch, block = 5, 16
     cache = torch.randn(2, kv_heads, 80 * block, dim).to(dtype)
     lengths = torch.tensor([1, 16, 17, 70, 200])
     width = 13

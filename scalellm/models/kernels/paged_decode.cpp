@@ -24,6 +24,82 @@ inline void prefetch_row(const T* row, int64_t dim) {
 constexpr int kMaxGroup = 8;   // query heads per KV head
 constexpr int kMaxChunks = 16;  // head_dim / 16
 
+#if !defined(__AVX512F__)
+// AVX2 has 16 registers of 8 floats: the AVX-512 body's 16 key accumulators of 16 floats would spill on every
+// multiply-add. Here each key's G dot products are G 8-float accumulators (its K row read once, the queries from
+// L1), summed eight keys at a time; the weighted sum of values runs over segments of SEG x 8 dimensions, whose
+// G x SEG accumulators stay in registers.
+template <typename T, int G>
+inline void score_keys(const float* qbuf, const T* k_head, const int64_t* slot, int64_t len, int64_t dim,
+                       int64_t padded, float* scores) {
+  const int64_t chunks = dim / 16;
+  alignas(32) __m256 partial[G][8];
+  for (int64_t j0 = 0; j0 < len; j0 += 8) {
+    const int64_t n = std::min<int64_t>(8, len - j0);
+    for (int64_t t = 0; t < 8; ++t) {
+      __m256 acc[G];
+      for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+      if (t < n) {
+        const int64_t j = j0 + t;
+        if (j + 16 < len) prefetch_row(k_head + slot[j + 16] * dim, dim);
+        const T* k = k_head + slot[j] * dim;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const vf kc = load16(k + c * 16);
+          for (int g = 0; g < G; ++g) {
+            const float* qc = qbuf + (g * chunks + c) * 16;
+            acc[g] = _mm256_fmadd_ps(_mm256_load_ps(qc), kc.lo, acc[g]);
+            acc[g] = _mm256_fmadd_ps(_mm256_load_ps(qc + 8), kc.hi, acc[g]);
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g) partial[g][t] = acc[g];
+    }
+    for (int g = 0; g < G; ++g) _mm256_storeu_ps(scores + g * padded + j0, sum8(partial[g]));
+  }
+}
+
+template <typename T, int G, int SEG>
+inline void weigh_values(const float* scores, const T* v_head, const int64_t* slot, int64_t len, int64_t dim,
+                         int64_t padded, const float* inv_sum, T* out) {  // out: the G heads' rows
+  for (int64_t s0 = 0; s0 < dim; s0 += 8 * SEG) {
+    __m256 o[G][SEG];
+    for (int g = 0; g < G; ++g)
+      for (int u = 0; u < SEG; ++u) o[g][u] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < len; ++j) {
+      const T* v = v_head + slot[j] * dim + s0;
+      if (s0 == 0 && j + 16 < len) prefetch_row(v_head + slot[j + 16] * dim, dim);
+      __m256 vv[SEG];
+      for (int u = 0; u < SEG; u += 2) {
+        const vf pair = load16(v + u * 8, SEG == 1 ? 8 : 16);
+        vv[u] = pair.lo;
+        if (u + 1 < SEG) vv[u + 1] = pair.hi;
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m256 p = _mm256_set1_ps(scores[g * padded + j]);
+        for (int u = 0; u < SEG; ++u) o[g][u] = _mm256_fmadd_ps(p, vv[u], o[g][u]);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m256 inv = _mm256_set1_ps(inv_sum[g]);
+      for (int u = 0; u < SEG; u += 2) {
+        const vf both = {_mm256_mul_ps(o[g][u], inv), u + 1 < SEG ? _mm256_mul_ps(o[g][u + 1], inv) : _mm256_setzero_ps()};
+        store16(out + g * dim + s0 + u * 8, both, SEG == 1 ? 8 : 16);
+      }
+    }
+  }
+}
+
+template <typename T, int G>
+inline void weigh_values(const float* scores, const T* v_head, const int64_t* slot, int64_t len, int64_t dim,
+                         int64_t padded, const float* inv_sum, T* out) {
+  constexpr int kSeg = G == 1 ? 8 : G <= 3 ? 4 : G <= 6 ? 2 : 1;  // G x SEG accumulators: at most 12 registers
+  if constexpr (kSeg >= 8) if (dim % 64 == 0) return weigh_values<T, G, 8>(scores, v_head, slot, len, dim, padded, inv_sum, out);
+  if constexpr (kSeg >= 4) if (dim % 32 == 0) return weigh_values<T, G, 4>(scores, v_head, slot, len, dim, padded, inv_sum, out);
+  if constexpr (kSeg >= 2) return weigh_values<T, G, 2>(scores, v_head, slot, len, dim, padded, inv_sum, out);
+  weigh_values<T, G, 1>(scores, v_head, slot, len, dim, padded, inv_sum, out);
+}
+#endif
+
 template <typename T>
 void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* lengths, int64_t batch,
             int64_t heads, int64_t kv_heads, int64_t slots, int64_t dim, int64_t width, int64_t block_size,
@@ -39,15 +115,23 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
       const T* k_head = cache + h * slots * dim;
       const T* v_head = cache + (kv_heads + h) * slots * dim;
       const int64_t* table = blocks + b * width;
+#if defined(__AVX512F__)
       vf qs[kMaxGroup][kMaxChunks];
       for (int64_t g = 0; g < group; ++g)
         for (int64_t c = 0; c < chunks; ++c)
           qs[g][c] = vmul(load16(q + (b * heads + h * group + g) * dim + c * 16), vset(scale));
+#else
+      alignas(32) float qbuf[kMaxGroup * kMaxChunks * 16];
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t c = 0; c < chunks; ++c)
+          store16(qbuf + (g * chunks + c) * 16, vmul(load16(q + (b * heads + h * group + g) * dim + c * 16), vset(scale)));
+#endif
       scores.resize(group * padded);
       context.resize(len);  // the context's cache slots, from its block table
       int64_t* slot = context.data();
       for (int64_t j = 0, i = 0; j < len; ++i)
         for (int64_t off = 0; off < block_size && j < len; ++off, ++j) slot[j] = table[i] * block_size + off;
+#if defined(__AVX512F__)
       // Scores 16 keys at a time: the keys as float32 rows, then per query head 16 dot products whose sums
       // one transposed reduction gathers into one vector (key t in lane t).
       alignas(64) float keys[16 * kMaxChunks * 16];
@@ -71,6 +155,18 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
           store16(scores.data() + g * padded + j0, sum16(acc));
         }
       }
+#else
+      switch (group) {
+        case 1: score_keys<T, 1>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 2: score_keys<T, 2>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 3: score_keys<T, 3>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 4: score_keys<T, 4>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 5: score_keys<T, 5>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 6: score_keys<T, 6>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 7: score_keys<T, 7>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        default: score_keys<T, 8>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+      }
+#endif
       float inv_sum[kMaxGroup];
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * padded;
@@ -84,6 +180,8 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
         }
         inv_sum[g] = 1.0f / vsum(total);
       }
+      T* out_task = out + (b * heads + h * group) * dim;
+#if defined(__AVX512F__)
       vf o[kMaxGroup][kMaxChunks];
       for (int64_t g = 0; g < group; ++g)
         for (int64_t c = 0; c < chunks; ++c) o[g][c] = vzero();
@@ -98,7 +196,19 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
       }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t c = 0; c < chunks; ++c)
-          store16(out + (b * heads + h * group + g) * dim + c * 16, vmul(o[g][c], vset(inv_sum[g])));
+          store16(out_task + g * dim + c * 16, vmul(o[g][c], vset(inv_sum[g])));
+#else
+      switch (group) {
+        case 1: weigh_values<T, 1>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 2: weigh_values<T, 2>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 3: weigh_values<T, 3>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 4: weigh_values<T, 4>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 5: weigh_values<T, 5>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 6: weigh_values<T, 6>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 7: weigh_values<T, 7>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        default: weigh_values<T, 8>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+      }
+#endif
     }
   }
 }
