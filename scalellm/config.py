@@ -75,6 +75,11 @@ class CacheConfig:
     memory_bytes: int = 1 << 30
     memory_fraction: float | None = None
     prefix_caching: bool = True
+    # "auto": float16 where quantised weights run on float32 activations on our kernels (decode attention reads
+    # the whole cache each step and is memory-bound there: float16 halves it, as llama.cpp's default f16 cache
+    # does); the activations' dtype everywhere else (the float32 format keeps float32's parity). "activations":
+    # always the activations' dtype.
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass

@@ -103,13 +103,15 @@ def test_int4_codes_come_back_out_of_torchs_packing():
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (16, 2, 128), (10, 2, 48)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_matches_gathered_attention(ops, dtype, heads, kv_heads, dim):
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                    (torch.float32, torch.float16)])
+def test_paged_decode_matches_gathered_attention(ops, dtype, cache_dtype, heads, kv_heads, dim):
     """Keys scattered over the cache in blocks, contexts of different lengths (tails of 16 included); SmolLM2's
-    heads, and other query heads per KV head and head sizes (the AVX2 body's register tiles depend on both)."""
+    heads, and other query heads per KV head and head sizes (the AVX2 body's register tiles depend on both); a
+    float16 cache under float32 queries (CacheConfig.kv_cache_dtype)."""
     torch.manual_seed(3)
     batch, block = 5, 16
-    cache = torch.randn(2, kv_heads, 80 * block, dim).to(dtype)
+    cache = torch.randn(2, kv_heads, 80 * block, dim).to(cache_dtype)
     lengths = torch.tensor([1, 16, 17, 70, 200])
     width = 13
     tables = torch.randperm(80)[: batch * width].view(batch, width)
@@ -187,6 +189,12 @@ def test_layer_ops_match_the_torch_ops_they_replace(ops, dtype):
     assert torch.equal(q, qk[:, :heads])  # rounded where torch's ops round: the same bits
     assert torch.equal(cache[0, :, slots].transpose(0, 1), qk[:, heads:])
     assert torch.equal(cache[1, :, slots].transpose(0, 1), qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim))
+    if dtype == torch.float32:  # a float16 cache (CacheConfig.kv_cache_dtype): the same K and V, rounded once
+        half = torch.zeros(2, kv_heads, 512, dim, dtype=torch.float16)
+        assert torch.equal(ops.rope_kv(qkv, rope.cos, rope.sin, positions, half, slots, heads, kv_heads), q)
+        assert torch.equal(half[0, :, slots].transpose(0, 1), qk[:, heads:].half())
+        assert torch.equal(half[1, :, slots].transpose(0, 1),
+                           qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim).half())
 
 
 def test_models_the_kernels_cannot_take_keep_torchs_code():

@@ -82,19 +82,26 @@ class ModelRunner:
         self.model = model.eval()
         q8 = any(getattr(m, "q8", None) is not None for m in model.modules())
         log.info("model weights: %s%s", self.format.name, f", x int8 on our {kernels.best_isa()} kernels" if q8 else "")
-        self.block_size = config.cache.block_size
-        self.num_blocks = num_cache_blocks(self.model_config, config.cache, self.dtype, self.device)
-        self.kv_caches = [
-            torch.zeros(kv_cache_shape(self.num_blocks * self.block_size, c.num_kv_heads, c.head_dim),
-                        dtype=self.dtype, device=self.device)
-            for _ in range(c.num_layers)
-        ]
-        self._block_offsets = torch.arange(self.block_size)
         compiled = kernels.load() if self.device.type == "cpu" else None
         if compiled is not None and not kernels.fits(c.head_dim, c.num_heads // c.num_kv_heads):
             log.info("head_dim %d with %d query heads per KV head: torch's attention and layer code serve",
                      c.head_dim, c.num_heads // c.num_kv_heads)
             compiled = None
+        if config.cache.kv_cache_dtype not in ("auto", "activations"):
+            raise ValueError(f"kv_cache_dtype must be auto or activations (got {config.cache.kv_cache_dtype!r})")
+        half_cache = (config.cache.kv_cache_dtype == "auto" and compiled is not None and q8
+                      and self.dtype == torch.float32)  # only our kernels read and write a float16 cache
+        self.kv_dtype = torch.float16 if half_cache else self.dtype
+        self.block_size = config.cache.block_size
+        self.num_blocks = num_cache_blocks(self.model_config, config.cache, self.kv_dtype, self.device)
+        self.kv_caches = [
+            torch.zeros(kv_cache_shape(self.num_blocks * self.block_size, c.num_kv_heads, c.head_dim),
+                        dtype=self.kv_dtype, device=self.device)
+            for _ in range(c.num_layers)
+        ]
+        self._block_offsets = torch.arange(self.block_size)
+        if half_cache:
+            log.info("KV cache: float16 (kv_cache_dtype auto: quantised weights on float32 activations)")
         self.decode_kernel = compiled.paged_decode if compiled is not None else None
         if compiled is not None:
             self.model.use_kernels(compiled)

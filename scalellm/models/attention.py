@@ -69,11 +69,12 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:
-    """Write the step's K/V into the cache, then attend; returns [T, H, D]. Not for a batch built for the kernel
+    """Write the step's K/V into the cache (in its dtype: float16 under CacheConfig.kv_cache_dtype auto), then
+    attend in q's dtype; returns [T, H, D]. Not for a batch built for the kernel
     (``attend_in_place``): its rows carry no padding bias."""
     if batch.kernel is not None:
         raise ValueError("an AttentionBatch built for the CPU kernel goes to attend_in_place")
-    kv_cache.index_copy_(2, batch.slot_mapping, torch.stack([k, v]).transpose(1, 2))
+    kv_cache.index_copy_(2, batch.slot_mapping, torch.stack([k, v]).transpose(1, 2).to(kv_cache.dtype))
     gqa = q.shape[1] != k.shape[1]  # prefill chunks: SDPA groups the heads itself
     only_decodes = not batch.prefills and len(batch.decodes) == 1 and batch.decodes[0].token_index is None
     out = None if only_decodes else torch.empty_like(q)
@@ -81,14 +82,14 @@ def paged_attention(
     by_block = kv_cache.view(2, kvh, -1, batch.block_size * dim)
     for d in batch.decodes:
         b, width = d.blocks.shape
-        kv = by_block.index_select(2, d.blocks.flatten()).view(2, kvh, b, width * batch.block_size, dim)
+        kv = by_block.index_select(2, d.blocks.flatten()).view(2, kvh, b, width * batch.block_size, dim).to(q.dtype)
         o = decode_attention(q if d.token_index is None else q[d.token_index], kv[0], kv[1], d.bias, scale)
         if out is None:
             return o
         out[d.token_index] = o
     for p in batch.prefills:
         qp = q[p.start : p.start + p.num_new].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        kv = kv_cache.index_select(2, p.slots).unsqueeze(1)  # [2, 1, KVH, ctx, D]
+        kv = kv_cache.index_select(2, p.slots).unsqueeze(1).to(q.dtype)  # [2, 1, KVH, ctx, D]
         if p.mask is None:
             o = F.scaled_dot_product_attention(qp, kv[0], kv[1], is_causal=True, scale=scale, enable_gqa=gqa)
         else:

@@ -56,12 +56,12 @@ at::Tensor rms_norm_impl(at::Tensor& x, const at::Tensor* delta, const at::Tenso
   return out;
 }
 
-template <typename T>
+template <typename T, typename TC>  // TC: the cache's element type (T, or float16 under float32 activations)
 void rope_kv_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
                   at::Tensor& cache, const at::Tensor& slots, int64_t heads, int64_t kv_heads, at::Tensor& q) {
   const int64_t rows = qkv.size(0), dim = cache.size(3), half = dim / 2, num_slots = cache.size(2);
   const T* in = qkv.data_ptr<T>();
-  T* kv = cache.data_ptr<T>();
+  TC* kv = cache.data_ptr<TC>();
   T* qp = q.data_ptr<T>();
   const float* cos_table = cos.data_ptr<float>();
   const float* sin_table = sin.data_ptr<float>();
@@ -72,9 +72,7 @@ void rope_kv_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
     const float* c = cos_table + pos[r] * dim;
     const float* s = sin_table + pos[r] * dim;
     const T* row = in + r * width;
-    for (int64_t head = 0; head < heads + kv_heads; ++head) {  // q heads, then k heads: rotate half
-      const T* x = row + head * dim;
-      T* to = head < heads ? qp + (r * heads + head) * dim : kv + ((head - heads) * num_slots + slot[r]) * dim;
+    auto rotate = [&](const T* x, auto* to) {
       for (int64_t i = 0; i < half; i += 16) {  // x * cos + rotate_half(x) * sin, cos and sin in T
         const int64_t m = half - i;
         vf lo = load16(x + i, m), hi = load16(x + half + i, m);
@@ -83,10 +81,13 @@ void rope_kv_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
         store16(to + i, vsub(round16<T>(vmul(lo, c0)), round16<T>(vmul(hi, s0))), m);
         store16(to + half + i, vadd(round16<T>(vmul(hi, c1)), round16<T>(vmul(lo, s1))), m);
       }
-    }
+    };
+    for (int64_t head = 0; head < heads; ++head) rotate(row + head * dim, qp + (r * heads + head) * dim);
+    for (int64_t head = 0; head < kv_heads; ++head)  // k heads: rotated into the cache
+      rotate(row + (heads + head) * dim, kv + (head * num_slots + slot[r]) * dim);
     for (int64_t head = 0; head < kv_heads; ++head) {  // v heads: copied into the cache
       const T* x = row + (heads + kv_heads + head) * dim;
-      T* to = kv + ((kv_heads + head) * num_slots + slot[r]) * dim;
+      TC* to = kv + ((kv_heads + head) * num_slots + slot[r]) * dim;
       for (int64_t i = 0; i < dim; i += 16) store16(to + i, load16(x + i, dim - i), dim - i);
     }
   });
@@ -136,16 +137,19 @@ at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tenso
                    at::Tensor cache, const at::Tensor& slots, int64_t heads, int64_t kv_heads) {
   check_rows(qkv, "rope_kv: qkv");
   const int64_t dim = cache.size(3);
-  TORCH_CHECK(cache.is_contiguous() && cache.scalar_type() == qkv.scalar_type() && dim % 2 == 0 &&
-              qkv.size(1) == (heads + 2 * kv_heads) * dim, "rope_kv: cache [2, KVH, slots, D] of qkv's dtype");
+  const bool half_cache = cache.scalar_type() == at::kHalf && qkv.scalar_type() == at::kFloat;
+  TORCH_CHECK(cache.is_contiguous() && (cache.scalar_type() == qkv.scalar_type() || half_cache) && dim % 2 == 0 &&
+              qkv.size(1) == (heads + 2 * kv_heads) * dim,
+              "rope_kv: cache [2, KVH, slots, D] of qkv's dtype (or float16 under float32)");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
               sin.is_contiguous() && cos.size(1) == dim, "rope_kv: cos / sin float32 [positions, D]");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && positions.is_contiguous() &&
               slots.is_contiguous() && positions.numel() == qkv.size(0) && slots.numel() == qkv.size(0),
               "rope_kv: positions and slots int64 [T]");
   auto q = at::empty({qkv.size(0), heads, dim}, qkv.options());
-  if (qkv.scalar_type() == at::kBFloat16) rope_kv_impl<at::BFloat16>(qkv, cos, sin, positions, cache, slots, heads, kv_heads, q);
-  else rope_kv_impl<float>(qkv, cos, sin, positions, cache, slots, heads, kv_heads, q);
+  if (qkv.scalar_type() == at::kBFloat16) rope_kv_impl<at::BFloat16, at::BFloat16>(qkv, cos, sin, positions, cache, slots, heads, kv_heads, q);
+  else if (half_cache) rope_kv_impl<float, at::Half>(qkv, cos, sin, positions, cache, slots, heads, kv_heads, q);
+  else rope_kv_impl<float, float>(qkv, cos, sin, positions, cache, slots, heads, kv_heads, q);
   return q;
 }
 

@@ -29,8 +29,8 @@ constexpr int kMaxChunks = 16;  // head_dim / 16
 // multiply-add. Here each key's G dot products are G 8-float accumulators (its K row read once, the queries from
 // L1), summed eight keys at a time; the weighted sum of values runs over segments of SEG x 8 dimensions, whose
 // G x SEG accumulators stay in registers.
-template <typename T, int G>
-inline void score_keys(const float* qbuf, const T* k_head, const int64_t* slot, int64_t len, int64_t dim,
+template <typename TC, int G>
+inline void score_keys(const float* qbuf, const TC* k_head, const int64_t* slot, int64_t len, int64_t dim,
                        int64_t padded, float* scores) {
   const int64_t chunks = dim / 16;
   alignas(32) __m256 partial[G][8];
@@ -42,7 +42,7 @@ inline void score_keys(const float* qbuf, const T* k_head, const int64_t* slot, 
       if (t < n) {
         const int64_t j = j0 + t;
         if (j + 16 < len) prefetch_row(k_head + slot[j + 16] * dim, dim);
-        const T* k = k_head + slot[j] * dim;
+        const TC* k = k_head + slot[j] * dim;
         for (int64_t c = 0; c < chunks; ++c) {
           const vf kc = load16(k + c * 16);
           for (int g = 0; g < G; ++g) {
@@ -58,15 +58,15 @@ inline void score_keys(const float* qbuf, const T* k_head, const int64_t* slot, 
   }
 }
 
-template <typename T, int G, int SEG>
-inline void weigh_values(const float* scores, const T* v_head, const int64_t* slot, int64_t len, int64_t dim,
+template <typename T, typename TC, int G, int SEG>
+inline void weigh_values(const float* scores, const TC* v_head, const int64_t* slot, int64_t len, int64_t dim,
                          int64_t padded, const float* inv_sum, T* out) {  // out: the G heads' rows
   for (int64_t s0 = 0; s0 < dim; s0 += 8 * SEG) {
     __m256 o[G][SEG];
     for (int g = 0; g < G; ++g)
       for (int u = 0; u < SEG; ++u) o[g][u] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; ++j) {
-      const T* v = v_head + slot[j] * dim + s0;
+      const TC* v = v_head + slot[j] * dim + s0;
       if (s0 == 0 && j + 16 < len) prefetch_row(v_head + slot[j + 16] * dim, dim);
       __m256 vv[SEG];
       for (int u = 0; u < SEG; u += 2) {
@@ -89,19 +89,19 @@ inline void weigh_values(const float* scores, const T* v_head, const int64_t* sl
   }
 }
 
-template <typename T, int G>
-inline void weigh_values(const float* scores, const T* v_head, const int64_t* slot, int64_t len, int64_t dim,
+template <typename T, typename TC, int G>
+inline void weigh_values(const float* scores, const TC* v_head, const int64_t* slot, int64_t len, int64_t dim,
                          int64_t padded, const float* inv_sum, T* out) {
   constexpr int kSeg = G == 1 ? 8 : G <= 3 ? 4 : G <= 6 ? 2 : 1;  // G x SEG accumulators: at most 12 registers
-  if constexpr (kSeg >= 8) if (dim % 64 == 0) return weigh_values<T, G, 8>(scores, v_head, slot, len, dim, padded, inv_sum, out);
-  if constexpr (kSeg >= 4) if (dim % 32 == 0) return weigh_values<T, G, 4>(scores, v_head, slot, len, dim, padded, inv_sum, out);
-  if constexpr (kSeg >= 2) return weigh_values<T, G, 2>(scores, v_head, slot, len, dim, padded, inv_sum, out);
-  weigh_values<T, G, 1>(scores, v_head, slot, len, dim, padded, inv_sum, out);
+  if constexpr (kSeg >= 8) if (dim % 64 == 0) return weigh_values<T, TC, G, 8>(scores, v_head, slot, len, dim, padded, inv_sum, out);
+  if constexpr (kSeg >= 4) if (dim % 32 == 0) return weigh_values<T, TC, G, 4>(scores, v_head, slot, len, dim, padded, inv_sum, out);
+  if constexpr (kSeg >= 2) return weigh_values<T, TC, G, 2>(scores, v_head, slot, len, dim, padded, inv_sum, out);
+  weigh_values<T, TC, G, 1>(scores, v_head, slot, len, dim, padded, inv_sum, out);
 }
 #endif
 
-template <typename T>
-void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* lengths, int64_t batch,
+template <typename T, typename TC>  // TC: the cache's element type (T, or float16 under float32 activations)
+void decode(const T* q, const TC* cache, const int64_t* blocks, const int64_t* lengths, int64_t batch,
             int64_t heads, int64_t kv_heads, int64_t slots, int64_t dim, int64_t width, int64_t block_size,
             float scale, T* out) {
   const int64_t group = heads / kv_heads, chunks = dim / 16;
@@ -112,8 +112,8 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < batch * kv_heads; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads, len = lengths[b], padded = (len + 15) / 16 * 16;
-      const T* k_head = cache + h * slots * dim;
-      const T* v_head = cache + (kv_heads + h) * slots * dim;
+      const TC* k_head = cache + h * slots * dim;
+      const TC* v_head = cache + (kv_heads + h) * slots * dim;
       const int64_t* table = blocks + b * width;
 #if defined(__AVX512F__)
       vf qs[kMaxGroup][kMaxChunks];
@@ -141,7 +141,7 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
           prefetch_row(k_head + slot[j] * dim, dim);
         for (int64_t t = 0; t < n; ++t) {
           const int64_t j = j0 + t;
-          const T* k = k_head + slot[j] * dim;
+          const TC* k = k_head + slot[j] * dim;
           for (int64_t c = 0; c < chunks; ++c) store16(keys + (t * chunks + c) * 16, load16(k + c * 16));
         }
         for (int64_t g = 0; g < group; ++g) {
@@ -157,14 +157,14 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
       }
 #else
       switch (group) {
-        case 1: score_keys<T, 1>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
-        case 2: score_keys<T, 2>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
-        case 3: score_keys<T, 3>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
-        case 4: score_keys<T, 4>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
-        case 5: score_keys<T, 5>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
-        case 6: score_keys<T, 6>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
-        case 7: score_keys<T, 7>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
-        default: score_keys<T, 8>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 1: score_keys<TC, 1>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 2: score_keys<TC, 2>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 3: score_keys<TC, 3>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 4: score_keys<TC, 4>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 5: score_keys<TC, 5>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 6: score_keys<TC, 6>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        case 7: score_keys<TC, 7>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
+        default: score_keys<TC, 8>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
       }
 #endif
       float inv_sum[kMaxGroup];
@@ -186,7 +186,7 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
       for (int64_t g = 0; g < group; ++g)
         for (int64_t c = 0; c < chunks; ++c) o[g][c] = vzero();
       for (int64_t j = 0; j < len; ++j) {
-        const T* v = v_head + slot[j] * dim;
+        const TC* v = v_head + slot[j] * dim;
         if (j + 16 < len) prefetch_row(v_head + slot[j + 16] * dim, dim);
         for (int64_t c = 0; c < chunks; ++c) {
           vf vc = load16(v + c * 16);
@@ -199,14 +199,14 @@ void decode(const T* q, const T* cache, const int64_t* blocks, const int64_t* le
           store16(out_task + g * dim + c * 16, vmul(o[g][c], vset(inv_sum[g])));
 #else
       switch (group) {
-        case 1: weigh_values<T, 1>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
-        case 2: weigh_values<T, 2>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
-        case 3: weigh_values<T, 3>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
-        case 4: weigh_values<T, 4>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
-        case 5: weigh_values<T, 5>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
-        case 6: weigh_values<T, 6>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
-        case 7: weigh_values<T, 7>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
-        default: weigh_values<T, 8>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 1: weigh_values<T, TC, 1>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 2: weigh_values<T, TC, 2>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 3: weigh_values<T, TC, 3>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 4: weigh_values<T, TC, 4>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 5: weigh_values<T, TC, 5>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 6: weigh_values<T, TC, 6>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        case 7: weigh_values<T, TC, 7>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
+        default: weigh_values<T, TC, 8>(scores.data(), v_head, slot, len, dim, padded, inv_sum, out_task); break;
       }
 #endif
     }
@@ -221,7 +221,9 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::
                         const at::Tensor& lengths, int64_t block_size, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && cache.dim() == 4 && cache.is_contiguous(),
               "paged_decode: q [B, H, D] and the cache [2, KVH, slots, D] must be contiguous");
-  TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "paged_decode: q and the cache must share a dtype");
+  const bool half_cache = cache.scalar_type() == at::kHalf && q.scalar_type() == at::kFloat;
+  TORCH_CHECK(q.scalar_type() == cache.scalar_type() || half_cache,
+              "paged_decode: q and the cache must share a dtype (or float32 q over a float16 cache)");
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = cache.size(1);
   TORCH_CHECK(dim % 16 == 0 && dim / 16 <= kMaxChunks && heads % kv_heads == 0 && heads / kv_heads <= kMaxGroup,
               "paged_decode: head_dim must be a multiple of 16 up to 256, at most 8 query heads per KV head");
@@ -232,6 +234,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::
     decode(q.data_ptr<at::BFloat16>(), cache.data_ptr<at::BFloat16>(), blocks.data_ptr<int64_t>(),
            lengths.data_ptr<int64_t>(), batch, heads, kv_heads, cache.size(2), dim, blocks.size(1), block_size,
            static_cast<float>(scale), out.data_ptr<at::BFloat16>());
+  } else if (half_cache) {
+    decode(q.data_ptr<float>(), cache.data_ptr<at::Half>(), blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+           batch, heads, kv_heads, cache.size(2), dim, blocks.size(1), block_size, static_cast<float>(scale),
+           out.data_ptr<float>());
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: float32 or bfloat16");
     decode(q.data_ptr<float>(), cache.data_ptr<float>(), blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),

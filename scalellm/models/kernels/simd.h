@@ -1,6 +1,7 @@
 // 16 floats at a time for our kernels, on whichever instruction set the build names (kernels/__init__.py builds
 // this source twice): one __m512 under AVX-512, a pair of __m256 under AVX2 + FMA + F16C. Loads and stores from
-// and to float32, bfloat16 and float16; exp; the reductions. A count n < 16 touches only the first n lanes.
+// and to float32, bfloat16 and float16 (at::Half, the K/V cache's; raw uint16_t for weight scales); exp; the
+// reductions. A count n < 16 touches only the first n lanes.
 #pragma once
 #include <ATen/ATen.h>
 #include <immintrin.h>
@@ -34,6 +35,7 @@ inline vf load16(const at::BFloat16* p, int64_t n = 16) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline vf load16_half(const uint16_t* p, int64_t n = 16) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), p)); }
+inline vf load16(const at::Half* p, int64_t n = 16) { return load16_half(reinterpret_cast<const uint16_t*>(p), n); }
 
 inline __m512i round_bits(vf v) {  // float32 bits rounded (nearest even) at bfloat16's last bit
   __m512i u = _mm512_castps_si512(v);
@@ -45,8 +47,20 @@ inline void store16(float* p, vf v, int64_t n = 16) { _mm512_mask_storeu_ps(p, f
 inline void store16(at::BFloat16* p, vf v, int64_t n = 16) {
   _mm256_mask_storeu_epi16(p, first(n), _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bits(v), 16)));
 }
+inline void store16(at::Half* p, vf v, int64_t n = 16) {  // float16, rounded to nearest even
+  _mm256_mask_storeu_epi16(p, first(n), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 
 // v rounded to T's precision (nearest even), still as float32: to round where torch's T ops round.
+inline void store16(at::Half* p, vf v, int64_t n = 16) {  // float16, rounded to nearest even
+  const int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  alignas(32) uint16_t buffer[16];
+  uint16_t* to = n >= 16 ? reinterpret_cast<uint16_t*>(p) : buffer;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm256_cvtps_ph(v.lo, mode));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(to + 8), _mm256_cvtps_ph(v.hi, mode));
+  if (n < 16) std::memcpy(static_cast<void*>(p), buffer, n * sizeof(uint16_t));
+}
+
 template <typename T>
 inline vf round16(vf v) {
   if constexpr (sizeof(T) == 4) return v;
@@ -142,6 +156,7 @@ inline vf load16_half(const uint16_t* p, int64_t n = 16) {
   const __m128i* q = reinterpret_cast<const __m128i*>(p);
   return {_mm256_cvtph_ps(_mm_loadu_si128(q)), _mm256_cvtph_ps(_mm_loadu_si128(q + 1))};
 }
+inline vf load16(const at::Half* p, int64_t n = 16) { return load16_half(reinterpret_cast<const uint16_t*>(p), n); }
 
 inline __m256i round_bits(__m256 v) {  // float32 bits rounded (nearest even) at bfloat16's last bit
   __m256i u = _mm256_castps_si256(v);
@@ -161,6 +176,15 @@ inline void store16(T* p, vf v, int64_t n = 16) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm256_permute4x64_epi64(both, 0xD8));
   }
   if (n < 16) std::memcpy(static_cast<void*>(p), buffer, n * sizeof(T));
+}
+
+inline void store16(at::Half* p, vf v, int64_t n = 16) {  // float16, rounded to nearest even
+  const int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  alignas(32) uint16_t buffer[16];
+  uint16_t* to = n >= 16 ? reinterpret_cast<uint16_t*>(p) : buffer;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm256_cvtps_ph(v.lo, mode));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(to + 8), _mm256_cvtps_ph(v.hi, mode));
+  if (n < 16) std::memcpy(static_cast<void*>(p), buffer, n * sizeof(uint16_t));
 }
 
 template <typename T>
