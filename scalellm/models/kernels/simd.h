@@ -52,15 +52,6 @@ inline void store16(at::Half* p, vf v, int64_t n = 16) {  // float16, rounded to
 }
 
 // v rounded to T's precision (nearest even), still as float32: to round where torch's T ops round.
-inline void store16(at::Half* p, vf v, int64_t n = 16) {  // float16, rounded to nearest even
-  const int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  alignas(32) uint16_t buffer[16];
-  uint16_t* to = n >= 16 ? reinterpret_cast<uint16_t*>(p) : buffer;
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm256_cvtps_ph(v.lo, mode));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(to + 8), _mm256_cvtps_ph(v.hi, mode));
-  if (n < 16) std::memcpy(static_cast<void*>(p), buffer, n * sizeof(uint16_t));
-}
-
 template <typename T>
 inline vf round16(vf v) {
   if constexpr (sizeof(T) == 4) return v;
