@@ -5,8 +5,10 @@
 * matmuls at SmolLM2-135M's shapes (qkv, o, gate_up, down in int4; the lm_head in int8) for 1, 8 and 64 rows:
   ``q_q8_mm`` (int8 activations) against what serves without it: on a CPU with native bf16, torch's
   ``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` on bf16 activations; elsewhere (AVX2) the float32
-  weights' ``F.linear``. One layer's weights stay in cache here: in the engine, one token streams every layer's
-  weights from memory, so the 1-row ratios are the kernels' compute, not what a step gains;
+  weights' ``F.linear``, and there also ``q_f32_mm`` (the same weights in float32 arithmetic: prompt rows and the
+  lm_head on float32 activations; use ``--rows 1 8 64 128``). One layer's weights stay in cache here: in the
+  engine, one token streams every layer's weights from memory, so the 1-row ratios are the kernels' compute,
+  not what a step gains;
 * attention for 64 / 8 / 1 sequences of 100-400 keys scattered over the cache in blocks: ``paged_decode``
   against the gather + matmuls path (scalellm/models/attention.py), in the same activations' dtype.
 
@@ -55,8 +57,11 @@ def bench_matmuls(rows_list: list[int], module, dtype: torch.dtype) -> list[dict
             for buffer_name, buffer in linear.named_buffers():
                 if buffer.is_floating_point():
                     setattr(linear, buffer_name, buffer.to(dtype))
-        assert ours.use_q8(), "our q_q8_mm does not run here"
+        f32 = dtype == torch.float32  # prompt rows (and the lm_head) there run on q_f32_mm: time it too
+        assert ours.use_q8(f32_rows=f32), "our q_q8_mm does not run here"
         ours.q8_mm = module.q_q8_mm
+        if f32:
+            ours.f32_mm = module.q_f32_mm
         for rows in rows_list:
             x = torch.randn(rows, k).to(dtype)
             repeat = 5 if name == "lm_head" else 50
@@ -64,11 +69,17 @@ def bench_matmuls(rows_list: list[int], module, dtype: torch.dtype) -> list[dict
                 torch_us = best_us(lambda: theirs.packed_mm(x), repeat)  # noqa: B023
             else:
                 torch_us = best_us(lambda: F.linear(x, weight), repeat)  # noqa: B023
-            ours_us = best_us(lambda: ours.quantized_mm(x), repeat)  # noqa: B023
-            results.append({"kind": "matmul", "name": name, "rows": rows, "n": n, "k": k, "torch_us": torch_us,
-                             "ours_us": ours_us, "speedup": torch_us / ours_us})
-            print(f"{name:13s} {rows:3d} rows: torch {torch_us:9.1f} us  ours {ours_us:9.1f} us  "
-                  f"x{torch_us / ours_us:.2f}", flush=True)
+            ours_us = best_us(lambda: ours.q8_mm(x, *ours.q8), repeat)  # noqa: B023
+            result = {"kind": "matmul", "name": name, "rows": rows, "n": n, "k": k, "torch_us": torch_us,
+                      "ours_us": ours_us, "speedup": torch_us / ours_us}
+            line = (f"{name:13s} {rows:3d} rows: torch {torch_us:9.1f} us  ours {ours_us:9.1f} us  "
+                    f"x{torch_us / ours_us:.2f}")
+            if f32:
+                f32_us = best_us(lambda: ours.f32_mm(x, *ours.f32), repeat)  # noqa: B023
+                result |= {"f32_us": f32_us, "f32_speedup": torch_us / f32_us}
+                line += f"  q_f32 {f32_us:9.1f} us  x{torch_us / f32_us:.2f}"
+            results.append(result)
+            print(line, flush=True)
     return results
 
 
