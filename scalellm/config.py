@@ -109,8 +109,9 @@ class EngineConfig:
     # (memory-bound). A token's path depends only on whether it is a prompt token, so batching never changes a
     # result (scalellm/models/quant.py). Costs the dense copy in memory (bf16: 2 bytes a weight outside the MoE
     # experts and the lm_head, +212 MB for SmolLM2-135M); False = packed kernels for every token. On float32
-    # activations (AVX2 CPUs) our int8 kernel is faster even at 512 rows, but the dense rows keep the prompt's
-    # first token float32's own: int8 activations moved "The capital of France is Paris" to another answer there.
+    # activations (AVX2 CPUs) with our kernels, prompt tokens run on q_f32_mm instead: the packed weights in float32
+    # arithmetic, no copy, and the prompt's first token float32's own (int8 activations moved "The capital of
+    # France is Paris" to another answer there; docs/benchmarks.md, sessions 12-13).
     dense_prompts: bool = True
     # int4 / int8: the packed layers multiply activations quantised to int8 per 32-block on our kernels
     # (llama.cpp's Q4_1 / Q8_0 x Q8; scalellm/models/kernels/q_q8.cpp, AVX-512 VNNI or AVX2), where the CPU and a
