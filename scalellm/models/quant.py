@@ -144,9 +144,9 @@ class PackedLinear(nn.Module):
 
     def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
         """The rows that run dense: on q_f32_mm where it was packed, else on the dense weight. MKL's float32 GEMM
-        computes a row differently below 12 rows
-        (1-3, 5-7, 9-11 on a Zen 3 EPYC) than from there on, so float32 calls get at least MIN_DENSE_ROWS rows
-        (zero padding): a prompt row's result then does not depend on how many rows share its step."""
+        computes a row differently below 12 rows (1-3, 5-7, 9-11 on a Zen 3 EPYC) than from there on, so float32
+        calls get at least MIN_DENSE_ROWS rows (zero padding): a prompt row's result then does not depend on how
+        many rows share its step."""
         if self.f32 is not None and x.dtype == torch.float32:
             return self.f32_mm(x.contiguous(), *self.f32)
         if x.dtype != torch.float32 or x.shape[0] >= MIN_DENSE_ROWS:
