@@ -159,11 +159,14 @@ def resolve_max_model_len(requested: int | None, config: dict[str, Any]) -> int:
 
 
 def engine_up_to_date(engine_dir: Path, wanted: dict[str, Any], max_model_len: int | None) -> bool:
-    """True if engine_dir was built from the same checkpoint, dtype, backend and max_model_len."""
-    from scalellm.models.engine_dir import load_engine_config, read_engine_meta
+    """True if engine_dir was built from the same checkpoint, dtype, backend and max_model_len (and its packed
+    weights in the layout this torch uses on this CPU)."""
+    from scalellm.models.engine_dir import load_engine_config, packed_layout, read_engine_meta
 
     meta = read_engine_meta(engine_dir)
     if meta is None or any(meta.get(key) != value for key, value in wanted.items()):
+        return False
+    if meta.get("quantize", "none") != "none" and any(meta.get(k) != v for k, v in packed_layout().items()):
         return False
     return meta.get("max_model_len") == resolve_max_model_len(max_model_len, load_engine_config(engine_dir))
 

@@ -172,7 +172,7 @@ def save_engine(
             packed_file = tmp / QUANTIZED_FILE.format(quantize=quantize)
             save_file(_packed_weights(config, state_dict, quantize), str(packed_file))
             _make_readable(packed_file)
-            engine_meta["packed_with_torch"] = torch.__version__  # torch's packed layouts are internal
+            engine_meta |= packed_layout()
         (tmp / ENGINE_META_FILE).write_text(json.dumps(engine_meta, indent=2) + "\n")
     return out_dir
 
@@ -190,12 +190,19 @@ def _packed_weights(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
     return packed_state(model)
 
 
+def packed_layout() -> dict[str, str]:
+    """What torch's packed weight layouts depend on: its version, and the CPU capability its kernels dispatch on
+    (the int4 packing is laid out one way for AVX-512 and another for AVX2), as recorded in scalellm_engine.json."""
+    return {"packed_with_torch": torch.__version__, "packed_for_cpu": torch.backends.cpu.get_cpu_capability()}
+
+
 def load_packed_weights(engine_dir: str | Path, quantize: str) -> dict[str, torch.Tensor] | None:
-    """The packed weights built for ``quantize``, or None if there are none usable by this torch."""
+    """The packed weights built for ``quantize``, or None if there are none usable by this torch on this CPU (an
+    engine directory built on another kind of machine: the caller re-quantises from the float32 weights)."""
     engine_dir = Path(engine_dir)
     meta = read_engine_meta(engine_dir) or {}
     path = engine_dir / QUANTIZED_FILE.format(quantize=quantize)
-    if meta.get("packed_with_torch") != torch.__version__ or not path.is_file():
+    if any(meta.get(key) != value for key, value in packed_layout().items()) or not path.is_file():
         return None
     return load_file(str(path))
 
