@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from scalellm.models import cpu
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"
 QUANTIZE = ("none", "int8", "int4")
@@ -36,8 +38,8 @@ def dtype_name(dtype: str | torch.dtype) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or AMX: the CPU multiplies bf16 in hardware (torch's own runtime check)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """avx512_bf16 or AMX at the level we run at (scalellm/models/cpu.py): the CPU multiplies bf16 in hardware."""
+    return cpu.native_bf16()
 
 
 @dataclass(frozen=True)

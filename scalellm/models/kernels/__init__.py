@@ -12,9 +12,10 @@
   silu * mul): at one token a step's time is mostly the dispatch of ~1500 small torch ops.
 
 The same sources build for two instruction sets (simd.h): AVX-512 with VNNI, and AVX2 + FMA + F16C, where the
-int8 dot products take two instructions instead of one. ``load()`` builds the best one this CPU runs. Numbers
-in docs/benchmarks.md. It returns None where neither can run (no compiler, SCALELLM_NO_KERNELS=1, a CPU
-without AVX2): callers keep torch's kernels. SCALELLM_KERNELS=avx2 picks AVX2 on an AVX-512 machine.
+int8 dot products take two instructions instead of one; q_bf16.cpp's bf16 dot products run only where the level
+has them (scalellm/models/cpu.py). ``load()`` builds the set of the level we run at (``SCALELLM_ISA=avx2`` takes
+the AVX2 path on an AVX-512 machine). It returns None where neither can run (no compiler, SCALELLM_NO_KERNELS=1,
+a CPU without AVX2): callers keep torch's kernels. Numbers in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ from pathlib import Path
 
 import torch
 
+from scalellm.models import cpu
+
 log = logging.getLogger(__name__)
 
 SOURCES = [str(Path(__file__).with_name(name))
-           for name in ("bindings.cpp", "q_q8.cpp", "q_f32.cpp", "paged_decode.cpp", "layer_ops.cpp")]
-# Instruction set -> (the CPU flags it needs, in /proc/cpuinfo's names; its compiler flags), best first.
+           for name in ("bindings.cpp", "q_q8.cpp", "q_f32.cpp", "q_bf16.cpp", "paged_decode.cpp", "layer_ops.cpp")]
+# Instruction set -> its compiler flags, best first (the CPU flags each needs: scalellm/models/cpu.py's levels).
 ISAS = {
-    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
-               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]),
-    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
 CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
 PAIR = 64  # weights per VNNI operand: two 32-weight blocks
@@ -53,29 +55,21 @@ def cache_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "build" / "kernels"
 
 
-@functools.cache
-def cpu_flags() -> set[str]:
-    try:
-        return set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return set()
+# The instruction set of ISAS each level of scalellm/models/cpu.py runs.
+LEVEL_ISA = {"amx": "avx512", "avx512_bf16": "avx512", "avx512": "avx512", "avx2": "avx2", "baseline": None}
 
 
 def runnable_isas() -> list[str]:
-    """The instruction sets of ISAS this CPU runs, best first."""
-    flags = cpu_flags()
-    return [isa for isa, (needs, _) in ISAS.items() if all(flag in flags for flag in needs)]
+    """The instruction sets of ISAS the level we run at allows, best first."""
+    best = LEVEL_ISA[cpu.level()]
+    return list(ISAS)[list(ISAS).index(best):] if best is not None else []
 
 
 def best_isa() -> str | None:
-    """What ``load()`` builds here: SCALELLM_KERNELS (avx512 | avx2 | none) if the CPU runs it, else the best."""
+    """What ``load()`` builds here: the set of the level we run at, or None (SCALELLM_NO_KERNELS=1)."""
     if os.environ.get("SCALELLM_NO_KERNELS") == "1":
         return None
-    runnable = runnable_isas()
-    wanted = os.environ.get("SCALELLM_KERNELS")
-    if wanted is not None:
-        return wanted if wanted in runnable else None
-    return runnable[0] if runnable else None
+    return LEVEL_ISA[cpu.level()]
 
 
 def load(isa: str | None = None):
@@ -95,7 +89,7 @@ def _build(isa: str):
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     try:
-        return cpp_extension.load(f"scalellm_kernels_{isa}", SOURCES, extra_cflags=CFLAGS + ISAS[isa][1],
+        return cpp_extension.load(f"scalellm_kernels_{isa}", SOURCES, extra_cflags=CFLAGS + ISAS[isa],
                                   build_directory=str(directory), verbose=False)
     except Exception as exc:  # no compiler, no ninja: torch's kernels still serve, just slower
         log.warning("our %s kernels did not build, torch's serve instead: %s", isa, exc)
@@ -120,8 +114,9 @@ def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[
     return pairs.reshape(n, -1).contiguous(), d.half().contiguous(), m.float().t().half().contiguous()
 
 
-def pack_f32(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """(q int [N, K], d and m [N, K/32]: w = q * d + m) to ``q_f32_mm``'s 16-column k-major panels (wp, d, m).
+def pack_panels(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """(q int [N, K], d and m [N, K/32]: w = q * d + m) to the 16-column k-major panels (wp, d, m) that ``q_f32_mm``
+    and ``q_bf16_mm`` take (panels.h).
 
     d and m stay float32: q * d + m is then exactly the float32 weight the engine's reference holds.
     """
@@ -133,3 +128,22 @@ def pack_f32(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tu
         panels = panels[..., 0::2] | (panels[..., 1::2] << 4)
     scales = [t.view(padded // 16, 16, k // 32).transpose(1, 2).contiguous() for t in (d, m)]
     return panels.to(torch.uint8).contiguous(), *scales
+
+
+def pack_dense_panels(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A dense [N, K] weight to panels as it is: float32 for ``q_f32_mm`` (bits 32), bfloat16 for ``q_bf16_mm``
+    (bits 16, k-pairs interleaved). Returns (wp, d, m) with empty d and m, as the coded packing's."""
+    n, k = weight.shape
+    padded = -(-n // 16) * 16
+    panels = torch.nn.functional.pad(weight, (0, 0, 0, padded - n)).view(padded // 16, 16, k).transpose(1, 2)
+    if weight.dtype == torch.bfloat16:  # [P, K/2, 2, 16] -> [P, K/2, 16, 2]
+        panels = panels.reshape(padded // 16, k // 2, 2, 16).transpose(2, 3)
+    elif weight.dtype != torch.float32:
+        raise ValueError(f"dense panels hold float32 or bfloat16 weights (got {weight.dtype})")
+    wp = panels.contiguous().view(torch.uint8).view(padded // 16, k, -1)
+    return wp, torch.empty(0), torch.empty(0)
+
+
+def has_bf16_dot() -> bool:
+    """Whether ``q_bf16_mm`` runs here: the AVX-512 build at a level with bf16 dot products (every AMX CPU has them)."""
+    return cpu.native_bf16() and best_isa() == "avx512" and load() is not None
