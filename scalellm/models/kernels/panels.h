@@ -1,0 +1,50 @@
+// The weight layout q_f32.cpp and q_bf16.cpp share (kernels.pack_panels): 16-column panels, k-major. Per panel,
+// per k, the 16 columns' weights in 2 * bits bytes:
+//   bits 4 / 8: codes (4 bits as nibble pairs, low nibble first), with d and m float32 per panel, per 32-block,
+//               per column: the weight is q * d + m, one rounding (q * d is exact);
+//   bits 16:    bfloat16 weights, k-pairs interleaved ([K/2, 16, 2]: what a bf16 dot product takes);
+//   bits 32:    float32 weights.
+// Both kernels compute every output as one chain over k = 0, 1, ... in a fixed order, whatever the number of rows,
+// a row's place among them or the thread count: a row's result never depends on what it is batched with (oneDNN
+// and MKL pick other kernels, and other summation orders, for other row counts).
+#pragma once
+#include "simd.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include <omp.h>
+
+namespace scalellm {
+
+inline vf widen_u8(__m128i codes) {  // 16 unsigned bytes to 16 floats
+#if defined(__AVX512F__)
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+#else
+  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)),
+          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)))};
+#endif
+}
+
+template <int Bits>
+inline __m128i codes16(const uint8_t* w) {  // the 16 columns' codes at one k, in column order
+  if constexpr (Bits == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)), nibble = _mm_set1_epi8(0x0F);
+  return _mm_unpacklo_epi8(_mm_and_si128(b, nibble), _mm_and_si128(_mm_srli_epi16(b, 4), nibble));
+}
+
+// The 16 columns' float32 weights at k = t of a coded panel (d, m: that k's block scales).
+template <int Bits>
+inline vf weights16(const uint8_t* wp, int64_t t, vf d, vf m) {
+  return vfma(widen_u8(codes16<Bits>(wp + t * 2 * Bits)), d, m);
+}
+
+// Panels per dynamic grab: about a million multiply-adds, at least four grabs a thread, so that a worker that
+// Triton's threads preempt does not hold the others up at the barrier.
+inline int64_t panel_grain(int64_t rows, int64_t k, int64_t panels) {
+  const int64_t threads = omp_get_max_threads();
+  return std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(1, rows * k), 1,
+                             std::max<int64_t>(1, panels / (4 * threads)));
+}
+
+}  // namespace scalellm
