@@ -104,19 +104,18 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     quantize: str | None = None
-    # Quantised formats: prompt tokens run on a dense copy of the weights in the activations' dtype (compute-bound
-    # GEMMs, 2.8x the packed kernels at 512 tokens on a Zen 5 EPYC), generated tokens on the packed kernels
-    # (memory-bound). A token's path depends only on whether it is a prompt token, so batching never changes a
-    # result (scalellm/models/quant.py). Costs the dense copy in memory (bf16: 2 bytes a weight outside the MoE
-    # experts and the lm_head, +212 MB for SmolLM2-135M); False = packed kernels for every token. On float32
-    # activations (AVX2 CPUs) with our kernels, prompt tokens run on q_f32_mm instead: the packed weights in float32
-    # arithmetic, no copy, and the prompt's first token float32's own (int8 activations moved "The capital of
-    # France is Paris" to another answer there; docs/benchmarks.md, sessions 12-13).
+    # Quantised formats: prompt tokens multiply the weights by unquantised activations (bf16 or float32; on our
+    # panel kernels, or without them on a dense copy of the weights), generated tokens by int8-quantised ones on
+    # q_q8_mm (memory-bound: the weights' bytes are what a token costs). A token's path depends only on whether it
+    # is a prompt token, so batching never changes a result (scalellm/models/quant.py), and a prompt's first token
+    # is picked without int8 activation noise (it moved "The capital of France is Paris" to another answer).
+    # False = every token on the packed kernels.
     dense_prompts: bool = True
-    # int4 / int8: the packed layers multiply activations quantised to int8 per 32-block on our kernels
-    # (llama.cpp's Q4_1 / Q8_0 x Q8; scalellm/models/kernels/q_q8.cpp, AVX-512 VNNI or AVX2), where the CPU and a
-    # compiler allow; False, or no kernels = torch's packed kernels. Either computes a row the same whatever it is
-    # batched with. On a CPU without native bf16, ``auto`` runs quantised weights only on our kernels.
+    # Our matmul kernels where the CPU and a compiler allow (scalellm/models/kernels): q_q8_mm for generated tokens
+    # of int4 / int8 formats (llama.cpp's Q4_1 / Q8_0 x Q8), the panel kernels for prompt tokens and for every
+    # layer of the dense formats; each computes a row the same whatever it is batched with, on every CPU. False,
+    # or no kernels = torch's packed kernels and GEMMs. On a CPU without native bf16, ``auto`` runs quantised
+    # weights only on our kernels.
     int8_activations: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -21,7 +21,7 @@ from scalellm.models.attention import (
 from scalellm.models.engine_dir import load_engine_state, load_packed_weights, read_engine_meta
 from scalellm.models.formats import AUTO, WeightFormat, resolve_format
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
-from scalellm.models.quant import DenseRows, quantize_model
+from scalellm.models.quant import DenseRows, dense_on_panels, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ class ModelRunner:
                             config.engine_dir)
             quantize_model(model, self.format.quantize, self.dtype, packed, self.dense_rows, config.int8_activations,
                            self.head_rows)
+        if self.device.type == "cpu" and config.int8_activations and kernels.load() is not None:
+            dense_on_panels(model)  # a dense format's layers, a MoE's router: batch-invariant rows there too
         c = self.model_config
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()

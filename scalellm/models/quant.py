@@ -1,37 +1,33 @@
-"""Weight-only int8 / int4 linear layers on torch's packed CPU matmuls, and the swap that installs them.
+"""Weight-only int8 / int4 linear layers, the swap that installs them, and dense weights on our panel kernels.
 
-* int8: per output channel, symmetric (w = q * s), ``aten._weight_int8pack_mm``.
-* int4: groups of GROUP_SIZE along the input dimension, asymmetric (w = (q - 8) * s + z, q in 0..15),
-  ``aten._weight_int4pack_mm_for_cpu``. GGUF's Q4_1 blocks are exactly this (32 weights, w = q * d + m,
-  so s = d and z = m + 8d), and a GGUF-built engine holds those blocks dequantised: re-deriving s and z
-  from each group's min and max gives back the very same q, so int4 loses nothing against the float32
-  reference beyond bf16 rounding of s and z (tests/test_weight_formats.py checks this).
+* int8: per output channel, symmetric (w = q * s). int4: groups of GROUP_SIZE along the input dimension,
+  asymmetric (w = (q - 8) * s + z, q in 0..15). GGUF's Q4_1 blocks are exactly this (32 weights, w = q * d + m,
+  so s = d and z = m + 8d), and a GGUF-built engine holds those blocks dequantised: re-deriving s and z from each
+  group's min and max gives back the very same q (tests/test_weight_formats.py checks this).
 
-Packed kernels win while a step is memory-bound (a few tokens); bf16 GEMMs beat them from ~16 tokens on a Zen 5
-EPYC (2.8x at 512; docs/benchmarks.md). So each packed layer may also keep its dense weight (the float32
-reference cast to bf16) and run the step's **prompt tokens** on it (DenseRows, set by the model runner per step),
-generated tokens on the packed kernel. Which path a token takes depends only on whether it belongs to its prompt,
-never on what it is batched with, and both kernels compute each row the same whatever the other rows are (tested),
-so a request's text does not depend on its batch. A MoE's experts see the rows routed to them
-(``DenseRows.select``). The dense copy costs memory: turn it off for a model too large for both
-(``EngineConfig.dense_prompts``).
+Where our kernels build (scalellm/models/kernels: AVX-512 or AVX2), each row of a step runs on one of two kernels,
+chosen by the token alone, never by what it is batched with:
 
-Where our kernels build (AVX-512 VNNI or AVX2) the packed layers run instead on q_q8_mm (``PackedLinear.use_q8``,
-scalellm/models/kernels/q_q8.cpp): the same weights times activations quantised to int8 per 32-block, llama.cpp's
-Q4_1 / Q8_0 x Q8 dot product, 1.4-2x torch's packed kernels on VNNI (``EngineConfig.int8_activations``). It takes
-float32 activations too, which is what makes the quantised formats pay on AVX2 CPUs (scalellm/models/formats.py).
-There the prompt rows run on q_f32_mm instead of a dense copy (``PackedLinear.use_f32``): the same weights, which
-are exactly the float32 reference's, in float32 arithmetic, 1.1-1.8x MKL's sgemm at 128 prompt rows on a Zen 3
-EPYC and batch-invariant by construction; no dense float32 copy is kept.
+* a generated token's row on q_q8_mm (``PackedLinear.use_q8``): the weights times activations quantised to int8
+  per 32-block, llama.cpp's Q4_1 / Q8_0 x Q8 dot product (at one token the step is memory-bound: the weights'
+  bytes are what it reads);
+* a prompt token's row (``DenseRows``, set by the model runner each step) on the panel kernels (``PanelWeights``):
+  the same weights, exactly, times the activations unquantised: q_bf16_mm (bf16 dot products) on CPUs with native
+  bf16, q_f32_mm (float32 arithmetic) elsewhere. No dense copy of the weights is kept.
 
-The lm_head (tied to the embedding in SmolLM2, Q8_0 in its GGUF) is int8 in both formats: int4 would add
-error where the GGUF itself keeps 8 bits, and at one token it is the largest single matrix (49152 x 576). Its
-int8 is per channel; with bf16 activations the rows that pick a prompt's first token use the embedding itself
-(dense). On float32 activations every row runs on q_f32_mm with the embedding's own Q8_0 blocks, recovered
-exactly (``q8_0_blocks``): float32's logits, at one row as fast as q_q8_mm (memory-bound: 2.5 against 2.3 ms a
-step on the Zen 3 EPYC) and at 64 rows faster (28 against 42 ms: q_q8's 8-bit AVX2 dot product takes twice the
-4-bit one's instructions).
-The embedding lookup stays dense (a gather reads only the step's rows). MoE routers stay dense (tiny).
+Both compute every row in a fixed order whatever the number of rows, so a request's text does not depend on its
+batch by construction, on every CPU (oneDNN's bf16 matmul, which prompt rows once ran on, takes AMX tiles for some
+row counts and AVX-512 for others on the same CPU, and their sums round differently). A MoE's experts see the rows
+routed to them (``DenseRows.select``); its router, and every layer of the dense formats, run on ``PanelLinear``.
+
+The lm_head (tied to the embedding in SmolLM2, Q8_0 in its GGUF) is int8 in both formats: int4 would add error
+where the GGUF itself keeps 8 bits, and at one token it is the largest single matrix (49152 x 576). Its int8 is per
+channel; the rows that pick a prompt's first token run on the panels with the embedding's own Q8_0 blocks,
+recovered exactly (``q8_0_blocks``); on float32 activations every row does.
+
+Without our kernels, torch's packed matmuls serve (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``,
+bf16 activations only) and prompt rows a dense bf16 weight through torch's matmul: correct, slower, and on AMX CPUs
+not batch-invariant. The embedding lookup stays dense (a gather reads only the step's rows).
 """
 
 from __future__ import annotations
@@ -47,7 +43,6 @@ from scalellm.models import kernels
 
 GROUP_SIZE = 32
 INT4_INNER_K_TILES = 1  # the CPU packing ignores tiling beyond this; 1 is what its kernel expects
-MIN_DENSE_ROWS = 16  # float32 dense calls: see PackedLinear.dense_mm
 QUANTIZED_FILE = "weights-{quantize}.safetensors"  # an engine directory's packed weights (built once)
 
 
@@ -88,83 +83,110 @@ class DenseRows:
 
 
 class PackedLinear(nn.Module):
-    """A weight-only quantised linear; optionally its dense weight too, for the rows ``rows`` names."""
+    """A weight-only quantised linear. Where our kernels build, generated rows run on q_q8_mm and prompt rows (the
+    rows ``rows`` names) on the panel kernels (``panel_mm``); elsewhere torch's packed kernel and, for prompt rows,
+    a dense weight."""
 
     in_features: int
     out_features: int
-    dense: torch.Tensor | None = None  # not a buffer: never saved with the packed weights
     rows: DenseRows | None = None
-
-    def keep_dense(self, weight: torch.Tensor | None, rows: DenseRows) -> None:
-        """Run ``rows`` on ``weight`` (or on q_f32_mm, where ``use_q8(f32_rows=True)`` packed it: no weight)."""
-        self.dense, self.rows = weight, rows
-
-    # q_q8_mm's weights (kernels.pack) and bits, once ``use_q8`` packed them; None = torch's kernel.
-    q8: tuple[torch.Tensor, ...] | None = None
-    q8_bits = 8
-    # q_f32_mm's (kernels.pack_f32), for the rows ``rows`` names on float32 activations; None = ``dense``.
-    f32: tuple[torch.Tensor | int, ...] | None = None
+    dense: torch.Tensor | None = None  # torch's path only: the prompt rows' dense weight (not a buffer, never saved)
+    q8: tuple[torch.Tensor | int, ...] | None = None  # q_q8_mm's weights (kernels.pack) and bits
+    panels: PanelWeights | None = None  # the panel kernels' weights: prompt rows, or every row without ``q8``
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         """torch's packed kernel."""
         raise NotImplementedError
 
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [N, K] unsigned, d and m [N, K/32]) with weight = q * d + m: this layer in our kernels' terms."""
+        raise NotImplementedError
+
+    def takes_kernels(self) -> bool:
+        """Whether our kernels build here and take this layer's shape."""
+        shape_fits = not self.in_features % kernels.PAIR and getattr(self, "group_size", GROUP_SIZE) == 32
+        return shape_fits and kernels.load() is not None
+
+    def use_q8(self, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Generated rows on q_q8_mm (activations quantised to int8 per 32-block): these codes, exactly.
+        torch's packing is dropped, so ``packed_state`` no longer applies."""
+        self.q8 = (*kernels.pack(*codes, self.q8_bits), self.q8_bits)
+        self.q8_mm = kernels.load().q_q8_mm
+        self.weight = None
+
+    def use_panels(self, weights: PanelWeights) -> None:
+        """Prompt rows (every row, without ``q8``) on the panel kernels."""
+        self.panels = weights
+
+    def keep_dense(self, weight: torch.Tensor | None, rows: DenseRows) -> None:
+        """Run ``rows`` on ``weight`` (torch's path), or on the panels where ``use_panels`` set them (no weight)."""
+        self.dense, self.rows = weight, rows
+
+    q8_bits = 8
+
     def quantized_mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.q8 is not None:
             return self.q8_mm(x.contiguous(), *self.q8)
-        if self.f32 is not None:  # every row on q_f32_mm (the lm_head on float32 activations)
-            return self.f32_mm(x.contiguous(), *self.f32)
+        if self.panels is not None:  # every row on the panels (the lm_head on float32 activations)
+            return self.panels.mm(x)
         return self.packed_mm(x)
 
-    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q [N, K] unsigned, d and m [N, K/32]) with weight = q * d + m: this layer in q_q8_mm's terms."""
-        raise NotImplementedError
-
-    def use_q8(self, f32_rows: bool = False) -> bool:
-        """Run on our q_q8_mm (activations quantised to int8 per 32-block) where it builds and takes this layer;
-        with ``f32_rows``, also the rows ``rows`` names on q_f32_mm (float32 arithmetic on the same weights).
-
-        The weights stay exactly what they are; torch's packing is dropped, so ``packed_state`` no longer applies.
-        """
-        module = kernels.load()
-        if module is None or self.in_features % kernels.PAIR or getattr(self, "group_size", 32) != 32:
-            return False
-        codes = self.codes()
-        self.q8 = (*kernels.pack(*codes, self.q8_bits), self.q8_bits)
-        self.q8_mm = module.q_q8_mm
-        if f32_rows:
-            self.use_f32(codes, self.q8_bits)
-        self.weight = None
-        return True
-
-    def use_f32(self, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bits: int) -> None:
-        """Float32 rows on q_f32_mm with these codes (q, d, m: w = q * d + m, exactly), not on a dense weight."""
-        self.f32 = (*kernels.pack_f32(*codes, bits), self.out_features, bits)
-        self.f32_mm = kernels.load().q_f32_mm
-
-    def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """The rows that run dense: on q_f32_mm where it was packed, else on the dense weight. MKL's float32 GEMM
-        computes a row differently below 12 rows (1-3, 5-7, 9-11 on a Zen 3 EPYC) than from there on, so float32
-        calls get at least MIN_DENSE_ROWS rows (zero padding): a prompt row's result then does not depend on how
-        many rows share its step."""
-        if self.f32 is not None and x.dtype == torch.float32:
-            return self.f32_mm(x.contiguous(), *self.f32)
-        if x.dtype != torch.float32 or x.shape[0] >= MIN_DENSE_ROWS:
-            return F.linear(x, self.dense)
-        return F.linear(F.pad(x, (0, 0, 0, MIN_DENSE_ROWS - x.shape[0])), self.dense)[: x.shape[0]]
+    def prompt_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.panels.mm(x) if self.panels is not None else F.linear(x, self.dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         rows = self.rows
         if rows is not None and rows.all_dense:
-            out = self.dense_mm(x2)
+            out = self.prompt_mm(x2)
         elif rows is None or rows.dense is None:
             out = self.quantized_mm(x2)
         else:  # a step mixing prompt and generated tokens: each row on its own path
             out = x2.new_empty(x2.shape[0], self.out_features)
             out.index_copy_(0, rows.packed, self.quantized_mm(x2.index_select(0, rows.packed)))
-            out.index_copy_(0, rows.dense, self.dense_mm(x2.index_select(0, rows.dense)))
+            out.index_copy_(0, rows.dense, self.prompt_mm(x2.index_select(0, rows.dense)))
         return out.view(*x.shape[:-1], self.out_features)
+
+
+class PanelWeights:
+    """One weight on our panel kernels (scalellm/models/kernels/panels.h), chosen once for the activations' dtype:
+    q_bf16_mm for bfloat16 activations where the CPU has bf16 dot products, else q_f32_mm (bfloat16 activations
+    widened to float32, the result rounded back). Each row is computed in a fixed order whatever the number of
+    rows: unlike oneDNN's and MKL's GEMMs, a row's result never depends on its batch."""
+
+    def __init__(self, weight: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor], dtype: torch.dtype,
+                 bits: int | None = None) -> None:
+        """``weight``: a dense [N, K] tensor, or codes (q, d, m: w = q * d + m) of ``bits`` 4 or 8."""
+        module = kernels.load()
+        self.dtype = dtype
+        self.widen = dtype != torch.float32 and not kernels.has_bf16_dot()
+        if isinstance(weight, tuple):
+            self.n, self.bits = weight[0].shape[0], bits
+            packed = kernels.pack_panels(*weight, bits)
+        else:
+            on_bf16 = dtype == torch.bfloat16 and not self.widen
+            self.n, self.bits = weight.shape[0], 16 if on_bf16 else 32
+            packed = kernels.pack_dense_panels(weight.detach().to(torch.bfloat16 if on_bf16 else torch.float32))
+        self.wp, self.d, self.m = packed
+        self.kernel = module.q_f32_mm if dtype == torch.float32 or self.widen else module.q_bf16_mm
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.widen:
+            return self.kernel(x.float().contiguous(), self.wp, self.d, self.m, self.n, self.bits).to(x.dtype)
+        return self.kernel(x.contiguous(), self.wp, self.d, self.m, self.n, self.bits)
+
+
+class PanelLinear(nn.Module):
+    """A dense linear on our panel kernels (``PanelWeights``): where they build, the dense formats' layers and a
+    MoE's router, so that these rows too do not depend on their batch."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.panels = PanelWeights(weight, weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.panels.mm(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
 
 class Int8Linear(PackedLinear):
@@ -272,11 +294,10 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
     """Swap the decoder's dense linear layers (and its experts) for packed ones, in place.
 
     ``stored``: the packed buffers of an earlier call (``packed_state``), loaded instead of re-quantising.
-    Scales end up in ``dtype``, the activations' dtype the kernels require. ``dense``: keep each dense weight
-    (it must already be in ``dtype``) for the rows ``dense`` names; None = packed kernels only. The lm_head keeps
-    none of its own: ``head_dense`` names the sampling rows that run on its dense weight (tied to the embedding, so
-    no copy): a prompt's last row, whose logits pick the first generated token. ``int8_activations``: the packed
-    layers on our q_q8_mm where it builds (``PackedLinear.use_q8``).
+    Scales end up in ``dtype``, the activations' dtype. ``dense``: the rows that run as prompt rows (on the panel
+    kernels, or on torch's path on each layer's dense weight, which must then already be in ``dtype``); None = every
+    row on the packed kernels. ``head_dense``: the same for the lm_head's rows (a prompt's last row, whose logits
+    pick the first generated token). ``int8_activations``: our kernels where they build (q_q8_mm and the panels).
     """
     from scalellm.models.moe import SparseMoE
 
@@ -290,19 +311,33 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
             linear = cls(*(buffers[name] for name in ("weight", "scales_and_zeros" if kind == "int4" else "scales")))
         else:
             linear = cls.quantize(weight)
+        on_kernels = int8_activations and linear.takes_kernels()
+        codes = linear.codes() if on_kernels else None  # from float32 scales: the weights exactly
         for name, buffer in linear.named_buffers():
             if buffer.is_floating_point():
                 setattr(linear, name, buffer.to(dtype))
-        f32_rows = rows is not None and dtype == torch.float32
-        if int8_activations and linear.use_q8(f32_rows and not head) and f32_rows and head:
-            # the lm_head's int8 is per channel, lossy against the tied embedding: on float32 activations all
-            # its rows run on the embedding's own Q8_0 blocks where it holds them exactly (a GGUF-built engine does)
-            codes = q8_0_blocks(weight)
-            if codes is not None:
-                linear.use_f32(codes, 8)
-                linear.q8 = None
+        if not on_kernels:
+            if rows is not None:
+                linear.keep_dense(weight.detach(), rows)
+            return linear
+        linear.use_q8(codes)
+        if not head:
+            if rows is not None:
+                linear.use_panels(PanelWeights(codes, dtype, linear.q8_bits))
+                linear.keep_dense(None, rows)
+            return linear
+        # The lm_head's int8 is per channel, lossy against the tied embedding: the rows it runs on the panels take
+        # the embedding's own Q8_0 blocks where it holds them exactly (a GGUF-built engine does), else the
+        # embedding itself. With exact blocks on float32 activations, every row: float32's own logits, and at 64
+        # rows faster than q_q8_mm on AVX2 (its 8-bit dot product takes twice the 4-bit one's instructions).
+        blocks = q8_0_blocks(weight)
+        if blocks is not None and dtype == torch.float32:
+            linear.q8 = None
+            linear.use_panels(PanelWeights(blocks, dtype, 8))
+        elif rows is not None:
+            linear.use_panels(PanelWeights(blocks if blocks is not None else weight, dtype, 8))
         if rows is not None:
-            linear.keep_dense(None if linear.f32 is not None else weight.detach(), rows)
+            linear.keep_dense(None, rows)
         return linear
 
     for path, module in list(model.named_modules()):
@@ -317,6 +352,15 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype,
                 head = name == "lm_head"
                 rows = head_dense if head else dense
                 setattr(module, name, make(full, child.weight, "int8" if head else quantize, rows, head))
+
+
+def dense_on_panels(model: nn.Module) -> None:
+    """Every ``nn.Linear`` left in the model (each layer of a dense format, a MoE's router) on ``PanelLinear``,
+    in place. Only where our kernels build."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None and not child.in_features % 32:
+                setattr(module, name, PanelLinear(child.weight))
 
 
 def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
