@@ -1,7 +1,8 @@
 """Our CPU kernels (scalellm/models/kernels) against plain torch computing the same thing.
 
 Each test runs once per instruction set this CPU runs (AVX-512 VNNI and AVX2 on an AVX-512 machine, AVX2 alone
-on an AVX2 one); without AVX2 the engine keeps torch's kernels and these skip.
+on an AVX2 one); without AVX2 the engine keeps torch's kernels and these skip. The tests marked ``isa_path`` run
+again under every lower instruction-set level the CPU has (tests/test_isa_paths.py).
 What a user would notice if they broke: wrong logits, or a request's text changing with what it is batched with.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalellm.models import kernels
+from scalellm.models import cpu, kernels
 from scalellm.models.attention import decode_attention, decode_bias
 from scalellm.models.quant import Int4Linear, Int8Linear, int4_groups
 
@@ -57,26 +58,59 @@ def test_q_q8_mm_matches_its_definition(ops, bits, dtype, rows):
     assert torch.allclose(out.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_q_f32_mm_is_float32_arithmetic_on_the_weights_and_batch_invariant(ops, bits):
-    """Prompt rows on float32 activations: the weights q * d + m times x to float32 rounding, each row the same
-    bits whatever the rows around it (1-5 rows take the tail tiles, 6 a full one; 16+ dynamic grabs)."""
-    torch.manual_seed(4)
-    n, k = 37, 1088  # a panel tail (37 = 2 * 16 + 5)
+ROW_COUNTS = (1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 23, 64)  # direct and panel paths, full and tail tiles, many grabs
+
+
+def coded_weights(bits: int, n: int = 37, k: int = 1088, seed: int = 4) -> tuple[torch.Tensor, ...]:
+    """(q, d, m) of ``bits`` and the weight q * d + m in float64; 37 = 2 * 16 + 5 columns: a panel tail."""
+    torch.manual_seed(seed)
     q = torch.randint(0, 2**bits, (n, k), dtype=torch.int32)
     d, m = torch.rand(n, k // 32) * 0.01, torch.randn(n, k // 32) * 0.01
-    w = q.double() * d.double().repeat_interleave(32, 1) + m.double().repeat_interleave(32, 1)
-    packed = kernels.pack_f32(q, d, m, bits)
-    x = torch.randn(23, k)
-    out = ops.q_f32_mm(x, *packed, n, bits)
+    return q, d, m, q.double() * d.double().repeat_interleave(32, 1) + m.double().repeat_interleave(32, 1)
+
+
+def assert_rows_alone(mm, x: torch.Tensor, out: torch.Tensor) -> None:
+    """Each leading run of rows, and a run from the middle, gives the very bits it gave among all the rows."""
+    for rows in ROW_COUNTS:
+        assert torch.equal(mm(x[:rows].contiguous()), out[:rows]), f"{rows} rows"
+    assert torch.equal(mm(x[17:40].contiguous()), out[17:40])
+
+
+@pytest.mark.isa_path
+@pytest.mark.parametrize("bits", [4, 8, 32])
+def test_q_f32_mm_is_float32_arithmetic_on_the_weights_and_batch_invariant(ops, bits):
+    """Prompt rows on float32 activations (coded weights) and dense float32 weights (bits 32): the weights times x
+    to float32 rounding, each row the same bits whatever the rows around it."""
+    q, d, m, w = coded_weights(4 if bits == 32 else bits)
+    packed = kernels.pack_dense_panels(w.float()) if bits == 32 else kernels.pack_panels(q, d, m, bits)
+    x = torch.randn(70, q.shape[1])
+    out = ops.q_f32_mm(x, *packed, q.shape[0], bits)
     want = x.double() @ w.t()
-    assert out.dtype == torch.float32 and out.shape == (23, n)
+    assert out.dtype == torch.float32 and out.shape == (70, q.shape[0])
     assert torch.allclose(out.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
-    for rows in (1, 2, 3, 5, 6, 7, 16):
-        assert torch.equal(ops.q_f32_mm(x[:rows].contiguous(), *packed, n, bits), out[:rows])
-    assert torch.equal(ops.q_f32_mm(x[17:].contiguous(), *packed, n, bits), out[17:])
+    assert_rows_alone(lambda rows: ops.q_f32_mm(rows, *packed, q.shape[0], bits), x, out)
 
 
+@pytest.mark.isa_path
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_q_bf16_mm_is_bf16_products_on_the_weights_and_batch_invariant(ops, bits):
+    """Prompt rows on bfloat16 activations: the weights rounded to bfloat16 times x, summed in float32, rounded
+    once; each row the same bits whatever the rows around it (1-4 rows widen in registers, more on a panel)."""
+    if ops is not kernels.load() or not kernels.has_bf16_dot():
+        pytest.skip(f"not run: q_bf16_mm needs the avx512 build at a level with bf16 dot products (here: "
+                    f"{cpu.level()}; the CPU lacks {cpu.missing_flags('avx512_bf16') or 'nothing'})")
+    q, d, m, w = coded_weights(4 if bits == 16 else bits)
+    w16 = w.float().bfloat16()  # what the kernel widens coded weights to: w in float32, rounded once
+    packed = kernels.pack_dense_panels(w16) if bits == 16 else kernels.pack_panels(q, d, m, bits)
+    x = torch.randn(70, q.shape[1]).bfloat16()
+    out = ops.q_bf16_mm(x, *packed, q.shape[0], bits)
+    want = x.double() @ w16.double().t()
+    assert out.dtype == torch.bfloat16 and out.shape == (70, q.shape[0])
+    assert torch.allclose(out.double(), want, rtol=2**-8, atol=1e-5 * want.abs().max().item())
+    assert_rows_alone(lambda rows: ops.q_bf16_mm(rows, *packed, q.shape[0], bits), x, out)
+
+
+@pytest.mark.isa_path
 @pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
 def test_q8_linear_rows_do_not_depend_on_the_batch(cls):
     torch.manual_seed(1)
@@ -85,7 +119,8 @@ def test_q8_linear_rows_do_not_depend_on_the_batch(cls):
         if buffer.is_floating_point():
             setattr(linear, name, buffer.bfloat16())
     plain = linear(torch.randn(3, 576).bfloat16())
-    assert linear.use_q8()
+    assert linear.takes_kernels()
+    linear.use_q8(linear.codes())
     x = torch.randn(9, 576).bfloat16()
     together = linear(x)
     for i in range(9):
@@ -129,6 +164,7 @@ def test_paged_decode_matches_gathered_attention(ops, dtype, cache_dtype, heads,
         assert torch.equal(alone[0], out[i])
 
 
+@pytest.mark.isa_path
 def test_engine_rows_are_the_same_bits_alone_chunked_cached_and_batched():
     """The default engine (int4 on VNNI, attention on the kernel): a request's log-probs do not change by one
     bit whether it runs alone, in a crowd that splits its prompt into chunks, or from the prefix cache."""

@@ -155,7 +155,9 @@ def test_fused_transformers_names_load(tiny_mixtral, tmp_path):
     """transformers' in-memory names (mlp.gate, mlp.experts.gate_up_proj/down_proj) load too."""
     hf_dir, reference = tiny_mixtral
     engine_dir = build(hf_dir, tmp_path / "out")
-    engine = LLMEngine(EngineConfig(engine_dir=str(engine_dir), cache=CacheConfig(num_blocks=4)))
+    # torch's layers (int8_activations off): our kernels' layers hold their weights packed, not under HF's names
+    engine = LLMEngine(EngineConfig(engine_dir=str(engine_dir), cache=CacheConfig(num_blocks=4),
+                                    int8_activations=False))
     engine.runner.model.load_hf_state_dict(reference.state_dict())
     ids = load_tokenizer(engine_dir).encode(PROMPTS[1]).ids
     assert (our_logits(engine, ids) - hf_logits(reference, ids)).abs().max().item() <= 1e-3

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from scalellm.config import CacheConfig, EngineConfig
 from scalellm.engine.model_runner import ModelRunner
-from scalellm.models import kernels
+from scalellm.models import cpu, kernels
 from scalellm.models.attention import AttentionBatch, PrefillChunk
-from scalellm.models.quant import int4_groups
+from scalellm.models.quant import DenseRows, int4_groups, quantize_model
 from scalellm.tokenization import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,14 +29,18 @@ ENGINE_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "sm
 TEXT = ROOT / "tests" / "data" / "perplexity_text.txt"
 BLOCK_SIZE = 16
 
-# (dtype, quantize, min top-1 agreement with float32, max relative perplexity change)
+# (dtype, quantize, the rows' path, min top-1 agreement with float32, max relative perplexity change). "generated":
+# every token as a generated one (int8 activations on q_q8_mm where our kernels build); "prompt": every token as a
+# prompt token (unquantised activations on the panel kernels, or on a dense weight without them).
 FORMATS = [
-    ("bfloat16", "none", 0.95, 0.01),
-    ("bfloat16", "int8", 0.93, 0.02),
-    ("bfloat16", "int4", 0.93, 0.03),
+    ("bfloat16", "none", "generated", 0.95, 0.01),
+    ("bfloat16", "int8", "generated", 0.93, 0.02),
+    ("bfloat16", "int4", "generated", 0.93, 0.03),
+    ("bfloat16", "int4", "prompt", 0.95, 0.01),
     # what ``auto`` serves on CPUs without native bf16 (AVX2): our int8 kernels take float32 activations
-    ("float32", "int8", 0.93, 0.02),
-    ("float32", "int4", 0.93, 0.03),
+    ("float32", "int8", "generated", 0.93, 0.02),
+    ("float32", "int4", "generated", 0.93, 0.03),
+    ("float32", "int4", "prompt", 0.99, 0.002),
 ]
 
 
@@ -46,19 +51,21 @@ def text_ids() -> list[int]:
     return load_tokenizer(ENGINE_DIR).encode(TEXT.read_text()).ids
 
 
-def teacher_forced_logits(dtype: str, quantize: str, ids: list[int]) -> torch.Tensor:
-    """[n, vocab] float32 logits of every position, the whole text as one prefill through our model."""
+def teacher_forced_logits(dtype: str, quantize: str, ids: list[int], rows: str = "generated") -> torch.Tensor:
+    """[n, vocab] float32 logits of every position, the whole text as one prefill through our model, every row on
+    the path a generated token takes, or on a prompt token's."""
     blocks = -(-len(ids) // BLOCK_SIZE)
-    # dense_prompts=False: the packed kernels, which generated tokens run on (prompt tokens run on the dense
-    # bf16 copy, i.e. the bfloat16 row of FORMATS).
     runner = ModelRunner(EngineConfig(engine_dir=str(ENGINE_DIR), dtype=dtype, quantize=quantize,
                                       cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=blocks),
-                                      dense_prompts=False))
+                                      dense_prompts=rows == "prompt"))
     n = len(ids)
+    if runner.dense_rows is not None:
+        runner.dense_rows.update([True] * n, torch.device("cpu"))
+        runner.head_rows.update([True] * n, torch.device("cpu"))
     slots = torch.arange(n)
     batch = AttentionBatch(slots, BLOCK_SIZE, prefills=[PrefillChunk(0, n, slots)])
     hidden = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_caches, batch)
-    return runner.model.compute_logits(hidden)
+    return runner.model.compute_logits(hidden).float()
 
 
 def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
@@ -70,15 +77,18 @@ def reference(text_ids) -> torch.Tensor:
     return teacher_forced_logits("float32", "none", text_ids)
 
 
-@pytest.mark.parametrize(("dtype", "quantize", "min_agreement", "max_ppl_change"), FORMATS,
-                         ids=[f"{d}-{q}" for d, q, *_ in FORMATS])
-def test_format_tracks_float32(text_ids, reference, dtype, quantize, min_agreement, max_ppl_change):
+@pytest.mark.isa_path
+@pytest.mark.parametrize(("dtype", "quantize", "rows", "min_agreement", "max_ppl_change"), FORMATS,
+                         ids=[f"{d}-{q}-{r}" for d, q, r, *_ in FORMATS])
+def test_format_tracks_float32(text_ids, reference, dtype, quantize, rows, min_agreement, max_ppl_change):
     if dtype == "float32" and kernels.load() is None:
-        pytest.skip("quantised weights on float32 activations run on our kernels, which do not build here")
-    logits = teacher_forced_logits(dtype, quantize, text_ids)
+        pytest.skip("not run: quantised weights on float32 activations run on our kernels, which do not build here")
+    if dtype == "bfloat16" and not cpu.native_bf16():
+        pytest.skip(f"not run: bf16 activations need native bf16 (level {cpu.level()}), and are not served here")
+    logits = teacher_forced_logits(dtype, quantize, text_ids, rows)
     agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
     ppl, ref_ppl = perplexity(logits, text_ids), perplexity(reference, text_ids)
-    print(f"{dtype}/{quantize}: top-1 agreement {agreement:.3f}, perplexity {ppl:.3f} vs {ref_ppl:.3f}")
+    print(f"{dtype}/{quantize}/{rows} rows: top-1 agreement {agreement:.3f}, perplexity {ppl:.3f} vs {ref_ppl:.3f}")
     assert agreement >= min_agreement
     assert abs(ppl / ref_ppl - 1) <= max_ppl_change
 
@@ -120,28 +130,28 @@ def test_int4_recovers_the_gguf_q4_1_blocks():
     assert torch.allclose(z, m + 8 * d, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("dtype", "prompt_rows"), [(torch.bfloat16, "dense"), (torch.float32, "dense"),
-                                                   (torch.float32, "q_f32")])
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_mixed_step_computes_each_row_as_alone(kind, dtype, prompt_rows):
-    """A step mixing prompt rows (dense, or float32 arithmetic on q_f32_mm) and generated rows (packed) gives each
-    row exactly what a step of that row alone gives: what keeps a request's text independent of what it is batched
-    with. Dense float32: MKL's GEMM computes a row differently at 1-3 rows than at 4, so this also checks the
-    padding of float32 dense calls."""
-    from scalellm.models.quant import LINEARS, DenseRows
+def quantized_layer(kind: str, weight: torch.Tensor, dtype: torch.dtype, on_kernels: bool, rows: DenseRows):
+    """``weight`` as the engine installs it: quantize_model on a one-layer module."""
+    holder = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    holder[0].weight.data = weight.to(dtype)
+    quantize_model(holder, kind, dtype, dense=rows, int8_activations=on_kernels)
+    return holder[0]
 
-    if dtype == torch.float32 and kernels.load() is None:
-        pytest.skip("quantised weights on float32 activations run on our kernels, which do not build here")
+
+@pytest.mark.isa_path
+@pytest.mark.parametrize(("dtype", "on_kernels"), [(torch.bfloat16, True), (torch.float32, True),
+                                                   (torch.bfloat16, False)], ids=["bf16", "float32", "bf16-torch"])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_mixed_step_computes_each_row_as_alone(kind, dtype, on_kernels):
+    """A step mixing prompt rows (unquantised activations: on the panel kernels, or without our kernels a dense
+    weight) and generated rows (the packed kernels) gives each row exactly what a step of that row alone gives."""
+    if on_kernels and kernels.load() is None:
+        pytest.skip("not run: our kernels do not build here")
+    if dtype == torch.bfloat16 and not cpu.native_bf16():
+        pytest.skip(f"not run: bf16 activations need native bf16 (level {cpu.level()})")
     torch.manual_seed(0)
-    weight = (torch.randn(96, 64) * 0.05).to(dtype)
-    linear = LINEARS[kind].quantize(weight.float())
-    for name, buffer in linear.named_buffers():
-        if buffer.is_floating_point():
-            setattr(linear, name, buffer.to(dtype))
-    linear.use_q8(f32_rows=prompt_rows == "q_f32")
-    assert (linear.f32 is not None) == (prompt_rows == "q_f32")
     rows = DenseRows()
-    linear.keep_dense(None if prompt_rows == "q_f32" else weight, rows)
+    linear = quantized_layer(kind, torch.randn(96, 64) * 0.05, dtype, on_kernels, rows)
     x = torch.randn(7, 64).to(dtype)
     is_prompt = [True, False, False, True, True, False, True]
     rows.update(is_prompt, torch.device("cpu"))
@@ -150,4 +160,37 @@ def test_mixed_step_computes_each_row_as_alone(kind, dtype, prompt_rows):
         rows.update([prompt], torch.device("cpu"))
         assert torch.equal(mixed[i], linear(x[i : i + 1])[0])
     rows.update([False] * 7, torch.device("cpu"))
-    assert not torch.equal(linear(x), F.linear(x, weight))  # generated rows really take the packed kernel
+    generated = linear(x)
+    rows.update([True] * 7, torch.device("cpu"))
+    assert not torch.equal(generated, linear(x))  # the two kinds of rows really take different kernels
+
+
+@pytest.mark.isa_path
+def test_prompt_rows_do_not_depend_on_the_batch():
+    """Every matmul a prompt row passes through, on the weights the engine serves, called with 1, 7, 16, 23 and 64
+    rows: each row the same bits. (oneDNN's bf16 matmul, which prompt rows once ran on, fails this on AMX CPUs: it
+    takes AMX tiles for some row counts and AVX-512 for others.) Also the dense formats' layers and a MoE router."""
+    from safetensors import safe_open
+
+    from scalellm.models.quant import PanelLinear
+
+    if kernels.load() is None:
+        pytest.skip("not run: our kernels do not build here (torch's GEMMs are not batch-invariant by construction)")
+    runner = ModelRunner(EngineConfig(engine_dir=str(ENGINE_DIR), dtype="auto", cache=CacheConfig(num_blocks=4)))
+    layer = runner.model.layers[0]
+    linears = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj, "gate_up": layer.mlp.gate_up_proj,
+               "down": layer.mlp.down_proj, "lm_head": runner.model.lm_head}
+    runner.dense_rows.update([True] * 64, torch.device("cpu"))  # every row a prompt row, the lm_head's too
+    runner.head_rows.update([True] * 64, torch.device("cpu"))
+    with safe_open(str(ENGINE_DIR / "model.safetensors"), "pt") as f:
+        down = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+    dense_dtypes = [torch.float32] + ([torch.bfloat16] if cpu.native_bf16() else [])
+    linears |= {f"dense {dtype}": PanelLinear(down.to(dtype)) for dtype in dense_dtypes}
+    torch.manual_seed(5)
+    for name, linear in linears.items():
+        dtype = linear.panels.dtype if isinstance(linear, PanelLinear) else runner.dtype
+        x = torch.randn(64, linear.in_features).to(dtype)
+        out = linear(x)
+        for count in (1, 7, 16, 23):
+            assert torch.equal(linear(x[:count]), out[:count]), f"{name}: {count} rows"
+        assert torch.equal(linear(x[40:47]), out[40:47]), name
