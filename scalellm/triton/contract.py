@@ -72,11 +72,12 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("num_return_sequences", "INT32", LLM, "num_return_sequences", default=1,
           doc="samples per prompt, each its own response with sequence_index (decoupled mode)"),
     Field("beam_width", "INT32", LLM, "beam_width", default=1, doc="only 1: beam search is not implemented"),
-    Field("temperature", "FP32", LLM, "temperature",
-          doc="0 = greedy; absent: 1.0 if top_k > 1, 0 < top_p < 1 or min_p > 0, else greedy"),
-    Field("top_k", "INT32", LLM, "runtime_top_k", default=0, doc="0 = off"),
-    Field("top_p", "FP32", LLM, "runtime_top_p", default=0.0, doc="0 = off (as in TensorRT-LLM); (0, 1]"),
-    Field("min_p", "FP32", LLM, "min_p", default=0.0, doc="ours", param="min_p", low=0.0, high=1.0),
+    Field("temperature", "FP32", LLM, "temperature", default=1.0,
+          doc="0 = greedy; it does not turn sampling on by itself (see sampling_mode)"),
+    Field("top_k", "INT32", LLM, "runtime_top_k", default=0, doc="0 = no top-k; with top_p 0: greedy"),
+    Field("top_p", "FP32", LLM, "runtime_top_p", default=0.0, doc="0 = no top-p; with top_k 0: greedy"),
+    Field("min_p", "FP32", LLM, "min_p", default=0.0, doc="ours: applies when sampling", param="min_p",
+          low=0.0, high=1.0),
     Field("length_penalty", "FP32", LLM, "len_penalty", default=1.0, doc="beam search only: no effect"),
     Field("repetition_penalty", "FP32", LLM, "repetition_penalty", default=1.0,
           param="repetition_penalty", low=0.0, low_open=True),
@@ -109,6 +110,19 @@ REQUEST_FIELDS: tuple[Field, ...] = (
 )
 FIELDS = {f.name: f for f in REQUEST_FIELDS}
 LLM_FIELDS = {f.model_input: f for f in REQUEST_FIELDS if f.reader == LLM}
+
+
+def sampling_mode(top_k: int, top_p: float) -> tuple[int, float]:
+    """TensorRT-LLM's rule: the (top_k, top_p) a request's (validated) fields decode with; top_p 1.0 = no top-p.
+
+    (0, 0) is greedy (k = 1), and both default to 0, so a request that sets neither is greedy whatever its
+    temperature; (k > 0, 0) is pure top-k; (0, p > 0) is top-p; (k > 0, p > 0) both. As TensorRT-LLM's
+    ``DefaultDecodingParams`` (top_k 0, top_p 0, temperature 1) and ``setupTopKRuntimeArgs`` kernel
+    (``cpp/tensorrt_llm/layers/defaultDecodingParams.h``, ``cpp/tensorrt_llm/kernels/samplingTopKKernels.cu``).
+    """
+    if top_k == 0 and top_p == 0.0:
+        return 1, 1.0
+    return top_k, top_p or 1.0
 
 
 # ---- what each model declares ----------------------------------------------------------------------------
