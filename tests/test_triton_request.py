@@ -7,6 +7,7 @@ these functions, so what is checked here is what the server does.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,18 @@ def test_postprocessing_reads_the_official_model_alone(tokenizer) -> None:
     assert out["OUTPUT"].tolist() == [b"Hello there"] and list(out) == ["OUTPUT"]
 
 
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"SEQUENCE_LENGTH": [[2]]}, "TOKENS_BATCH is required"),
+    ({"TOKENS_BATCH": [[[5, 6]]]}, "SEQUENCE_LENGTH is required"),
+    ({"TOKENS_BATCH": np.zeros((1, 0, 0)), "SEQUENCE_LENGTH": [[0]]}, "TOKENS_BATCH must be"),
+    ({"TOKENS_BATCH": [[[5, 6]]], "SEQUENCE_LENGTH": np.zeros((1, 0))}, "SEQUENCE_LENGTH must hold one length"),
+])
+def test_postprocessing_refuses_what_it_cannot_read(tokenizer, inputs: dict, message: str) -> None:
+    get = {k: np.asarray(v, dtype=np.int32) for k, v in inputs.items()}.get
+    with pytest.raises(InvalidInput, match=message):
+        postprocess(tokenizer, get)
+
+
 def test_preprocessing_tokenises_and_applies_the_chat_template() -> None:
     pre = Preprocessor(ENGINE_DIR)
 
@@ -188,6 +201,8 @@ def test_preprocessing_tokenises_and_applies_the_chat_template() -> None:
     assert plain["OUT_END_ID"].tolist() == [[2]] and plain["DECODER_INPUT_ID"].shape == (1, 1)
     with pytest.raises(InvalidInput, match="text_input"):
         run(query="")
+    with pytest.raises(InvalidInput, match=re.escape("text_input (QUERY) is required")):
+        run(request_output_len=4)
     with pytest.raises(InvalidInput, match="embedding_bias_words"):
         pre({"QUERY": np.asarray([[b"hi"]], dtype=object),
              "EMBEDDING_BIAS_WORDS": np.asarray([[b"x"]], dtype=object)}.get)
