@@ -33,7 +33,9 @@ _EOF = object()
 
 
 class CallRejected(UpstreamRejected):
-    """The replica refused a ModelInfer call (bad input, a decoupled model): its status goes back as it is."""
+    """The replica refused a ModelInfer call (bad input, a decoupled model): its status goes back as it is.
+
+    An ``UpstreamRejected``, so the dispatcher takes it as the replica's answer: no retry, nothing to cancel."""
 
     def __init__(self, error: grpc.aio.AioRpcError) -> None:
         super().__init__(400, (error.details() or "").encode(), "text/plain")
