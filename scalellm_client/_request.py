@@ -17,6 +17,7 @@ or connection dropped.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import uuid
 from collections.abc import Mapping
@@ -74,8 +75,10 @@ def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, An
 
     Only ``text_input``, ``max_tokens`` (default 128), ``exclude_input_in_output`` (default True: the
     answer without the prompt), ``stream`` and the sampling arguments the caller set (not None) are
-    included, so the server's defaults apply to the rest. Word lists
-    (``stop``, ``bad_words``) accept a str or a list of str; empty lists are left out.
+    included, so the server's defaults apply to the rest; plus ``top_p=1.0`` when the caller asks for
+    sampling with ``temperature`` > 0 or ``min_p`` > 0 but sets neither ``top_k`` nor ``top_p`` (see
+    :func:`sampling_intent`). Word lists (``stop``, ``bad_words``) accept a str or a list of str; empty
+    lists are left out.
     ``chat=True`` asks the server to apply the model's chat template to the prompt (one user turn).
     Raises TypeError for an unknown argument or a value of the wrong type, ValueError for an
     integer outside the input's datatype range.
@@ -87,6 +90,7 @@ def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, An
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str (got {type(prompt).__name__})")
     sampling = {"max_tokens": DEFAULT_MAX_TOKENS, "exclude_input_in_output": True, **sampling}  # server default: echo
+    sampling = sampling_intent(sampling)
     fields: dict[str, Any] = {"text_input": prompt}
     for key, value in sampling.items():
         if value is None:
@@ -98,6 +102,18 @@ def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, An
         fields[name] = value
     fields["stream"] = bool(stream)
     return fields
+
+
+def sampling_intent(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """``sampling`` with ``top_p=1.0`` added when it asks for sampling by temperature or min_p alone.
+
+    The server follows TensorRT-LLM: without ``top_k`` or ``top_p`` it decodes greedily whatever the
+    temperature. A caller of this client who writes ``temperature=0.8`` means sampling (as in OpenAI's and
+    vLLM's APIs), so the client says so explicitly: over the whole distribution (top_p 1.0)."""
+    asked = any(isinstance(sampling.get(k), numbers.Real) and sampling[k] > 0 for k in ("temperature", "min_p"))
+    if asked and sampling.get("top_k") is None and sampling.get("top_p") is None:
+        return {**sampling, "top_p": 1.0}
+    return dict(sampling)
 
 
 def _coerce(key: str, value: Any, dtype: str) -> Any:

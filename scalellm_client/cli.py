@@ -23,9 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default: %(default)s")
     parser.add_argument("--model", default="ensemble", help="default: %(default)s")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="default: %(default)s")
-    parser.add_argument("--temperature", type=float, help="default: the server's (greedy)")
+    parser.add_argument("--temperature", type=float,
+                        help="> 0 samples (with --top-p 1.0 unless --top-k/--top-p are given); default: greedy")
     parser.add_argument("--top-k", type=int, help="default: the server's (0: off)")
-    parser.add_argument("--top-p", type=float, help="default: the server's (off)")
+    parser.add_argument("--top-p", type=float, help="default: the server's (0: off)")
     parser.add_argument("--seed", type=int, help="default: random")
     parser.add_argument("--stop", nargs="+", metavar="WORD", help="stop sequences")
     parser.add_argument("-n", "--num-return-sequences", type=int,

@@ -36,12 +36,14 @@ class ClientBase:
       ``_request``'s docstring for why).
 
     Sampling keywords (all optional; only those set are sent, the server's defaults apply to the rest):
-    max_tokens (default 128), chat (apply the model's chat template to the prompt), temperature, top_k,
-    top_p (0 or 1: off), min_p, seed, stop (str or list of str), bad_words, num_return_sequences (the
+    max_tokens (default 128), chat (apply the model's chat template to the prompt), temperature, top_k
+    (0: off), top_p (0: off), min_p, seed, stop (str or list of str), bad_words, num_return_sequences (the
     completions are in ``Completion.choices``), exclude_input_in_output, return_log_probs,
     return_perf_metrics, return_num_input_tokens, return_num_output_tokens, repetition_penalty,
     presence_penalty, frequency_penalty, min_tokens, end_id (-1: no end token), pad_id, beam_width,
-    length_penalty. Server-side failures raise ScaleLLMError with the server's message.
+    length_penalty. The server decodes greedily unless top_k or top_p asks for sampling (TensorRT-LLM's
+    rule); temperature > 0 or min_p > 0 without either also sends top_p=1.0, so that they sample.
+    Server-side failures raise ScaleLLMError with the server's message.
     """
 
     transports: dict[str, type]

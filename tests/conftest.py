@@ -20,7 +20,9 @@ from typing import TypeVar
 
 import pytest
 
+from build_engines import DEFAULT_TEMPLATES, render_repository
 from scalellm.serving import ServerNotReady, TritonServer, free_ports
+from scalellm.triton.params import default_parameters
 from scalellm_client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,14 @@ class RunningServer:
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace")
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http_url.rsplit(":", 1)[1])
+
+    @property
+    def grpc_port(self) -> int:
+        return int(self.grpc_url.rsplit(":", 1)[1])
 
 
 def settled(read: Callable[[], T], every_s: float = 0.5) -> T:
@@ -133,6 +143,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
             f"every test had finished: {leaked[0].strip()} (log: {log_file})",
             pytrace=False,
         )
+
+
+@pytest.fixture(scope="session")
+def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A second server over the same engine, rendered in the non-decoupled mode (``--decoupled-mode false``) with
+    the llm model served as ``tensorrt_llm`` (``--llm-model-name``), the name tensorrtllm_backend's tools call."""
+    root = tmp_path_factory.mktemp("nondecoupled")
+    values = {"engine_dir": str((MODEL_DIR / "engine").resolve()), "max_batch_size": "64",
+              "llm_instance_count": "1", "decoupled_mode": "false", "llm_model_name": "tensorrt_llm",
+              **default_parameters()}
+    render_repository(DEFAULT_TEMPLATES, root / "model_repository", values, "ensemble")
+    triton = _start(root / "model_repository", root)
+    try:
+        yield RunningServer(grpc_url=triton.grpc_url, http_url=triton.http_url, log_file=Path(triton.log_file),
+                            metrics_url=triton.metrics_url)
+    finally:
+        triton.stop()
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,16 @@ def test_top_p_zero_means_off_and_is_sent() -> None:
     assert build_request("Hi", stream=False, top_p=0)["top_p"] == 0.0
 
 
+def test_temperature_alone_asks_for_sampling_explicitly() -> None:
+    """The server is greedy without top_k / top_p (TensorRT-LLM); the client's temperature=0.8 means sampling."""
+    assert build_request("Hi", stream=False, temperature=0.8)["top_p"] == 1.0
+    assert build_request("Hi", stream=False, min_p=0.1)["top_p"] == 1.0
+    assert "top_p" not in build_request("Hi", stream=False, temperature=0.8, top_k=5)
+    assert build_request("Hi", stream=False, temperature=0.8, top_p=0.5)["top_p"] == 0.5
+    assert "top_p" not in build_request("Hi", stream=False, temperature=0.0)
+    assert "top_p" not in build_request("Hi", stream=False)
+
+
 def test_new_contract_fields_map_to_ensemble_names() -> None:
     fields = build_request("Hi", stream=False, chat=True, num_return_sequences=3, return_num_input_tokens=True,
                            return_num_output_tokens=False)

@@ -45,12 +45,17 @@ def test_the_ensemble_wires_every_tensor() -> None:
             assert key in model_inputs, f"{model} has no input {key}"
             assert tensor in produced, f"{model}.{key} reads {tensor}, which nothing before it produces"
             readers[tensor] = readers.get(tensor, 0) + 1
-            if not model_inputs[key].optional:
-                assert tensor in {t.name for t in ENSEMBLE_INPUTS if not t.optional} or tensor.startswith("_")
+            if not model_inputs[key].optional:  # a step's non-optional input: an output of a step before, or
+                # an input the step refuses naming it (a non-optional ensemble input would block the step instead)
+                assert model_inputs[key].required and (tensor.startswith("_") or tensor in {
+                    t.name for t in ENSEMBLE_INPUTS if t.required}), f"{model}.{key}"
         for key, tensor in outputs.items():
             assert key in model_outputs, f"{model} has no output {key}"
             produced.add(tensor)
     assert all(readers.get(t.name) for t in ENSEMBLE_INPUTS), "Triton refuses an ensemble input no step reads"
+    assert all(t.optional for t in ENSEMBLE_INPUTS), "a missing non-optional ensemble input stalls the ensemble"
+    for model, (inputs, _) in MODEL_TENSORS.items():  # Triton refuses a request with no inputs, naming these
+        assert model == "ensemble" or any(not t.optional and t.required for t in inputs), model
     assert {t.name for t in MODEL_TENSORS["ensemble"][1]} <= produced
 
 

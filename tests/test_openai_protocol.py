@@ -21,6 +21,14 @@ def test_chat_request_maps_to_ensemble_fields() -> None:
     assert parse_chat({"model": "m", "messages": USER, "max_completion_tokens": 3}).max_tokens == 3
 
 
+def test_openai_sampling_defaults_are_sent_explicitly() -> None:
+    """OpenAI samples at temperature 1, top_p 1 when a request leaves them out; the ensemble would be greedy."""
+    for parse, body in ((parse_chat, {"messages": USER}), (parse_completion, {"prompt": "hi"})):
+        assert parse({"model": "m", **body}).fields == {"temperature": 1.0, "top_p": 1.0}
+        assert parse({"model": "m", "temperature": 0, **body}).fields == {"temperature": 0, "top_p": 1.0}
+        assert parse({"model": "m", "top_k": 3, **body}).fields == {"temperature": 1.0, "top_p": 1.0, "top_k": 3}
+
+
 def test_chat_content_parts_and_roles() -> None:
     request = parse_chat({"model": "m", "messages": [
         {"role": "developer", "content": "be brief"},

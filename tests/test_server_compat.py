@@ -2,8 +2,9 @@
 
 Encodes what NVIDIA's own clients (inflight_batcher_llm/client/*.py, tools/inflight_batcher_llm/
 end_to_end_test.py) rely on: the shapes they index (``text_output[0].decode()``, ``output_ids[0][0]``,
-``sequence_length[0][0]``, ``sequence_index[0][0]``), the sampling semantics (``top_p`` 0 = off), the
-official tensors we implement or refuse, and that Triton loads exactly the configs rendered from the contract.
+``sequence_length[0][0]``, ``sequence_index[0][0]``), the sampling semantics (greedy unless ``top_k`` or
+``top_p`` asks for sampling), the official tensors we implement or refuse, and that Triton loads exactly the
+configs rendered from the contract.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def flag(v: bool) -> np.ndarray:
     return np.array([[v]], dtype=bool)
 
 
+def f32(v: float) -> np.ndarray:
+    return np.array([[v]], dtype=np.float32)
+
+
 # ---- the configs Triton loads are the contract ----------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["ensemble", "preprocessing", "llm", "postprocessing"])
@@ -112,11 +117,21 @@ def test_llm_returns_batch_beam_tokens(server: RunningServer) -> None:
     assert new == list(ids[0][0][5:])  # a stream sends only new tokens
 
 
-def test_top_p_zero_means_off(server: RunningServer) -> None:
-    base = {"text_input": text(PARIS), "max_tokens": i32(12), "exclude_input_in_output": flag(True)}
-    greedy = stream_infer(server, "ensemble", base)[0].as_numpy("text_output")[0]
-    off = stream_infer(server, "ensemble", {**base, "top_p": np.array([[0.0]], dtype=np.float32)})[0]
-    assert off.as_numpy("text_output")[0] == greedy
+def test_greedy_unless_top_k_or_top_p_asks_for_sampling(server: RunningServer) -> None:
+    """What end_to_end_grpc_client.py sends by default (temperature 1.0, no top_k / top_p, the prompt echoed):
+    TensorRT-LLM decodes it greedily, so the answer is the greedy reference's, streamed or not, every time."""
+    base = {"text_input": text(PARIS), "max_tokens": i32(16)}
+
+    def answer(**extra: np.ndarray) -> bytes:
+        return b"".join(r.as_numpy("text_output")[0] for r in stream_infer(server, "ensemble", {**base, **extra}))
+
+    reference = answer(temperature=f32(0.0))
+    assert reference.decode().endswith("The capital of France is Paris.")
+    default = {"temperature": f32(1.0), "beam_width": i32(1), "stream": flag(False)}
+    for extra in (default, {**default, "top_k": i32(0), "top_p": f32(0.0)}):
+        assert [answer(**extra) for _ in range(2)] == [reference] * 2
+    streamed = answer(**{**default, "stream": flag(True)})
+    assert streamed == answer(temperature=f32(0.0), exclude_input_in_output=flag(True)) and reference.endswith(streamed)
 
 
 # ---- num_return_sequences -------------------------------------------------------------------------------
@@ -132,11 +147,11 @@ def samples(server: RunningServer, n: int, **extra: np.ndarray) -> list[str]:
 
 
 def test_num_return_sequences_samples_reproducibly(server: RunningServer) -> None:
-    sampled = {"temperature": np.array([[0.9]], dtype=np.float32), "random_seed": np.array([[7]], dtype=np.uint64)}
+    sampled = {"temperature": f32(0.9), "top_p": f32(1.0), "random_seed": np.array([[7]], dtype=np.uint64)}
     first = samples(server, 3, **sampled)
     assert len(set(first)) == 3, first
     assert samples(server, 3, **sampled) == first
-    greedy = samples(server, 3, temperature=np.array([[0.0]], dtype=np.float32))
+    greedy = samples(server, 3, temperature=f32(0.9))  # no top_k / top_p: greedy, as in TensorRT-LLM
     assert len(set(greedy)) == 1 and greedy[0]
 
 

@@ -7,37 +7,16 @@ KServe v2 ``infer`` (HTTP and gRPC ModelInfer) and HTTP ``generate`` answer; str
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import MODEL_DIR, RunningServer, _start, http_json
+from conftest import RunningServer, http_json
 
-from build_engines import DEFAULT_TEMPLATES, render_repository
-from scalellm.triton.params import default_parameters
 from scalellm_client import Client, ScaleLLMError, chatml
 
 pytestmark = pytest.mark.server
 TIMEOUT_S = 180.0
 QUESTION = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """A second server over the same engine, rendered in the non-decoupled mode."""
-    root = tmp_path_factory.mktemp("nondecoupled")
-    values = {"engine_dir": str((MODEL_DIR / "engine").resolve()), "max_batch_size": "64",
-              "llm_instance_count": "1", "decoupled_mode": "false", "llm_model_name": "tensorrt_llm",
-              **default_parameters()}
-    render_repository(DEFAULT_TEMPLATES, root / "model_repository", values, "ensemble")
-    triton = _start(root / "model_repository", root)
-    try:
-        yield RunningServer(grpc_url=triton.grpc_url, http_url=triton.http_url, log_file=Path(triton.log_file),
-                            metrics_url=triton.metrics_url)
-    finally:
-        triton.stop()
 
 
 def test_kserve_infer_json_answers(plain_server: RunningServer) -> None:

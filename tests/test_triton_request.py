@@ -7,6 +7,7 @@ these functions, so what is checked here is what the server does.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,17 +50,29 @@ def test_defaults_come_from_the_contract() -> None:
     request = parse(inputs(input_ids=[5, 6, 7]), LIMITS)
     (params,) = request.samples
     assert params.max_tokens == LLM_FIELDS["request_output_len"].default
-    assert (params.temperature, params.top_k, params.top_p) == (0.0, 0, 1.0)  # greedy
+    assert params.greedy and (params.temperature, params.top_k) == (1.0, 1)  # TensorRT-LLM: k 0, p 0 = greedy
     assert params.stop_token_ids == (2,)  # no end_id: the model's end tokens
     assert not request.stream and not request.exclude_input  # TensorRT-LLM: the prompt is echoed
     assert not request.perf_metrics and not request.num_input_tokens
 
 
-def test_top_p_zero_means_off_and_out_of_range_is_refused() -> None:
-    (params,) = parse(inputs(input_ids=[5], runtime_top_p=np.float32(0.0)), LIMITS).samples
-    assert params.top_p == 1.0 and params.temperature == 0.0
-    (params,) = parse(inputs(input_ids=[5], runtime_top_p=np.float32(0.5)), LIMITS).samples
-    assert params.top_p == 0.5 and params.temperature == 1.0  # sampling asked, no temperature: 1.0
+@pytest.mark.parametrize(("given", "greedy", "top_k", "top_p"), [
+    ({}, True, 1, 1.0),  # neither: greedy, whatever the temperature
+    ({"temperature": np.float32(0.8)}, True, 1, 1.0),  # temperature alone does not sample
+    ({"runtime_top_p": np.float32(0.0), "runtime_top_k": np.int32(0)}, True, 1, 1.0),
+    ({"runtime_top_k": np.int32(5)}, False, 5, 1.0),  # pure top-k
+    ({"runtime_top_p": np.float32(0.5)}, False, 0, 0.5),  # pure top-p
+    ({"runtime_top_p": np.float32(1.0)}, False, 0, 1.0),  # the whole distribution
+    ({"runtime_top_k": np.int32(5), "runtime_top_p": np.float32(0.5)}, False, 5, 0.5),
+    ({"runtime_top_k": np.int32(1), "runtime_top_p": np.float32(0.5)}, True, 1, 0.5),
+    ({"runtime_top_p": np.float32(0.5), "temperature": np.float32(0.0)}, True, 0, 0.5),
+])
+def test_sampling_follows_tensorrt_llms_rule(given: dict, greedy: bool, top_k: int, top_p: float) -> None:
+    (params,) = parse(inputs(input_ids=[5], **given), LIMITS).samples
+    assert (params.greedy, params.top_k, params.top_p) == (greedy, top_k, pytest.approx(top_p))
+
+
+def test_top_p_out_of_range_is_refused() -> None:
     for bad in (-0.5, 1.5):
         with pytest.raises(InvalidInput, match="top_p"):
             parse(inputs(input_ids=[5], runtime_top_p=np.float32(bad)), LIMITS)
@@ -160,6 +173,18 @@ def test_postprocessing_reads_the_official_model_alone(tokenizer) -> None:
     assert out["OUTPUT"].tolist() == [b"Hello there"] and list(out) == ["OUTPUT"]
 
 
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"SEQUENCE_LENGTH": [[2]]}, "TOKENS_BATCH is required"),
+    ({"TOKENS_BATCH": [[[5, 6]]]}, "SEQUENCE_LENGTH is required"),
+    ({"TOKENS_BATCH": np.zeros((1, 0, 0)), "SEQUENCE_LENGTH": [[0]]}, "TOKENS_BATCH must be"),
+    ({"TOKENS_BATCH": [[[5, 6]]], "SEQUENCE_LENGTH": np.zeros((1, 0))}, "SEQUENCE_LENGTH must hold one length"),
+])
+def test_postprocessing_refuses_what_it_cannot_read(tokenizer, inputs: dict, message: str) -> None:
+    get = {k: np.asarray(v, dtype=np.int32) for k, v in inputs.items()}.get
+    with pytest.raises(InvalidInput, match=message):
+        postprocess(tokenizer, get)
+
+
 def test_preprocessing_tokenises_and_applies_the_chat_template() -> None:
     pre = Preprocessor(ENGINE_DIR)
 
@@ -176,6 +201,8 @@ def test_preprocessing_tokenises_and_applies_the_chat_template() -> None:
     assert plain["OUT_END_ID"].tolist() == [[2]] and plain["DECODER_INPUT_ID"].shape == (1, 1)
     with pytest.raises(InvalidInput, match="text_input"):
         run(query="")
+    with pytest.raises(InvalidInput, match=re.escape("text_input (QUERY) is required")):
+        run(request_output_len=4)
     with pytest.raises(InvalidInput, match="embedding_bias_words"):
         pre({"QUERY": np.asarray([[b"hi"]], dtype=object),
              "EMBEDDING_BIAS_WORDS": np.asarray([[b"x"]], dtype=object)}.get)

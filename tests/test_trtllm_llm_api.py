@@ -46,10 +46,13 @@ def test_request_maps_onto_sampling_params_fields() -> None:
     assert kwargs["bad_token_ids"] == [99] and "bad_words" not in kwargs
 
 
-def test_official_conventions_end_id_minus_one_and_top_p_zero() -> None:
+def test_official_conventions_end_id_minus_one_and_greedy_without_top_k_or_top_p() -> None:
     kwargs = sampling_kwargs({"request_output_len": i32(4), "end_id": i32(-1),
+                              "temperature": np.asarray([[1.0]], dtype=np.float32),
                               "runtime_top_p": np.asarray([[0.0]], dtype=np.float32)})
-    assert kwargs == {"max_tokens": 4, "ignore_eos": True}
+    assert kwargs == {"max_tokens": 4, "ignore_eos": True, "temperature": 1.0, "top_k": 1}
+    top_k_only = sampling_kwargs({"request_output_len": i32(4), "runtime_top_k": i32(5)})
+    assert (top_k_only["top_k"], top_k_only["top_p"]) == (5, 1.0)
 
 
 @pytest.mark.parametrize(("inputs", "message"), [

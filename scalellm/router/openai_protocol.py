@@ -29,6 +29,11 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# What OpenAI's API does when a request leaves them out: sample at temperature 1 over the whole distribution.
+# Sent explicitly, because the ensemble follows TensorRT-LLM and decodes greedily without top_k / top_p.
+OPENAI_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
+
+
 def bad(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param)
 
@@ -85,7 +90,7 @@ def _common(body: dict[str, Any]) -> GenerationRequest:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _number({name: max_tokens}, name, 1, 2**31 - 1, integer=True)
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = dict(OPENAI_SAMPLING_DEFAULTS)
     for key, low, high, integer, target in (
         ("temperature", 0.0, 2.0, False, "temperature"),
         ("top_p", 1e-9, 1.0, False, "top_p"),

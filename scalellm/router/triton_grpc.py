@@ -1,6 +1,7 @@
-"""Triton's gRPC protocol on the router: ``ModelStreamInfer`` requests forwarded one by one to replicas, the
-``llm`` model's cancel forwarded to the replica running that request, and the unary calls clients make around
-them (server/model ready, metadata, config) proxied to a healthy replica.
+"""Triton's gRPC protocol on the router: ``ModelStreamInfer`` requests forwarded one by one to replicas and
+``ModelInfer`` calls forwarded to a replica (the same policy, retries and metrics), the ``llm`` model's cancel
+forwarded to the replica running that request, and the unary calls clients make around them (server/model
+ready, metadata, config) proxied to a healthy replica.
 
 A client's stream may carry many requests; each is forwarded on its own upstream call (one request, then
 half-closed) and their responses are interleaved back on the client's stream. A client that cancels its stream
@@ -18,7 +19,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, ReplicaUnavailable, Upstream
+from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, ReplicaUnavailable, Upstream, UpstreamRejected
 from .replicas import Replica
 from .triton_http import CHARS_PER_TOKEN, DEFAULT_MAX_TOKENS
 from .upstream import DRAIN_TIMEOUT_S
@@ -29,6 +30,16 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 _WAKE = object()
 _EOF = object()
+
+
+class CallRejected(UpstreamRejected):
+    """The replica refused a ModelInfer call (bad input, a decoupled model): its status goes back as it is.
+
+    An ``UpstreamRejected``, so the dispatcher takes it as the replica's answer: no retry, nothing to cancel."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(400, (error.details() or "").encode(), "text/plain")
+        self.code, self.details = error.code(), error.details() or ""
 
 
 def _error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
@@ -204,6 +215,43 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             if not done:
                 self.dispatcher.spawn(_give_up_after(reader, call, DRAIN_TIMEOUT_S))
+
+    # ---- unary inference ---------------------------------------------------------------------------------
+    async def ModelInfer(self, request, context):  # noqa: N802
+        """One request, one response (non-decoupled models): the replica's error status is passed on as it is."""
+        answer = None
+        try:
+            async with aclosing(self.dispatcher.run(job_of(request), lambda up: self._infer(up, request))) as answers:
+                async for item in answers:  # read to the end, so the request counts as finished
+                    answer = item
+        except NoReplica as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except CallRejected as exc:
+            await context.abort(exc.code, exc.details)
+        if answer is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica sent no response")
+        return answer
+
+    async def _infer(self, upstream: Upstream, request: pb.ModelInferRequest
+                     ) -> AsyncGenerator[pb.ModelInferResponse, None]:
+        """Like ``_attempt``: a client that leaves cancels only the wait, the call is read on to its end."""
+        forwarded = pb.ModelInferRequest()
+        forwarded.CopyFrom(request)
+        forwarded.id = upstream.request_id
+        call = self.stub(upstream.replica).ModelInfer(forwarded)
+        reader = asyncio.ensure_future(call)
+        try:
+            response = await asyncio.shield(reader)
+        except asyncio.CancelledError:
+            self.dispatcher.spawn(_give_up_after(reader, call, DRAIN_TIMEOUT_S))
+            raise
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise ReplicaUnavailable(f"gRPC {exc.code().name}: {exc.details()}") from None
+            raise CallRejected(exc) from None
+        if response.id == upstream.request_id:
+            response.id = request.id
+        yield response
 
     # ---- unary calls -------------------------------------------------------------------------------------
     async def ServerLive(self, request, context):  # noqa: N802

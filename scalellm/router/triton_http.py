@@ -1,6 +1,6 @@
-"""Triton's HTTP protocol on the router: ``generate`` / ``generate_stream`` forwarded to a replica, the
-``llm`` model's cancel forwarded to the replica running that request, health, and read-only model endpoints
-proxied to a healthy replica."""
+"""Triton's HTTP protocol on the router: ``generate`` / ``generate_stream`` and KServe ``infer`` forwarded to a
+replica, the ``llm`` model's cancel forwarded to the replica running that request, health, and read-only model
+endpoints proxied to a healthy replica."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import aiohttp
 from aiohttp import web
 
 from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, UpstreamRejected
-from .upstream import generate_once, sse_events
+from .kserve import HEADER_LENGTH, BadInferBody, InferBody
+from .upstream import generate_once, infer_once, sse_events
 
 DEFAULT_MAX_TOKENS = 128  # what scalellm_client sends when max_tokens is not given; only for the load estimate
 CHARS_PER_TOKEN = 4  # prompt length estimate for the load (the exact count would cost a tokenisation)
@@ -42,6 +43,7 @@ class TritonHttp:
         return [
             web.post("/v2/models/{model}/generate", self.generate),
             web.post("/v2/models/{model}/generate_stream", self.generate_stream),
+            web.post("/v2/models/{model}/infer", self.infer),
             web.get("/v2/health/ready", self.ready),
             web.get("/v2/health/live", self.live),
             web.get("/v2", self.proxy_get),
@@ -113,6 +115,33 @@ class TritonHttp:
         if answer is None:
             return triton_error(502, "the replica sent no response")
         return web.Response(body=answer, content_type="application/json")
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
+        """KServe v2 infer (JSON or Triton's binary tensor extension), as perf_analyzer and tritonclient send it."""
+        model = request.match_info["model"]
+        try:
+            body = InferBody.parse(await request.read(), request.headers.get(HEADER_LENGTH),
+                                   request.headers.get("Content-Encoding"))
+        except BadInferBody as exc:
+            return triton_error(400, str(exc))
+        client_id = body.header.pop("id", None)
+        prompt, cost = estimate_cost({"text_input": body.first_value("text_input") or "",
+                                      "max_tokens": body.first_value("max_tokens") or DEFAULT_MAX_TOKENS})
+        job = Job(prompt, cost, str(client_id or ""))
+        session, spawn = self.dispatcher.session, self.dispatcher.spawn
+        answer: tuple[bytes, dict[str, str]] | None = None
+        try:
+            async with aclosing(self.dispatcher.run(
+                    job, lambda up: infer_once(session, up, model, body, client_id, spawn))) as answers:
+                async for item in answers:  # read to the end, so the request counts as finished
+                    answer = item
+        except UpstreamRejected as exc:
+            return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
+        except NoReplica as exc:
+            return triton_error(503, str(exc))
+        if answer is None:
+            return triton_error(502, "the replica sent no response")
+        return web.Response(body=answer[0], headers=answer[1])
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
         model = request.match_info["model"]

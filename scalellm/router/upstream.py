@@ -1,4 +1,4 @@
-"""Attempts over a replica's HTTP endpoints: Triton's ``generate`` and ``generate_stream`` (SSE).
+"""Attempts over a replica's HTTP endpoints: Triton's ``generate``, ``generate_stream`` (SSE) and KServe ``infer``.
 
 Failures that mean "this replica is not there" (refused, reset, closed early, 502/503/504) raise
 ``ReplicaUnavailable`` so the dispatcher can retry or report; any other error status is the replica's answer
@@ -17,6 +17,7 @@ from urllib.parse import quote
 import aiohttp
 
 from .dispatch import ReplicaUnavailable, Upstream, UpstreamRejected
+from .kserve import HEADER_LENGTH, InferBody, answer_with_id
 
 UNAVAILABLE_STATUS = (502, 503, 504)
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
@@ -107,6 +108,17 @@ async def generate_once(session: aiohttp.ClientSession, upstream: Upstream, mode
     async with _posted(session, _url(upstream, model, "generate"), spawn, json=body) as response:
         data = await response.read()
     yield data.replace(needle, replacement, 1)
+
+
+async def infer_once(session: aiohttp.ClientSession, upstream: Upstream, model: str, body: InferBody,
+                     client_id: str | None, spawn: Spawn) -> AsyncGenerator[tuple[bytes, dict[str, str]], None]:
+    """The one answer of KServe ``infer`` (body and content headers), the ``id`` put back."""
+    data, headers = body.with_id(upstream.request_id)
+    headers["Accept-Encoding"] = "identity"  # the answer's header is read here (the session does not decompress)
+    async with _posted(session, _url(upstream, model, "infer"), spawn, data=data, headers=headers) as response:
+        answer = await response.read()
+        header_length = response.headers.get(HEADER_LENGTH)
+    yield answer_with_id(answer, header_length, client_id)
 
 
 def parse_sse(event: bytes) -> dict[str, Any]:

@@ -23,12 +23,25 @@ PRE, LLM, POST = "preprocessing", "llm", "postprocessing"
 
 @dataclass(frozen=True)
 class Tensor:
-    """One model input or output as Triton's config.pbtxt declares it (dims exclude the batch dim)."""
+    """One model input or output as Triton's config.pbtxt declares it (dims exclude the batch dim).
+
+    ``required``: a request without it is refused with a message naming it (``field``, the ensemble name, when
+    it differs). Triton 2.51 only counts a request's inputs against the non-``optional`` ones, and runs no
+    ensemble step that waits on a missing non-optional ensemble input (the request then ends without a response
+    or as a "deadlock"), so the models check their required inputs themselves (``tensors.check_required``), the
+    ensemble declares every input optional, and each model keeps one non-optional input, which makes Triton
+    refuse a request with no inputs at all (the Python backend would fail it and its whole batch)."""
 
     name: str
     dtype: str  # Triton type without TYPE_: STRING INT32 INT64 UINT64 FP32 BOOL
     dims: tuple[int, ...] = (1,)
     optional: bool = True
+    required: bool = False
+    field: str = ""  # the ensemble field this input carries, for messages
+
+    @property
+    def label(self) -> str:
+        return f"{self.field} ({self.name})" if self.field and self.field != self.name else self.name
 
 
 @dataclass(frozen=True)
@@ -72,11 +85,12 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("num_return_sequences", "INT32", LLM, "num_return_sequences", default=1,
           doc="samples per prompt, each its own response with sequence_index (decoupled mode)"),
     Field("beam_width", "INT32", LLM, "beam_width", default=1, doc="only 1: beam search is not implemented"),
-    Field("temperature", "FP32", LLM, "temperature",
-          doc="0 = greedy; absent: 1.0 if top_k > 1, 0 < top_p < 1 or min_p > 0, else greedy"),
-    Field("top_k", "INT32", LLM, "runtime_top_k", default=0, doc="0 = off"),
-    Field("top_p", "FP32", LLM, "runtime_top_p", default=0.0, doc="0 = off (as in TensorRT-LLM); (0, 1]"),
-    Field("min_p", "FP32", LLM, "min_p", default=0.0, doc="ours", param="min_p", low=0.0, high=1.0),
+    Field("temperature", "FP32", LLM, "temperature", default=1.0,
+          doc="0 = greedy; it does not turn sampling on by itself (see sampling_mode)"),
+    Field("top_k", "INT32", LLM, "runtime_top_k", default=0, doc="0 = no top-k; with top_p 0: greedy"),
+    Field("top_p", "FP32", LLM, "runtime_top_p", default=0.0, doc="0 = no top-p; with top_k 0: greedy"),
+    Field("min_p", "FP32", LLM, "min_p", default=0.0, doc="ours: applies when sampling", param="min_p",
+          low=0.0, high=1.0),
     Field("length_penalty", "FP32", LLM, "len_penalty", default=1.0, doc="beam search only: no effect"),
     Field("repetition_penalty", "FP32", LLM, "repetition_penalty", default=1.0,
           param="repetition_penalty", low=0.0, low_open=True),
@@ -111,16 +125,33 @@ FIELDS = {f.name: f for f in REQUEST_FIELDS}
 LLM_FIELDS = {f.model_input: f for f in REQUEST_FIELDS if f.reader == LLM}
 
 
+def sampling_mode(top_k: int, top_p: float) -> tuple[int, float]:
+    """TensorRT-LLM's rule: the (top_k, top_p) a request's (validated) fields decode with; top_p 1.0 = no top-p.
+
+    (0, 0) is greedy (k = 1), and both default to 0, so a request that sets neither is greedy whatever its
+    temperature; (k > 0, 0) is pure top-k; (0, p > 0) is top-p; (k > 0, p > 0) both. As TensorRT-LLM's
+    ``DefaultDecodingParams`` (top_k 0, top_p 0, temperature 1) and ``setupTopKRuntimeArgs`` kernel
+    (``cpp/tensorrt_llm/layers/defaultDecodingParams.h``, ``cpp/tensorrt_llm/kernels/samplingTopKKernels.cu``).
+    """
+    if top_k == 0 and top_p == 0.0:
+        return 1, 1.0
+    return top_k, top_p or 1.0
+
+
 # ---- what each model declares ----------------------------------------------------------------------------
 def _reader_inputs(reader: str) -> list[Tensor]:
-    return [Tensor(f.model_input, f.dtype, f.dims, optional=not f.required)
+    return [Tensor(f.model_input, f.dtype, f.dims, optional=not f.required, required=f.required, field=f.name)
             for f in REQUEST_FIELDS if f.reader == reader]
+
+
+def _ensemble_input(f: Field) -> Tensor:
+    return Tensor(f.name, f.dtype, f.dims, optional=True, required=f.required)
 
 
 PRE_INPUTS = [
     *_reader_inputs(PRE),
-    Tensor("REQUEST_OUTPUT_LEN", "INT32"),  # compatibility: passed through (our ensemble sends max_tokens to llm)
-    Tensor("END_ID", "INT32"),  # compatibility: OUT_END_ID for callers of preprocessing alone
+    Tensor("REQUEST_OUTPUT_LEN", "INT32"),  # compatibility: passed through (llm reads max_tokens itself)
+    Tensor("END_ID", "INT32"),  # compatibility: checked, passed through as OUT_END_ID (llm reads end_id itself)
 ]
 PRE_OUTPUTS = [
     Tensor("INPUT_ID", "INT32", (-1,)),
@@ -134,7 +165,8 @@ PRE_OUTPUTS = [
     Tensor("OUT_PAD_ID", "INT32"),
 ]
 LLM_INPUTS = [
-    Tensor("input_ids", "INT32", (-1,)),  # optional only so a cancel request can omit it
+    # Required; a cancel request (cancel_request_id or stop alone) passes Triton's count of inputs all the same.
+    Tensor("input_ids", "INT32", (-1,), optional=False, required=True),
     Tensor("input_lengths", "INT32"),  # compatibility: checked against input_ids
     *_reader_inputs(LLM),
     Tensor("pad_id", "INT32"),  # compatibility: ignored
@@ -173,8 +205,8 @@ LLM_OUTPUTS = [
 # become text_output.
 PASS_THROUGH = [t.name for t in LLM_OUTPUTS if t.name not in ("output_ids", "sequence_length", "context_ids")]
 POST_INPUTS = [
-    Tensor("TOKENS_BATCH", "INT32", (-1, -1), optional=False),
-    Tensor("SEQUENCE_LENGTH", "INT32", (-1,), optional=False),
+    Tensor("TOKENS_BATCH", "INT32", (-1, -1), optional=False, required=True),
+    Tensor("SEQUENCE_LENGTH", "INT32", (-1,), optional=False, required=True),
     Tensor("CONTEXT_IDS", "INT32", (-1, -1)),
     *[Tensor(name.upper(), t.dtype, t.dims) for t in LLM_OUTPUTS for name in [t.name] if name in PASS_THROUGH],
 ]
@@ -183,7 +215,7 @@ POST_OUTPUTS = [
     *[Tensor("OUT_" + name.upper(), t.dtype, t.dims) for t in LLM_OUTPUTS for name in [t.name]
       if name in PASS_THROUGH],
 ]
-ENSEMBLE_INPUTS = [Tensor(f.name, f.dtype, f.dims, optional=not f.required) for f in REQUEST_FIELDS]
+ENSEMBLE_INPUTS = [_ensemble_input(f) for f in REQUEST_FIELDS]
 ENSEMBLE_OUTPUTS = [
     Tensor("text_output", "STRING", (-1,)),
     *[Tensor(name, t.dtype, t.dims) for t in LLM_OUTPUTS for name in [t.name] if name in PASS_THROUGH],
@@ -197,6 +229,9 @@ MODEL_TENSORS = {
 
 # ---- the ensemble's wiring: (model, {model input: ensemble tensor}, {model output: ensemble tensor}) ------
 PRE_TO_LLM = {"INPUT_ID": "input_ids", "STOP_WORDS_IDS": "stop_words_list", "BAD_WORDS_IDS": "bad_words_list"}
+# llm fields preprocessing also reads, as in tensorrtllm_backend's ensemble: then a request with them but without
+# text_input still reaches preprocessing, which refuses it naming text_input.
+PRE_ALSO_READS = {"REQUEST_OUTPUT_LEN": "max_tokens", "END_ID": "end_id"}
 # What NVIDIA's tensorrt_llm model (r25.05) declares, for an ensemble with it in front of our postprocessing:
 # pass these to ensemble_steps / ensemble_tensors and the ensemble keeps only what that model reads and writes.
 OFFICIAL_LLM_INPUTS = frozenset({
@@ -223,7 +258,7 @@ def _passed(llm_outputs: frozenset[str] | None) -> list[str]:
 def ensemble_tensors(llm_inputs: frozenset[str] | None = None,
                      llm_outputs: frozenset[str] | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """The ensemble's inputs and outputs; with the middle model's tensor names given, only what it has."""
-    inputs = [Tensor(f.name, f.dtype, f.dims, optional=not f.required) for f in _llm_fields(llm_inputs)]
+    inputs = [_ensemble_input(f) for f in _llm_fields(llm_inputs)]
     passed = set(_passed(llm_outputs))
     return inputs, [t for t in ENSEMBLE_OUTPUTS if t.name == "text_output" or t.name in passed]
 
@@ -233,6 +268,7 @@ def ensemble_steps(llm_inputs: frozenset[str] | None = None,
     """The three steps; ``llm_inputs``/``llm_outputs``: the middle model's tensor names (default: our llm's)."""
     fields, passed = _llm_fields(llm_inputs), _passed(llm_outputs)
     pre_in = {f.model_input: f.name for f in fields if f.reader == PRE}
+    pre_in.update({key: name for key, name in PRE_ALSO_READS.items() if name in {f.name for f in fields}})
     pre_out = {out: f"_{out}" for out in PRE_TO_LLM}
     llm_in = {f.model_input: f.name for f in fields if f.reader == LLM}
     llm_in.update({llm_name: f"_{pre_name}" for pre_name, llm_name in PRE_TO_LLM.items()})

@@ -14,7 +14,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from scalellm.tokenization import decode_delta
-from scalellm.triton.contract import PASS_THROUGH
+from scalellm.triton.contract import PASS_THROUGH, POST_INPUTS
+from scalellm.triton.tensors import InvalidInput, check_required
 
 Get = Callable[[str], "np.ndarray | None"]
 
@@ -24,11 +25,18 @@ def _per_beam(array: np.ndarray, batch: int, beams: int) -> np.ndarray:
 
 
 def postprocess(tokenizer: Tokenizer, get: Get) -> dict[str, np.ndarray]:
+    check_required(get, POST_INPUTS)
     tokens = np.asarray(get("TOKENS_BATCH"))
     if tokens.ndim == 2:  # [batch, tokens]: one beam
         tokens = tokens[:, None, :]
+    if tokens.ndim != 3 or 0 in tokens.shape[:2]:
+        raise InvalidInput(f"TOKENS_BATCH must be [batch, beam, tokens] with a sequence (got shape {tokens.shape})")
     batch, beams = tokens.shape[0], tokens.shape[1]
-    lengths = _per_beam(get("SEQUENCE_LENGTH"), batch, beams)[:, :, 0]
+    lengths = np.asarray(get("SEQUENCE_LENGTH"))
+    if lengths.size != batch * beams:
+        raise InvalidInput(f"SEQUENCE_LENGTH must hold one length per sequence ({batch * beams}, as TOKENS_BATCH; "
+                           f"got {lengths.size})")
+    lengths = lengths.reshape(batch, beams)
     context = get("CONTEXT_IDS")
     context = None if context is None else _per_beam(context, batch, beams)
     finish = get("FINISH_REASON")

@@ -14,8 +14,8 @@ import numpy as np
 
 from scalellm.config import DEFAULT_MAX_TOKENS, ModelConfig
 from scalellm.tokenization import ChatTemplate, encode_word_list, flatten_word_ids, load_tokenizer
-from scalellm.triton.contract import PRE, REQUEST_FIELDS
-from scalellm.triton.tensors import InvalidInput, check_refused, decode_words, scalar
+from scalellm.triton.contract import PRE, PRE_INPUTS, REQUEST_FIELDS
+from scalellm.triton.tensors import InvalidInput, check_refused, check_required, decode_words, scalar
 
 Get = Callable[[str], "np.ndarray | None"]
 
@@ -46,6 +46,7 @@ class Preprocessor:
         return text
 
     def __call__(self, get: Get) -> dict[str, np.ndarray]:
+        check_required(get, PRE_INPUTS)
         check_refused(get, [f for f in REQUEST_FIELDS if f.reader == PRE])
         ids = self.tokenizer.encode(self.prompt_text(get)).ids
         if not ids:

@@ -15,7 +15,7 @@ import numpy as np
 from scalellm.engine.deadlines import MAX_TIMEOUT_MS
 from scalellm.engine.sequence import SamplingParams
 from scalellm.tokenization import unflatten_word_ids
-from scalellm.triton.contract import LLM_FIELDS, Field
+from scalellm.triton.contract import LLM_FIELDS, Field, sampling_mode
 from scalellm.triton.tensors import InvalidInput, check_range, check_refused, scalar
 
 Get = Callable[[str], "np.ndarray | None"]
@@ -98,12 +98,9 @@ def parse(get: Get, limits: EngineLimits) -> LLMRequest:
     check_range("top_k", top_k, low=0, high=limits.vocab_size)
     top_p = float(value("runtime_top_p"))
     check_range("top_p", top_p, low=0.0, high=1.0)
-    top_p = top_p or 1.0  # 0 = off, as in TensorRT-LLM
+    top_k, top_p = sampling_mode(top_k, top_p)
     plain = {f.param: _checked(f, value(name)) for name, f in LLM_FIELDS.items() if f.param}
-    min_p = plain["min_p"]
-    temperature = value("temperature")
-    sampling_asked = top_k > 1 or top_p < 1.0 or min_p > 0.0
-    temperature = float(temperature) if temperature is not None else (1.0 if sampling_asked else 0.0)
+    temperature = float(value("temperature"))
     check_range("temperature", temperature, low=0.0)
     check_range("length_penalty", float(value("len_penalty")))  # beam search only: no effect here
     min_tokens = value("min_tokens")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from scalellm.triton.contract import Field
+    from scalellm.triton.contract import Field, Tensor
 
 
 class InvalidInput(ValueError):
@@ -95,3 +95,10 @@ def check_refused(get: Callable[[str], np.ndarray | None], fields: Iterable[Fiel
     for f in fields:
         if f.refused and is_set(get(f.model_input)):
             raise InvalidInput(f"{f.name} is not supported: {f.refused}")
+
+
+def check_required(get: Callable[[str], np.ndarray | None], inputs: Iterable[Tensor]) -> None:
+    """Refuse a request without one of the model's required inputs, naming it (Triton only counts inputs)."""
+    for tensor in inputs:
+        if tensor.required and get(tensor.name) is None:
+            raise InvalidInput(f"{tensor.label} is required")

@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from scalellm.triton.contract import sampling_mode
 from scalellm.triton.tensors import InvalidInput, check_range, scalar
 
 # official input name -> SamplingParams field, for the scalar inputs passed through unchanged
-PASSTHROUGH = {"temperature": "temperature", "runtime_top_k": "top_k", "len_penalty": "length_penalty",
+PASSTHROUGH = {"temperature": "temperature", "len_penalty": "length_penalty",
                "repetition_penalty": "repetition_penalty", "min_tokens": "min_tokens",
                "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
                "pad_id": "pad_id"}
@@ -56,10 +57,15 @@ def sampling_kwargs(inputs: dict[str, np.ndarray | None]) -> dict[str, Any]:
         value = scalar(inputs.get(name), name)
         if value is not None:
             kwargs[field] = value
-    top_p = scalar(inputs.get("runtime_top_p"), "top_p")
-    if top_p is not None and top_p != 0.0:  # 0 means "no top-p" in the official model
-        check_range("top_p", float(top_p), 0.0, 1.0, low_open=True)
-        kwargs["top_p"] = float(top_p)
+    top_k = int(scalar(inputs.get("runtime_top_k"), "top_k", 0))
+    check_range("top_k", top_k, low=0)
+    top_p = float(scalar(inputs.get("runtime_top_p"), "top_p", 0.0))
+    check_range("top_p", top_p, 0.0, 1.0)
+    top_k, top_p = sampling_mode(top_k, top_p)  # the official model's rule, stated to the LLM API explicitly
+    if top_k:
+        kwargs["top_k"] = top_k
+    if top_k != 1:
+        kwargs["top_p"] = top_p
     end_id = scalar(inputs.get("end_id"), "end_id")
     if end_id == -1:
         kwargs["ignore_eos"] = True  # -1: no end token, generate exactly max_tokens

@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from scalellm.tokenization import load_tokenizer
 from scalellm.triton.postprocess import postprocess
-from scalellm.triton.tensors import model_parameters, resolve_engine_dir
+from scalellm.triton.tensors import InvalidInput, model_parameters, resolve_engine_dir
 
 
 class TritonPythonModel:
@@ -24,7 +24,12 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 return None if tensor is None else tensor.as_numpy()
 
-            outputs = postprocess(self.tokenizer, get)
+            try:
+                outputs = postprocess(self.tokenizer, get)
+            except InvalidInput as exc:
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                continue
             tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
