@@ -28,7 +28,6 @@ import numpy as np
 from ._types import ScaleLLMError
 from .chat import chatml
 
-DEFAULT_MAX_TOKENS = 128
 CANCEL_TIMEOUT_S = 2.0  # seconds an explicit cancel may take; it is best effort
 DRAIN_TIMEOUT_S = 5.0  # after a cancel, how long to wait for the abandoned request's final response
 
@@ -72,9 +71,10 @@ _NUMPY_DTYPES = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BO
 def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, Any]:
     """Ensemble inputs for one request as ``{input name: JSON-able value}``.
 
-    Only ``text_input``, ``max_tokens`` (default 128), ``exclude_input_in_output`` (default True: the
-    answer without the prompt), ``stream`` and the sampling arguments the caller set (not None) are
-    included, so the server's defaults apply to the rest. Word lists
+    Only ``text_input``, ``exclude_input_in_output`` (default True: the answer without the prompt),
+    ``stream`` and the sampling arguments the caller set (not None) are included, so the server's
+    defaults apply to the rest (``max_tokens`` too: the ensemble's own default, one value for every
+    client). Word lists
     (``stop``, ``bad_words``) accept a str or a list of str; empty lists are left out.
     ``chat=True`` asks the server to apply the model's chat template to the prompt (one user turn).
     Raises TypeError for an unknown argument or a value of the wrong type, ValueError for an
@@ -86,7 +86,7 @@ def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, An
                         f"expected some of: {', '.join(SAMPLING_INPUTS)}")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str (got {type(prompt).__name__})")
-    sampling = {"max_tokens": DEFAULT_MAX_TOKENS, "exclude_input_in_output": True, **sampling}  # server default: echo
+    sampling = {"exclude_input_in_output": True, **sampling}  # the server's default: echo the prompt
     fields: dict[str, Any] = {"text_input": prompt}
     for key, value in sampling.items():
         if value is None:
