@@ -18,9 +18,22 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, ReplicaUnavailable, Upstream
+from scalellm.engine.admission import is_retryable
+
+from .config import DEFAULT_MAX_TOKENS
+from .dispatch import (
+    Dispatcher,
+    Job,
+    MidStreamFailure,
+    NoReplica,
+    ReplicaRefused,
+    ReplicaUnavailable,
+    RequestTimeout,
+    Upstream,
+)
 from .replicas import Replica
-from .triton_http import CHARS_PER_TOKEN, DEFAULT_MAX_TOKENS
+from .slots import Overloaded
+from .triton_http import CHARS_PER_TOKEN
 from .upstream import DRAIN_TIMEOUT_S
 
 MAX_MESSAGE_BYTES = 64 << 20
@@ -154,7 +167,9 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
             async with aclosing(self.dispatcher.run(job, lambda up: self._attempt(up, request))) as responses:
                 async for response in responses:
                     out.put_nowait(response)
-        except (NoReplica, MidStreamFailure) as exc:
+        except (NoReplica, MidStreamFailure, Overloaded, RequestTimeout) as exc:
+            # one request of the client's stream failed, not the stream: its error travels as a message (an
+            # Overloaded one starts with "server busy" and says when to retry)
             out.put_nowait(_error(request, str(exc)))
         except grpc.aio.AioRpcError as exc:
             out.put_nowait(_error(request, f"replica error: {exc.code().name}: {exc.details()}"))
@@ -186,7 +201,7 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
         call = self.stub(upstream.replica).ModelStreamInfer(_one(forwarded))
         arrivals: asyncio.Queue = asyncio.Queue()
         reader = asyncio.get_running_loop().create_task(_pump(call, arrivals))
-        done = False
+        done = answered = False
         try:
             while True:
                 item = await arrivals.get()
@@ -198,6 +213,9 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
                     if item.code() in UNAVAILABLE_CODES:
                         raise ReplicaUnavailable(f"gRPC {item.code().name}: {item.details()}")
                     raise item
+                if not answered and item.error_message and is_retryable(item.error_message):
+                    raise ReplicaRefused(item.error_message)  # the engine's "not now": the call ends by itself
+                answered = True
                 if item.infer_response.id == upstream.request_id:
                     item.infer_response.id = request.id
                 yield item
