@@ -85,6 +85,13 @@ def cancel_request(model: str, request_id: str) -> pb.ModelInferRequest:
     return request
 
 
+async def abort_unplaced(context: grpc.aio.ServicerContext, exc: NoReplica | Overloaded) -> None:
+    """End a unary call the router cannot place: UNAVAILABLE (gRPC's 503), the message, and a ``retry-after``
+    trailer in seconds (a stream's requests get the message alone: the stream carries others too)."""
+    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc),
+                        trailing_metadata=(("retry-after", str(exc.retry_after_s)),))
+
+
 async def _one(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferRequest]:
     yield request  # then half-close: the replica ends the call after the request's last response
 
@@ -234,7 +241,7 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
         try:
             replica = self.dispatcher.healthy_replica()
         except NoReplica as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await abort_unplaced(context, exc)
         try:
             return await getattr(self.stub(replica), name)(request)
         except grpc.aio.AioRpcError as exc:
