@@ -505,12 +505,13 @@ def test_request_timeout_ends_the_answer_and_stops_the_engine(stack: Stack) -> N
                             max_retries=0)
         chunks = list(sdk.completions.create(model=stack.model, prompt="Tell me a long story.", max_tokens=HOLDING,
                                              stream=True, extra_body={"ignore_eos": True}))
-        assert chunks[-1].choices[0].finish_reason == "length"
-        assert 0 < sum(1 for c in chunks if c.choices[0].text) < HOLDING
+        assert chunks[-1].choices[0].finish_reason == "length"  # however many tokens came by then
+        assert len("".join(c.choices[0].text for c in chunks)) < HOLDING
         status, _, body = post(router, "/v2/models/ensemble/generate_stream",
                                {"text_input": "Tell me a long story.", "max_tokens": HOLDING, "end_id": -1,
                                 "stream": True})
-        assert status == 200 and b"request timeout" in body.rsplit(b"data:", 1)[-1], body[-300:]
+        # an error event after the tokens so far, or a 504 if the time was up before the first one
+        assert status in (200, 504) and b"request timeout" in body.rsplit(b"data:", 1)[-1], (status, body[-300:])
         assert router_metric_at(router, "scalellm_router_requests_timed_out_total") == 2
     assert_engines_idle(stack)
 
