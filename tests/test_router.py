@@ -478,7 +478,8 @@ def test_a_full_router_answers_every_door_at_once_with_retry_after(stack: Stack)
 
 def test_openai_sdk_retries_ride_out_a_burst_of_three_times_capacity(stack: Stack) -> None:
     """Room for 3 (one slot per replica + a queue of 1), 9 requests at once through the openai SDK with its
-    default retries: the 429s carry Retry-After, the SDK waits that long, and every request is answered."""
+    default retries: the 429s carry Retry-After (from the pace the router has seen), the SDK waits that long, and
+    every request is answered."""
     args = ["--served-model-name", stack.model, "--replica-slots", "1", "--queue-size", "1"]
     with RouterProcess(stack.replicas, stack.model_dir, stack.tmp / "router-burst.log", args=args) as router:
         sdk = openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S)
@@ -487,6 +488,8 @@ def test_openai_sdk_retries_ride_out_a_burst_of_three_times_capacity(stack: Stac
             return sdk.chat.completions.create(model=stack.model, max_tokens=4, messages=[
                 {"role": "user", "content": f"Question {i}: what is the capital of France?"}]).choices[0].finish_reason
 
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # a router in service has seen its pace
+            list(pool.map(ask, range(100, 102)))
         with concurrent.futures.ThreadPoolExecutor(9) as pool:
             finishes = list(pool.map(ask, range(9)))
         assert all(reason in ("stop", "length") for reason in finishes), finishes

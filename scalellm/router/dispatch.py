@@ -114,7 +114,8 @@ class Dispatcher:
 
     @property
     def any_healthy(self) -> bool:
-        return any(r.healthy for r in self.replicas)
+        """A replica can take requests: healthy, and its slots known (readiness means the router can place)."""
+        return any(r.healthy and self.slots.slots(r) is not None for r in self.replicas)
 
     def healthy_replica(self) -> Replica:
         for replica in self.replicas:

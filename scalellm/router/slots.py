@@ -32,7 +32,7 @@ from .metrics import RouterMetrics
 from .policy import Choice, Policy
 from .replicas import Replica
 
-HOLD_S_INITIAL = 1.0  # assumed slot hold time until requests have finished
+HOLD_S_INITIAL = 1.0  # assumed slot hold time until a request has finished (then the first one's time)
 HOLD_EWMA_WEIGHT = 0.2  # weight of the latest finished request in the average hold time
 MAX_RETRY_AFTER_S = 60
 BUSY_HOLD_S = 2.0  # how long a replica's "server busy" caps its slots at what it was running then
@@ -100,7 +100,7 @@ class SlotQueue:
         self.queue_size = queue_size
         self.read: dict[str, int] = {}  # replica name -> slots read from it (0: no limit)
         self._waiters: deque[Waiter] = deque()
-        self._hold_s = HOLD_S_INITIAL
+        self._hold_s: float | None = None  # average time a finished request held its slot; None: none yet
         self._held: set[Slot] = set()
         self._capped: dict[str, tuple[int, float]] = {}  # replica name -> (slots, until) after a "server busy"
         self._promised: list[float] = []  # when the requests refused lately were told to come back
@@ -187,7 +187,8 @@ class SlotQueue:
         self._held.discard(slot)
         slot.replica.end(slot.cost)
         if completed:
-            self._hold_s += HOLD_EWMA_WEIGHT * (time.monotonic() - slot.since - self._hold_s)
+            held_s = time.monotonic() - slot.since
+            self._hold_s = held_s if self._hold_s is None else self._hold_s + HOLD_EWMA_WEIGHT * (held_s - self._hold_s)
         self.wake()
 
     def wake(self) -> None:
@@ -214,7 +215,7 @@ class SlotQueue:
         capacity = max(1, in_flight) if 0 in slots or not slots else sum(slots)
         ahead = in_flight + len(self._waiters) + len(self._promised) + 1
         # requests in flight for longer than the average show it is stale (slower requests now, a busier machine)
-        hold_s = max([self._hold_s, *(now - slot.since for slot in self._held)])
+        hold_s = max([self._hold_s or HOLD_S_INITIAL, *(now - slot.since for slot in self._held)])
         seconds = min(MAX_RETRY_AFTER_S, max(1, math.ceil(hold_s * ahead / capacity)))
         bisect.insort(self._promised, now + seconds)
         return seconds
