@@ -29,7 +29,6 @@ import numpy as np
 from ._types import ScaleLLMError
 from .chat import chatml
 
-DEFAULT_MAX_TOKENS = 128
 CANCEL_TIMEOUT_S = 2.0  # seconds an explicit cancel may take; it is best effort
 DRAIN_TIMEOUT_S = 5.0  # after a cancel, how long to wait for the abandoned request's final response
 
@@ -73,12 +72,12 @@ _NUMPY_DTYPES = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BO
 def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, Any]:
     """Ensemble inputs for one request as ``{input name: JSON-able value}``.
 
-    Only ``text_input``, ``max_tokens`` (default 128), ``exclude_input_in_output`` (default True: the
-    answer without the prompt), ``stream`` and the sampling arguments the caller set (not None) are
-    included, so the server's defaults apply to the rest; plus ``top_p=1.0`` when the caller asks for
-    sampling with ``temperature`` > 0 or ``min_p`` > 0 but sets neither ``top_k`` nor ``top_p`` (see
-    :func:`sampling_intent`). Word lists (``stop``, ``bad_words``) accept a str or a list of str; empty
-    lists are left out.
+    Only ``text_input``, ``exclude_input_in_output`` (default True: the answer without the prompt),
+    ``stream`` and the sampling arguments the caller set (not None) are included, so the server's
+    defaults apply to the rest (``max_tokens`` too: the ensemble's own default, one value for every
+    client); plus ``top_p=1.0`` when the caller asks for sampling with ``temperature`` > 0 or ``min_p`` > 0
+    but sets neither ``top_k`` nor ``top_p`` (see :func:`sampling_intent`). Word lists (``stop``,
+    ``bad_words``) accept a str or a list of str; empty lists are left out.
     ``chat=True`` asks the server to apply the model's chat template to the prompt (one user turn).
     Raises TypeError for an unknown argument or a value of the wrong type, ValueError for an
     integer outside the input's datatype range.
@@ -89,8 +88,7 @@ def build_request(prompt: str, *, stream: bool, **sampling: Any) -> dict[str, An
                         f"expected some of: {', '.join(SAMPLING_INPUTS)}")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str (got {type(prompt).__name__})")
-    sampling = {"max_tokens": DEFAULT_MAX_TOKENS, "exclude_input_in_output": True, **sampling}  # server default: echo
-    sampling = sampling_intent(sampling)
+    sampling = sampling_intent({"exclude_input_in_output": True, **sampling})  # the server's default: echo
     fields: dict[str, Any] = {"text_input": prompt}
     for key, value in sampling.items():
         if value is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._request import DEFAULT_MAX_TOKENS
 from ._types import ScaleLLMError
 from .chat import chatml
 from .client import Client
@@ -22,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", help="host:port (default 127.0.0.1:8001 for grpc, 127.0.0.1:8000 for http)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default: %(default)s")
     parser.add_argument("--model", default="ensemble", help="default: %(default)s")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="default: %(default)s")
+    parser.add_argument("--max-tokens", type=int, help="default: the server's (16 for our ensemble)")
     parser.add_argument("--temperature", type=float,
                         help="> 0 samples (with --top-p 1.0 unless --top-k/--top-p are given); default: greedy")
     parser.add_argument("--top-k", type=int, help="default: the server's (0: off)")

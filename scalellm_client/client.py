@@ -36,7 +36,7 @@ class ClientBase:
       ``_request``'s docstring for why).
 
     Sampling keywords (all optional; only those set are sent, the server's defaults apply to the rest):
-    max_tokens (default 128), chat (apply the model's chat template to the prompt), temperature, top_k
+    max_tokens (default: the server's), chat (apply the model's chat template to the prompt), temperature, top_k
     (0: off), top_p (0: off), min_p, seed, stop (str or list of str), bad_words, num_return_sequences (the
     completions are in ``Completion.choices``), exclude_input_in_output, return_log_probs,
     return_perf_metrics, return_num_input_tokens, return_num_output_tokens, repetition_penalty,

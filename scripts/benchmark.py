@@ -8,9 +8,13 @@
 Targets: the ensemble over gRPC streaming, over HTTP ``generate_stream``, and the engine in process (no Triton,
 same engine directory, same token ids, same weight format) as the baseline; ``router``: gRPC streaming through
 the ScaleLLM router (``python -m scalellm.router``, started here in front of the same one replica unless
-``--router-url``), so ``--targets grpc router`` measures what the router adds.  ``--peer llamacpp`` adds
-llama.cpp's ``llama-server`` on the same GGUF (started through ``../shared/tools/llamacpp_server.sh serve``,
-which builds it once, ~12 min on 2 cores), same prompts, streaming, and reports ours / llama.cpp per level:
+``--router-url``), so ``--targets grpc router`` measures what the router adds. ``--router-replicas N`` serves the
+router target with ``scripts/serve.sh --replicas N`` instead (each replica on its share of the cores), started
+once the other targets are done and their server stopped, so ``--targets grpc router --router-replicas 2``
+compares N replicas through the router with one replica on every core, side by side in one run.
+``--peer llamacpp`` adds llama.cpp's ``llama-server`` on the same GGUF (started through
+``../shared/tools/llamacpp_server.sh serve``, which builds it once, ~12 min on 2 cores), same prompts, streaming,
+and reports ours / llama.cpp per level:
 
     .venv/bin/python scripts/benchmark.py --peer llamacpp --targets grpc engine --concurrency 1 8 32 64 \\
         --input-len 128 --output-len 128 --output build/bench-vs-llamacpp.json --plot docs/benchmark-vs-llamacpp.png
@@ -47,6 +51,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scalellm.router.launch import spawn  # noqa: E402
 from scalellm.serving import TritonServer, free_ports  # noqa: E402
 from scalellm_client import AsyncClient  # noqa: E402
 
@@ -141,6 +146,13 @@ def start_router(http_url: str, grpc_url: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("the router did not get ready (see build/benchmark-router.log)")
+
+
+def start_router_replicas(model_dir: str, replicas: int) -> tuple[subprocess.Popen, str]:
+    """``scripts/serve.sh --replicas N`` on free ports; its gRPC address."""
+    http_port, grpc_port = free_ports(2)
+    process, _ = spawn(Path(model_dir), replicas, http_port, grpc_port, ROOT / "build" / "benchmark-replicas")
+    return process, f"127.0.0.1:{grpc_port}"
 
 
 def triton_compute_ns(http_url: str, model: str) -> tuple[int, int]:
@@ -386,6 +398,9 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["grpc", "http", "engine"],
                         choices=["grpc", "http", "engine", "router"])
     parser.add_argument("--router-url", help="gRPC host:port of a running router (router target; default: start one)")
+    parser.add_argument("--router-replicas", type=int, default=0,
+                        help="router target: N replicas behind the router (scripts/serve.sh --replicas N), run "
+                             "after the other targets with their one-replica server stopped")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--http-concurrency", type=int, nargs="+", help="levels for the http target (default: all)")
     parser.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2 x C)")
@@ -403,7 +418,8 @@ def main() -> None:
     from tqdm import tqdm
 
     server, grpc_url, http_url = None, args.url, args.http_url
-    if grpc_url is None and {"grpc", "http", "router"} & set(args.targets):
+    own_router = "router" in args.targets and args.router_url is None
+    if grpc_url is None and ({"grpc", "http"} & set(args.targets) or (own_router and not args.router_replicas)):
         http_port, grpc_port, metrics_port = free_ports(3)
         server = TritonServer(Path(args.model_dir) / "model_repository", http_port=http_port, grpc_port=grpc_port,
                               metrics_port=metrics_port, log_file=ROOT / "build" / "benchmark-server.log")
@@ -411,7 +427,7 @@ def main() -> None:
         server.wait_ready(300)
         grpc_url, http_url = server.grpc_url, server.http_url
     router, router_url = None, args.router_url
-    if "router" in args.targets and router_url is None:
+    if own_router and not args.router_replicas:
         router, router_url = start_router(http_url, grpc_url)
     engine = tokenizer = None
     if "engine" in args.targets:
@@ -433,6 +449,8 @@ def main() -> None:
     targets = args.targets + ([args.peer] if args.peer else [])
     plan = [(t, c) for c in args.concurrency for t in targets
             if not (t == "http" and args.http_concurrency and c not in args.http_concurrency)]
+    if args.router_replicas:  # the replicas take the cores: every other target first, its server stopped
+        plan = [step for step in plan if step[0] != "router"] + [step for step in plan if step[0] == "router"]
     levels = []
     try:
         for target, c in tqdm(plan, desc="benchmark", unit="level"):
@@ -443,6 +461,11 @@ def main() -> None:
             elif target == args.peer:
                 results, duration = run_peer_level(peer.url, c, n, args)
             else:
+                if target == "router" and own_router and router is None:
+                    if server is not None:
+                        server.stop()
+                        server = http_url = None
+                    router, router_url = start_router_replicas(args.model_dir, args.router_replicas)
                 if http_url:
                     stats_before = {m: triton_compute_ns(http_url, m) for m in ("preprocessing", "postprocessing")}
                 url = {"grpc": grpc_url, "http": http_url, "router": router_url}[target]
@@ -459,8 +482,8 @@ def main() -> None:
                        f"{level['ttft_s']['p50'] * 1e3:6.0f} ms  TPOT p50 {level['tpot_s']['p50'] * 1e3:5.1f} ms")
     finally:
         if router is not None:
-            router.terminate()
-            router.wait(30)
+            router.send_signal(signal.SIGINT)  # the launcher (--router-replicas) stops its replicas on SIGINT
+            router.wait(120)
         if server is not None:
             server.stop()
         if engine is not None:
@@ -483,7 +506,8 @@ def main() -> None:
     for lv in levels:
         if "router_overhead" in lv:
             o = lv["router_overhead"]
-            print(f"router vs direct gRPC, C = {lv['concurrency']}: TTFT p50 {o['ttft_p50_ms']:+.2f} ms, "
+            what = f"{args.router_replicas} replicas through the router" if args.router_replicas else "router"
+            print(f"{what} vs one replica over gRPC, C = {lv['concurrency']}: TTFT p50 {o['ttft_p50_ms']:+.2f} ms, "
                   f"throughput {o['throughput_ratio']:.3f}x")
     for lv in levels:
         if "stages_s" in lv and lv["concurrency"] in (min(args.concurrency), max(args.concurrency)):
@@ -499,7 +523,8 @@ def main() -> None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                 "load_average": os.getloadavg(), "input_len": args.input_len, "output_len": args.output_len,
-                "request_rate": args.request_rate, "command": " ".join(sys.argv)}
+                "request_rate": args.request_rate, "router_replicas": args.router_replicas,
+                "command": " ".join(sys.argv)}
         meta["cpu_model"], meta["cpu_flags"] = cpu_model_and_flags()
         args.output.write_text(json.dumps({"meta": meta, "levels": levels, "vs_peer": vs_peer}, indent=2))
         print(f"\nwrote {args.output}")

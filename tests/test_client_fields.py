@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from scalellm_client import ScaleLLMError, build_request
-from scalellm_client._request import DEFAULT_MAX_TOKENS, SAMPLING_INPUTS, ModelInfo, for_model, one_sequence, to_arrays
+from scalellm_client._request import SAMPLING_INPUTS, ModelInfo, for_model, one_sequence, to_arrays
 from scalellm_client.chat import chatml
 from scalellm_client.client import ClientBase
 
@@ -38,7 +38,7 @@ def test_temperature_alone_asks_for_sampling_explicitly() -> None:
 def test_new_contract_fields_map_to_ensemble_names() -> None:
     fields = build_request("Hi", stream=False, chat=True, num_return_sequences=3, return_num_input_tokens=True,
                            return_num_output_tokens=False)
-    assert fields == {"text_input": "Hi", "max_tokens": DEFAULT_MAX_TOKENS, "apply_chat_template": True,
+    assert fields == {"text_input": "Hi", "apply_chat_template": True,
                       "num_return_sequences": 3, "return_num_input_tokens": True, "exclude_input_in_output": True,
                       "return_num_output_tokens": False, "stream": False}
     assert "apply_chat_template" not in build_request("Hi", stream=False, chat=False)

@@ -8,7 +8,6 @@ import pytest
 from scalellm.triton.contract import ENSEMBLE_INPUTS
 from scalellm_client import build_request
 from scalellm_client._request import (
-    DEFAULT_MAX_TOKENS,
     INPUT_DTYPES,
     SAMPLING_INPUTS,
     normalize_url,
@@ -32,10 +31,11 @@ def test_every_input_the_client_sends_is_in_the_ensemble_contract() -> None:
 
 
 def test_defaults_send_only_what_is_needed() -> None:
-    assert build_request("Hi", stream=False) == {"text_input": "Hi", "max_tokens": DEFAULT_MAX_TOKENS,
-                                                 "exclude_input_in_output": True, "stream": False}
+    # no max_tokens: the server's own default applies, one value whatever the client
+    assert build_request("Hi", stream=False) == {"text_input": "Hi", "exclude_input_in_output": True,
+                                                 "stream": False}
     fields = build_request("Hi", stream=True, temperature=None, top_k=None, stop=[])
-    assert fields == {"text_input": "Hi", "max_tokens": DEFAULT_MAX_TOKENS, "exclude_input_in_output": True,
+    assert fields == {"text_input": "Hi", "exclude_input_in_output": True,
                       "stream": True}
 
 

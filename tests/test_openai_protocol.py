@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scalellm.router.openai_protocol import OpenAIError, parse_chat, parse_completion
+from scalellm.router.openai_protocol import OpenAIError, openai_finish, parse_chat, parse_completion
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -29,6 +29,25 @@ def test_openai_sampling_defaults_are_sent_explicitly() -> None:
         assert parse({"model": "m", "top_k": 3, **body}).fields == {"temperature": 1.0, "top_p": 1.0, "top_k": 3}
 
 
+def test_n_and_the_neutral_values_of_unsupported_fields_are_accepted() -> None:
+    request = parse_chat({"model": "m", "messages": USER, "n": 3, "tools": [], "tool_choice": "none",
+                          "response_format": {"type": "text"}, "logit_bias": {}, "modalities": ["text"],
+                          "parallel_tool_calls": True, "user": "u", "metadata": {"a": "b"}, "store": False})
+    openai_defaults = {"temperature": 1.0, "top_p": 1.0}
+    assert request.n == 3 and request.fields == {**openai_defaults, "num_return_sequences": 3}
+    assert parse_chat({"model": "m", "messages": USER}).fields == openai_defaults  # n = 1: the ensemble's default
+
+
+def test_finish_reasons_are_openais() -> None:
+    assert [openai_finish(r) for r in ("stop", "length", "timeout")] == ["stop", "length", "length"]
+    with pytest.raises(OpenAIError, match="shut down") as shutdown:
+        openai_finish("shutdown")
+    assert shutdown.value.status == 503 and shutdown.value.headers() == {"Retry-After": "1"}
+    with pytest.raises(OpenAIError, match="cancelled") as cancelled:
+        openai_finish("cancelled")
+    assert cancelled.value.status == 500 and cancelled.value.body()["error"]["type"] == "server_error"
+
+
 def test_chat_content_parts_and_roles() -> None:
     request = parse_chat({"model": "m", "messages": [
         {"role": "developer", "content": "be brief"},
@@ -48,7 +67,15 @@ def test_chat_content_parts_and_roles() -> None:
     ({"model": "m", "messages": USER, "max_tokens": 0}, "max_tokens", r"\[1, "),
     ({"model": "m", "messages": USER, "max_tokens": 1.5}, "max_tokens", "integer"),
     ({"model": "m", "messages": USER, "seed": -1}, "seed", "seed must be in"),
-    ({"model": "m", "messages": USER, "n": 3}, "n", "n must be"),
+    ({"model": "m", "messages": USER, "n": 65}, "n", r"n must be in \[1, 64\]"),
+    ({"model": "m", "messages": USER, "n": 0}, "n", "n must be"),
+    ({"model": "m", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+     "tools is not supported"),
+    ({"model": "m", "messages": USER, "tool_choice": "auto"}, "tool_choice", "tool calling"),
+    ({"model": "m", "messages": USER, "response_format": {"type": "json_object"}}, "response_format",
+     "structured output"),
+    ({"model": "m", "messages": USER, "logit_bias": {"50256": -100}}, "logit_bias", "logit bias"),
+    ({"model": "m", "messages": USER, "modalities": ["text", "audio"]}, "modalities", "text"),
     ({"model": "m", "messages": USER, "stop": [""]}, "stop", "stop must be"),
     ({"model": "m", "messages": USER, "stream": "yes"}, "stream", "true or false"),
     ({"model": "m", "messages": USER, "stream_options": {"include_usage": True}}, "stream_options", "stream"),

@@ -8,6 +8,8 @@ the failover test, which kills a replica, restarts it when done.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import http.client
 import json
 import socket
@@ -21,11 +23,14 @@ import openai
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import IN_FLIGHT, MODEL_DIR, model_repository, poll, settled
-from routerstack import RouterProcess, metric, scrape, small_model_dir, start_replicas
+from reliability_support import render_repository
+from routerstack import RouterProcess, http_status, metric, scrape, small_model_dir, start_replicas
 from transformers import AutoTokenizer
 from tritonclient.utils import InferenceServerException
 
+from scalellm.engine.admission import is_retryable
 from scalellm.serving import TritonServer
+from scalellm.triton.contract import FIELDS
 from scalellm_client import AsyncClient, Client, ScaleLLMError
 
 pytestmark = pytest.mark.server
@@ -164,6 +169,35 @@ def test_openai_completions_logprobs_stop_seed_and_models(oai: openai.OpenAI, st
     assert sampled[0] == sampled[1]
 
 
+def test_openai_n_returns_n_choices(oai: openai.OpenAI, stack: Stack) -> None:
+    """n is the engine's num_return_sequences: one choice per sequence (each its own seed offset), streamed
+    chunks tagged with their choice's index, usage summed over the choices."""
+    sampling = {"temperature": 1.0, "seed": 7, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+    whole = chat(oai, stack, n=3, **sampling)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in whole.choices)
+    assert len({c.message.content for c in whole.choices}) == 3, [c.message.content for c in whole.choices]
+    assert whole.usage.completion_tokens == 3 * 12
+    chunks = list(chat(oai, stack, n=3, stream=True, stream_options={"include_usage": True}, **sampling))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == [c.message.content for c in whole.choices]
+    assert chunks[-1].usage.completion_tokens == 3 * 12
+
+
+def test_a_request_without_max_tokens_gets_the_ensembles_default_through_every_door(
+        oai: openai.OpenAI, stack: Stack) -> None:
+    """One default max_tokens: the contract table's, whether a request comes through the OpenAI API or Triton's
+    protocols, through the router or straight to a replica."""
+    openai_tokens = oai.completions.create(model=stack.model, prompt="Once upon a time",
+                                           extra_body={"ignore_eos": True}).usage.completion_tokens
+    with Client(stack.router.grpc_url, timeout_s=CLIENT_TIMEOUT_S) as routed, \
+            Client(stack.replicas[0].http_url, protocol="http", timeout_s=CLIENT_TIMEOUT_S) as direct:
+        triton_tokens = {routed.generate("Once upon a time", end_id=-1).num_tokens,
+                         direct.generate("Once upon a time", end_id=-1).num_tokens}
+    assert {openai_tokens} == triton_tokens == {FIELDS["max_tokens"].default}
+
+
 @pytest.mark.parametrize(("body", "status", "param"), [
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
@@ -172,7 +206,13 @@ def test_openai_completions_logprobs_stop_seed_and_models(oai: openai.OpenAI, st
     (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404, "model"),
     (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}).encode(),
      400, "temperature"),
-    (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "n": 2}).encode(), 400, "n"),
+    (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "n": 65}).encode(), 400, "n"),
+    (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+                 "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}).encode(), 400, "tools"),
+    (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+                 "response_format": {"type": "json_object"}}).encode(), 400, "response_format"),
+    (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+                 "logit_bias": {"42": 10}}).encode(), 400, "logit_bias"),
     (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).encode(),
      400, "max_tokens"),
     (json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
@@ -193,6 +233,7 @@ def test_api_key_is_required_when_set(stack: Stack) -> None:
         refused = openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             refused.models.list()
+        assert http_status(f"{router.http_url}/health") == 200  # probes need no key
         allowed = openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="sesame", max_retries=0,
                                 timeout=CLIENT_TIMEOUT_S)
         assert "Paris" in chat(allowed, stack).choices[0].message.content
@@ -270,8 +311,8 @@ def test_prefix_aware_routing_raises_prefix_cache_hits(stack: Stack) -> None:
     assert prefix_hits > least_hits, (prefix_hits, least_hits)
 
 
-def router_metric_at(router: RouterProcess, family: str) -> float:
-    return metric(scrape(f"{router.http_url}/metrics"), family)
+def router_metric_at(router: RouterProcess, family: str, **labels: str) -> float:
+    return metric(scrape(f"{router.http_url}/metrics"), family, **labels)
 
 
 # ---- cancellation ----------------------------------------------------------------------------------------
@@ -335,6 +376,189 @@ def test_client_that_leaves_frees_the_engine(stack: Stack, api: str) -> None:
     # no request running, every KV block back (once published: every 0.2 s)
     assert poll(lambda: engine_idle_state(stack), lambda state: state == idle) == idle
     assert router_metric(stack, "scalellm_router_requests_cancelled_total") == cancelled + 1
+
+
+# ---- overload ----------------------------------------------------------------------------------------------
+HOLDING = 1500  # tokens of a stream that holds its slot for the rest of a test (minutes on CPU); then cancelled
+
+
+@contextlib.contextmanager
+def holding(router: RouterProcess, count: int) -> Iterator[None]:
+    """``count`` raw Triton HTTP streams through ``router``, each past its first token (so holding a slot);
+    dropped on exit, which stops them in the engines."""
+    socks = []
+    try:
+        for i in range(count):
+            sock = socket.create_connection(("127.0.0.1", router.http_port), timeout=CLIENT_TIMEOUT_S)
+            socks.append(sock)
+            payload = json.dumps({"text_input": f"Holder {i}: tell me a long story.", "max_tokens": HOLDING,
+                                  "end_id": -1, "stream": True}).encode()
+            sock.sendall(b"POST /v2/models/ensemble/generate_stream HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+            _read_until_tokens(sock.makefile("rb"), 1)
+        yield
+    finally:
+        for sock in socks:
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def post(router: RouterProcess, path: str, body: dict) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", router.http_port, timeout=CLIENT_TIMEOUT_S)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def grpc_stream_error(router: RouterProcess, prompt: str) -> str:
+    """The error the router's gRPC stream carries for one request (or "" if it was answered)."""
+    client = grpcclient.InferenceServerClient(router.grpc_url)
+    arrivals: list[object] = []
+    client.start_stream(callback=lambda result, error: arrivals.append(error or result))
+    try:
+        inputs = []
+        for name, value, dtype in (("text_input", np.array([[prompt.encode()]], dtype=object), "BYTES"),
+                                   ("max_tokens", np.array([[4]], dtype=np.int32), "INT32")):
+            tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        client.async_stream_infer("ensemble", inputs, request_id="overload")
+        poll(lambda: list(arrivals), bool, timeout_s=CLIENT_TIMEOUT_S)
+    finally:
+        client.stop_stream()
+        client.close()
+    first_arrival = arrivals[0]
+    return str(first_arrival) if isinstance(first_arrival, InferenceServerException) else ""
+
+
+def assert_engines_idle(stack: Stack) -> None:
+    step_engines(stack)
+    state = poll(lambda: engine_idle_state(stack), lambda s: not any(running or blocks for running, blocks in s),
+                 timeout_s=15.0)
+    assert state == [(0.0, 0.0)] * len(stack.replicas), state
+
+
+def test_a_full_router_answers_every_door_at_once_with_retry_after(stack: Stack) -> None:
+    """Both replicas' one slot each held, one request waiting in the queue of one: every other request is refused
+    at once (OpenAI 429 in its rate-limit shape, Triton HTTP 503, a gRPC error saying "server busy", each telling
+    when to retry), and the waiting one is refused when its queue time is up; nothing of theirs ran."""
+    args = ["--served-model-name", stack.model, "--replica-slots", "1", "--queue-size", "1", "--queue-timeout", "4"]
+    chat_body = {"model": stack.model, "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}]}
+    with RouterProcess(stack.replicas, stack.model_dir, stack.tmp / "router-full.log", args=args) as router, \
+            holding(router, 2), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(post, router, "/v1/chat/completions", chat_body)
+        poll(lambda: router_metric_at(router, "scalellm_router_queue_length"), lambda n: n == 1)
+        status, headers, body = post(router, "/v1/chat/completions", chat_body)
+        error = json.loads(body)["error"]
+        assert status == 429, body
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+        assert "server busy" in error["message"]
+        assert int(headers["Retry-After"]) >= 1
+        for endpoint in ("generate", "generate_stream"):
+            status, headers, body = post(router, f"/v2/models/ensemble/{endpoint}",
+                                         {"text_input": QUESTION, "max_tokens": 4, "stream": endpoint != "generate"})
+            assert status == 503 and int(headers["Retry-After"]) >= 1, body
+            assert is_retryable(json.loads(body)["error"]), body
+        grpc_error = grpc_stream_error(router, QUESTION)
+        assert is_retryable(grpc_error) and "retry after" in grpc_error, grpc_error
+        status, headers, body = waiting.result()
+        assert status == 429 and int(headers["Retry-After"]) >= 1, body
+        assert "no replica had room" in json.loads(body)["error"]["message"]
+        rejected = {reason: router_metric_at(router, "scalellm_router_requests_rejected_total", reason=reason)
+                    for reason in ("queue_full", "queue_timeout")}
+        assert sum(rejected.values()) == 5 and rejected["queue_timeout"] >= 1, rejected
+        assert router_metric_at(router, "scalellm_router_requests_routed_total") == 2  # only the holders ran
+        assert router_metric_at(router, "scalellm_router_queue_length") == 0
+        assert router_metric_at(router, "scalellm_router_queue_wait_seconds_count") >= 1
+    assert_engines_idle(stack)
+
+
+def test_openai_sdk_retries_ride_out_a_burst_of_three_times_capacity(stack: Stack) -> None:
+    """Room for 3 (one slot per replica + a queue of 1), 9 requests at once through the openai SDK with its
+    default retries: the 429s carry Retry-After (from the pace the router has seen), the SDK waits that long, and
+    every request is answered."""
+    args = ["--served-model-name", stack.model, "--replica-slots", "1", "--queue-size", "1"]
+    with RouterProcess(stack.replicas, stack.model_dir, stack.tmp / "router-burst.log", args=args) as router:
+        sdk = openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S)
+
+        def ask(i: int) -> str | None:
+            return sdk.chat.completions.create(model=stack.model, max_tokens=4, messages=[
+                {"role": "user", "content": f"Question {i}: what is the capital of France?"}]).choices[0].finish_reason
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # a router in service has seen its pace
+            list(pool.map(ask, range(100, 102)))
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            finishes = list(pool.map(ask, range(9)))
+        assert all(reason in ("stop", "length") for reason in finishes), finishes
+        refused = router_metric_at(router, "scalellm_router_requests_rejected_total")
+        assert refused > 0, "the burst never filled the router: nothing was retried"
+        print(f"burst of 9 into room for 3: all answered, {refused:.0f} refusals retried by the SDK")
+    assert_engines_idle(stack)
+
+
+def test_request_timeout_ends_the_answer_and_stops_the_engine(stack: Stack) -> None:
+    """Past --request-timeout the router stops the request in the engine: an OpenAI stream ends with finish
+    reason "length" (the text so far is valid, as at the engine's own deadline), a Triton stream with an error."""
+    args = ["--served-model-name", stack.model, "--request-timeout", "3"]
+    with RouterProcess(stack.replicas, stack.model_dir, stack.tmp / "router-timeout.log", args=args) as router:
+        sdk = openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S,
+                            max_retries=0)
+        chunks = list(sdk.completions.create(model=stack.model, prompt="Tell me a long story.", max_tokens=HOLDING,
+                                             stream=True, extra_body={"ignore_eos": True}))
+        assert chunks[-1].choices[0].finish_reason == "length"  # however many tokens came by then
+        assert len("".join(c.choices[0].text for c in chunks)) < HOLDING
+        status, _, body = post(router, "/v2/models/ensemble/generate_stream",
+                               {"text_input": "Tell me a long story.", "max_tokens": HOLDING, "end_id": -1,
+                                "stream": True})
+        # an error event after the tokens so far, or a 504 if the time was up before the first one
+        assert status in (200, 504) and b"request timeout" in body.rsplit(b"data:", 1)[-1], (status, body[-300:])
+        assert router_metric_at(router, "scalellm_router_requests_timed_out_total") == 2
+    assert_engines_idle(stack)
+
+
+def test_a_busy_replica_is_retried_elsewhere_and_a_draining_one_ends_streams_with_an_error(stack: Stack) -> None:
+    """A replica whose engine holds one request (max_num_seqs 1, no queue) behind a router told it has 4 slots:
+    its "server busy" answers go to the other replica or wait for room, and no client sees one. Then that replica
+    drains: an OpenAI stream it runs ends with an error event (not a finish reason OpenAI does not have), and a
+    request it refuses as "shutting down" is a 503 with Retry-After."""
+    repo = render_repository(stack.tmp / "one-slot", max_num_seqs=1, max_queue_size=0,
+                             kv_cache_memory_bytes=64 << 20)
+    small = start_replicas(repo.parent, 1, stack.tmp / "one-slot")[0]
+    try:
+        both = [small, stack.replicas[0]]
+        args = ["--served-model-name", stack.model, "--replica-slots", "4"]
+        with RouterProcess(both, stack.model_dir, stack.tmp / "router-busy.log", args=args) as router:
+            sdk = openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S,
+                                max_retries=0)  # the router alone must absorb the refusals
+
+            def ask(i: int) -> str:
+                return sdk.completions.create(model=stack.model, prompt=f"Request {i}: count to ten.", max_tokens=8,
+                                              extra_body={"ignore_eos": True}).choices[0].finish_reason
+
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                assert list(pool.map(ask, range(8))) == ["length"] * 8
+            refused = router_metric_at(router, "scalellm_router_requests_refused_total",
+                                       replica=f"127.0.0.1:{small.http_port}")
+            assert refused >= 1, "the one-slot replica never said busy"
+        with RouterProcess([small], stack.model_dir, stack.tmp / "router-drain.log",
+                           args=["--served-model-name", stack.model]) as router:
+            sdk = openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S,
+                                max_retries=0)
+            stream = sdk.completions.create(model=stack.model, prompt="Tell me a long story.", max_tokens=HOLDING,
+                                            stream=True, extra_body={"ignore_eos": True})
+            next(iter(stream))
+            small.begin_drain(grace_s=1.0)
+            with pytest.raises(openai.APIError, match="shut down"):
+                for chunk in stream:
+                    assert chunk.choices[0].finish_reason in (None, "stop", "length")
+            status, headers, body = post(router, "/v1/completions", {"model": stack.model, "prompt": "Hi",
+                                                                     "max_tokens": 2})
+            assert status == 503 and int(headers["Retry-After"]) >= 1, body
+    finally:
+        small.stop()
 
 
 # ---- failover (kills a replica; keep it last, it restarts the replica when done) ---------------------------

@@ -6,7 +6,9 @@ without bound. Draining or a dead engine closes admission for good. The llm mode
 ``Unavailable`` into ``TritonError.UNAVAILABLE``. Triton 2.51 does not carry that code to clients of a
 decoupled model: HTTP ``generate``/``generate_stream`` answer 400 and a gRPC stream carries only the error
 message (prefixed "in ensemble 'ensemble', " through the ensemble). So the message is the contract: it
-starts with one of ``RETRYABLE`` and front doors map it to 429/503 + Retry-After (``is_retryable``).
+holds one of ``RETRYABLE``, and the router recognises it with ``is_retryable`` (scalellm/router/upstream.py,
+triton_grpc.py): it tries the request again, on another replica first, and what it cannot place gets 429/503 +
+Retry-After (scalellm/router/slots.py).
 """
 
 from __future__ import annotations

@@ -27,8 +27,24 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
                              "router binds beyond 127.0.0.1")
     parser.add_argument("--served-model-name", help="the OpenAI model name (default: the model dir's name)")
     parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help="OpenAI max_tokens when a request leaves it out (default %(default)s)")
+                        help="OpenAI max_tokens when a request leaves it out (default %(default)s: the ensemble's "
+                             "own default, scalellm/triton/contract.py)")
     parser.add_argument("--health-interval", type=float, default=1.0, help="seconds between health checks")
+    defaults = RouterConfig(replicas=(ReplicaAddress("-", 0, 0),))
+    overload = parser.add_argument_group("overload (docs/reliability.md)")
+    overload.add_argument("--replica-slots", type=int, default=defaults.replica_slots,
+                          help="requests in flight at one replica at most; 0 (default): its llm model's "
+                               "max_num_seqs x instances, read from the replica")
+    overload.add_argument("--queue-size", type=int, default=defaults.queue_size,
+                          help="requests waiting in the router for room, at most; past it: 429/503 at once "
+                               "(default %(default)s)")
+    overload.add_argument("--queue-timeout", type=float, default=defaults.queue_timeout_s,
+                          help="seconds a request waits for room before it gets 429/503 (default %(default)s)")
+    overload.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
+                          help="seconds from arrival after which a request is stopped and ended (default "
+                               "%(default)s)")
+    overload.add_argument("--max-attempts", type=int, default=defaults.max_attempts,
+                          help="tries per request on replicas that answer busy (default %(default)s)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -49,7 +65,9 @@ def config_from_args(args: argparse.Namespace, replicas: Sequence[ReplicaAddress
         policy=args.policy, prefix_match_ratio=args.prefix_match_ratio,
         prefix_balance_tokens=args.prefix_balance_tokens, health_interval_s=args.health_interval,
         model_dir=args.model_dir, served_model_name=args.served_model_name, api_key=args.api_key or None,
-        default_max_tokens=args.default_max_tokens)
+        default_max_tokens=args.default_max_tokens, replica_slots=args.replica_slots, queue_size=args.queue_size,
+        queue_timeout_s=args.queue_timeout, request_timeout_s=args.request_timeout,
+        max_attempts=args.max_attempts)
 
 
 def warn_if_open(host: str, api_key: str | None) -> None:

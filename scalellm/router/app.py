@@ -18,11 +18,12 @@ from .openai_api import OpenAIFrontDoor, error_response
 from .openai_protocol import OpenAIError
 from .prompt import PromptBuilder
 from .replicas import watch_health
+from .slots import watch_slots
 from .triton_grpc import TritonGrpc, serve_grpc
 from .triton_http import TritonHttp, triton_error
 
 log = logging.getLogger("scalellm.router")
-OPEN_PATHS = ("/v2/health/", "/metrics")  # never behind the API key (probes, scrapers)
+OPEN_PATHS = ("/v2/health/", "/health", "/metrics")  # never behind the API key (probes, scrapers)
 
 
 def api_key_middleware(api_key: str) -> Callable:
@@ -67,8 +68,11 @@ class Router:
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=1 << 20,
                                              auto_decompress=False)
         self.dispatcher = Dispatcher(self.config, self.session, self.metrics)
-        self._tasks.append(asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(
             watch_health(self.dispatcher.replicas, self.session, self.config.health_interval_s)))
+        self._tasks.append(loop.create_task(watch_slots(self.dispatcher.slots, self.session,
+                                                        self.config.cancel_model)))
 
         middlewares = [api_key_middleware(self.config.api_key)] if self.config.api_key else []
         app = web.Application(middlewares=middlewares, client_max_size=64 << 20)

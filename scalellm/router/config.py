@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from scalellm.triton.contract import FIELDS
+
 POLICIES = ("least-tokens", "prefix")
-# max_tokens of an OpenAI request that leaves it out (capped by the model's context length).
-DEFAULT_MAX_TOKENS = 256
+# max_tokens of a request that leaves it out: the ensemble's own default (the contract table owns it), so a
+# request means the same through every door (capped by the model's context length in the OpenAI one).
+DEFAULT_MAX_TOKENS: int = FIELDS["max_tokens"].default  # type: ignore[assignment]
 # OpenAI's default temperature; the Triton ensemble itself defaults to greedy.
 DEFAULT_TEMPERATURE = 1.0
 
@@ -58,11 +61,26 @@ class RouterConfig:
     health_interval_s: float = 1.0
     connect_timeout_s: float = 5.0
     model_name: str = "ensemble"  # the Triton model the OpenAI front door calls
-    cancel_model: str = "llm"  # the model that accepts {cancel_request_id}
+    cancel_model: str = "llm"  # the engine model: accepts {cancel_request_id}, its max_num_seqs sizes the slots
     model_dir: Path | None = None  # engine + tokenizer for the OpenAI front door (chat template, usage)
     served_model_name: str | None = None  # the OpenAI "model"; default: the model dir's name
     api_key: str | None = None
     default_max_tokens: int = DEFAULT_MAX_TOKENS
+    # Overload (scalellm/router/slots.py): at most replica_slots requests in flight at a replica (0: its llm
+    # model's max_num_seqs x instances, read from the replica; a model without that parameter: no limit); the
+    # rest wait in a FIFO of at most queue_size for at most queue_timeout_s, then get 429/503 + Retry-After.
+    replica_slots: int = 0
+    queue_size: int = 1024
+    queue_timeout_s: float = 30.0
+    # Every request ends within request_timeout_s of its arrival: past it the router stops it in the engine.
+    request_timeout_s: float = 600.0
+    # A replica's "busy" / "shutting down" answer before the first response: tried again (another replica
+    # first) up to max_attempts in all, backoff_s x backoff_multiplier^k (at most backoff_max_s, +-jitter).
+    max_attempts: int = 5
+    backoff_s: float = 0.05
+    backoff_multiplier: float = 1.5
+    backoff_max_s: float = 2.0
+    backoff_jitter: float = 0.2
 
     def __post_init__(self) -> None:
         if not self.replicas:
@@ -71,3 +89,11 @@ class RouterConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)} (got {self.policy!r})")
         if not 0.0 <= self.prefix_match_ratio <= 1.0:
             raise ValueError(f"prefix_match_ratio must be in [0, 1] (got {self.prefix_match_ratio})")
+        for name in ("replica_slots", "queue_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("queue_timeout_s", "request_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 (got {self.max_attempts})")

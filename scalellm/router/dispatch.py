@@ -1,20 +1,30 @@
-"""Send one request to a replica chosen by the policy: retry before the first response, cancel when abandoned.
+"""Send one request to a replica chosen by the policy: wait for room, retry before the first response, stop it
+when abandoned or past its time.
 
 A request's *attempt* is an async generator that forwards it to one replica (``Upstream``) and yields what comes
 back. ``Dispatcher.run`` wraps it:
 
-- the replica's load counts the request until it ends;
+- the request takes a slot on a healthy replica with room, or waits for one in the router's bounded queue
+  (``slots.SlotQueue``); a full queue or the queue deadline refuses it with ``Overloaded`` (429/503 +
+  Retry-After at the doors), and the replica's load counts it until it ends;
 - ``ReplicaUnavailable`` before the attempt yielded anything: the replica is marked down and the request goes
   to another healthy replica (nothing reached the client yet); after: ``MidStreamFailure``, a clear error;
-- the attempt abandoned before its natural end (the client left: ``GeneratorExit`` or ``CancelledError``):
-  the request is stopped in the engine by a control request ``{cancel_request_id}`` to the replica's ``llm``
-  model, because Triton 2.51 does not pass an ensemble's cancellation on to its steps.
+- ``ReplicaRefused`` (the engine's "server busy" or "server shutting down", ``is_retryable``) before the first
+  response: tried again, on another replica first, with backoff, at most ``max_attempts`` times in all; then
+  ``Overloaded``;
+- the attempt abandoned before its natural end (the client left: ``GeneratorExit`` or ``CancelledError``; or
+  ``request_timeout_s`` passed: ``RequestTimeout``): the request is stopped in the engine by a control request
+  ``{cancel_request_id}`` to the replica's ``llm`` model, because Triton 2.51 does not pass an ensemble's
+  cancellation on to its steps.
+
+So every request ends within ``request_timeout_s`` of its arrival, with an answer or an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
@@ -27,6 +37,7 @@ from .config import RouterConfig
 from .metrics import RouterMetrics
 from .policy import Policy
 from .replicas import Replica
+from .slots import SlotQueue
 
 log = logging.getLogger("scalellm.router")
 T = TypeVar("T")
@@ -36,6 +47,8 @@ CANCEL_TIMEOUT_S = 2.0
 class NoReplica(Exception):
     """No healthy replica is left to try (HTTP 503)."""
 
+    retry_after_s = 1  # replicas' health is checked about every second
+
 
 class ReplicaUnavailable(Exception):
     """The replica could not be reached, or its connection broke."""
@@ -43,6 +56,19 @@ class ReplicaUnavailable(Exception):
 
 class MidStreamFailure(Exception):
     """The replica failed after the client had received part of the answer."""
+
+
+class ReplicaRefused(Exception):
+    """The replica's engine refused the request before any response, for now: "server busy" (full), "server
+    shutting down" (draining) or "engine failed" (``scalellm.engine.admission.is_retryable``)."""
+
+    @property
+    def busy(self) -> bool:
+        return "server busy" in str(self)
+
+
+class RequestTimeout(Exception):
+    """The request ran past the router's ``request_timeout_s``; it was stopped in the engine."""
 
 
 class UpstreamRejected(Exception):
@@ -82,12 +108,14 @@ class Dispatcher:
         self.policy = Policy(prefix_aware=config.policy == "prefix", match_ratio=config.prefix_match_ratio,
                              balance_tokens=config.prefix_balance_tokens, chunk_chars=config.prefix_chunk_chars,
                              table_entries=config.prefix_table_entries)
+        self.slots = SlotQueue(self.replicas, self.policy, metrics, config.replica_slots, config.queue_size)
         self.by_client_id: dict[str, Upstream] = {}
         self._background: set[asyncio.Task] = set()
 
     @property
     def any_healthy(self) -> bool:
-        return any(r.healthy for r in self.replicas)
+        """A replica can take requests: healthy, and its slots known (readiness means the router can place)."""
+        return any(r.healthy and self.slots.slots(r) is not None for r in self.replicas)
 
     def healthy_replica(self) -> Replica:
         for replica in self.replicas:
@@ -98,30 +126,48 @@ class Dispatcher:
     def _none_healthy(self) -> str:
         return f"no healthy replica (of {len(self.replicas)}: {', '.join(r.name for r in self.replicas)})"
 
+    def backoff_s(self, attempt: int) -> float:
+        """The pause after the ``attempt``-th refusal (1-based): exponential, capped, with jitter."""
+        c = self.config
+        delay = min(c.backoff_max_s, c.backoff_s * c.backoff_multiplier ** (attempt - 1))
+        return delay * (1.0 + random.uniform(-c.backoff_jitter, c.backoff_jitter))
+
     async def run(self, job: Job, attempt: Attempt[T]) -> AsyncGenerator[T, None]:
-        tried: set[int] = set()
+        loop = asyncio.get_running_loop()
+        end_by = loop.time() + self.config.request_timeout_s
+        wait_until = min(loop.time() + self.config.queue_timeout_s, end_by)
+        failed: set[str] = set()  # replicas that failed this request: not tried again
+        refused: set[str] = set()  # replicas that said busy: tried again only when no other has room
         failures: list[str] = []
-        while True:
-            candidates = [i for i, r in enumerate(self.replicas) if r.healthy and i not in tried]
-            if not candidates:
+        for attempts in range(1, self.config.max_attempts + 1):
+            if not any(r.healthy and r.name not in failed for r in self.replicas):
                 raise NoReplica("; ".join(failures) if failures else self._none_healthy())
-            choice = self.policy.choose([r.load for r in self.replicas], candidates, job.prompt)
-            tried.add(choice.index)
-            replica = self.replicas[choice.index]
+            slot = await self.slots.acquire(job.prompt, job.cost, wait_until, exclude=failed, avoid=refused)
+            replica = slot.replica
             upstream = Upstream(replica, f"router-{uuid.uuid4().hex}")
             self.metrics.routed.labels(replica.name).inc()
-            if choice.by_prefix:
+            if slot.choice.by_prefix:
                 self.metrics.prefix_routed.labels(replica.name).inc()
-            replica.begin(job.cost)
             if job.client_id:
                 self.by_client_id[job.client_id] = upstream
-            started = finished = False
+            started = finished = completed = timed_out = busy = False
             try:
                 async with aclosing(attempt(upstream)) as items:
-                    async for item in items:
+                    while True:
+                        try:
+                            async with asyncio.timeout_at(end_by):
+                                item = await anext(items)
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError:
+                            if loop.time() < end_by:
+                                raise
+                            timed_out = True
+                            raise RequestTimeout(f"the request ran past the router's request timeout "
+                                                 f"({self.config.request_timeout_s:g} s) and was stopped") from None
                         started = True
                         yield item
-                finished = True
+                finished = completed = True
                 return
             except ReplicaUnavailable as exc:
                 finished = True  # the replica is gone or unreachable: nothing left to cancel there
@@ -130,18 +176,39 @@ class Dispatcher:
                     self.metrics.failed.labels(replica.name).inc()
                     raise MidStreamFailure(f"replica {replica.name} failed mid-stream: {exc}") from None
                 self.metrics.retried.labels(replica.name).inc()
+                failed.add(replica.name)
                 failures.append(f"replica {replica.name} failed before answering: {exc}")
                 log.warning("%s; retrying on another replica", failures[-1])
+            except ReplicaRefused as exc:
+                finished = True  # refused: it never ran there
+                self.metrics.refused.labels(replica.name).inc()
+                failures.append(f"replica {replica.name}: {exc}")
+                if exc.busy:
+                    busy = True
+                    refused.add(replica.name)
+                    self.slots.full(slot)
+                else:  # draining or failed: it takes nothing new until its health check says otherwise
+                    replica.set_healthy(False, str(exc))
+                    failed.add(replica.name)
             except UpstreamRejected:
                 finished = True
                 raise
             finally:
-                replica.end(job.cost)
+                self.slots.release(slot, completed)
                 if job.client_id and self.by_client_id.get(job.client_id) is upstream:
                     del self.by_client_id[job.client_id]
-                if not finished:  # the client left (or the router failed): stop the request in the engine
-                    self.metrics.cancelled.labels(replica.name).inc()
+                if not finished:  # the client left, the time is up (or the router failed): stop it in the engine
+                    (self.metrics.timed_out if timed_out else self.metrics.cancelled).labels(replica.name).inc()
                     self.spawn(self.cancel(upstream))
+            if busy and attempts < self.config.max_attempts:
+                pause = self.backoff_s(attempts)
+                if loop.time() + pause >= wait_until:
+                    break
+                await asyncio.sleep(pause)
+        if not refused:
+            raise NoReplica("; ".join(failures))
+        raise self.slots.refuse("replicas_busy", f"the replicas refused the request {len(failures)} times "
+                                f"(last: {failures[-1] if failures else 'none'})")
 
     async def cancel(self, upstream: Upstream) -> None:
         """Stop ``upstream`` in the replica's ``llm`` model (best effort, never raises)."""

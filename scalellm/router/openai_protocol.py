@@ -1,10 +1,16 @@
 """OpenAI request bodies -> ensemble fields (validated, errors naming the field), and the response objects.
 
 Supported: ``model``, ``messages`` / ``prompt`` (one string), ``max_tokens`` / ``max_completion_tokens``,
-``temperature``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``n`` (1),
-``stream``, ``stream_options.include_usage``, ``logprobs`` (the sampled tokens' log-probs; no alternatives, so
-``top_logprobs`` / completions ``logprobs`` above 0 are refused), and vLLM's extras ``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``ignore_eos``. Other fields are ignored, as OpenAI-compatible servers do.
+``temperature``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``n`` (1 to 64:
+the engine's ``num_return_sequences``), ``stream``, ``stream_options.include_usage``, ``logprobs`` (the sampled
+tokens' log-probs; no alternatives, so ``top_logprobs`` / completions ``logprobs`` above 0 are refused), and
+vLLM's extras ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``. A field that would
+change the answer but is not implemented (``UNSUPPORTED``: tools, structured output, logit bias, ...) is refused
+naming it; other fields (``user``, ``metadata``, ``store``, ...) do not change the answer and are ignored.
+
+``finish_reason`` is only ever one of OpenAI's values: the engine's ``stop`` and ``length`` as they are, its
+``timeout`` (the request's deadline cut it short, the text so far is valid) as ``length``; ``shutdown`` and
+``cancelled`` (the answer is incomplete for a reason other than a limit) are errors (``finish_error``).
 """
 
 from __future__ import annotations
@@ -15,15 +21,39 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_N = 64  # the engine's bound on num_return_sequences
+# Fields that change the answer and are not implemented -> why; refused when set to anything but NEUTRAL's value.
+UNSUPPORTED = {
+    "tools": "tool calling is not implemented",
+    "tool_choice": "tool calling is not implemented",
+    "functions": "function calling is not implemented",
+    "function_call": "function calling is not implemented",
+    "response_format": "structured output is not implemented (only {\"type\": \"text\"})",
+    "logit_bias": "logit bias is not implemented",
+    "audio": "audio output is not implemented",
+    "modalities": "only text output is implemented ([\"text\"])",
+    "prediction": "predicted outputs are not implemented",
+    "web_search_options": "web search is not implemented",
+    "reasoning_effort": "this is not a reasoning model",
+}
+NEUTRAL: dict[str, Any] = {"tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"]}
+# The engine's finish reasons -> OpenAI's (the others are errors: ``finish_error``).
+FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length"}
+
 
 class OpenAIError(Exception):
-    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``; ``retry_after_s`` sends
+    ``Retry-After``."""
 
     def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -38,6 +68,25 @@ def bad(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param)
 
 
+def rate_limited(message: str, retry_after_s: int) -> OpenAIError:
+    """429 as OpenAI answers a rate limit (type ``requests``, code ``rate_limit_exceeded``): SDKs retry it after
+    ``Retry-After``."""
+    return OpenAIError(429, message, type_="requests", code="rate_limit_exceeded", retry_after_s=retry_after_s)
+
+
+def openai_finish(reason: str) -> str:
+    """The OpenAI ``finish_reason`` for the engine's, or the ``OpenAIError`` that ends the answer instead."""
+    if reason in FINISH_REASONS:
+        return FINISH_REASONS[reason]
+    raise finish_error(reason)
+
+
+def finish_error(reason: str) -> OpenAIError:
+    if reason == "shutdown":
+        return OpenAIError(503, "the server shut down before the answer was complete; retry", retry_after_s=1)
+    return OpenAIError(500, f"the answer ended incomplete on the server (finish reason {reason!r})")
+
+
 @dataclass
 class GenerationRequest:
     """One OpenAI request, checked: what to send to the ensemble and how to answer."""
@@ -47,6 +96,7 @@ class GenerationRequest:
     include_usage: bool
     logprobs: bool
     max_tokens: int | None  # None: the router's default
+    n: int = 1
     fields: dict[str, Any] = field(default_factory=dict)  # ensemble sampling fields
     messages: list[dict[str, Any]] | None = None  # chat
     prompt: str | None = None  # completions
@@ -77,9 +127,11 @@ def _common(body: dict[str, Any]) -> GenerationRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model is required (a string; see GET /v1/models)", "model")
-    n = _number(body, "n", 1, 1, integer=True)
-    if n not in (None, 1):
-        raise bad("n must be 1", "n")
+    for name, why in UNSUPPORTED.items():
+        value = body.get(name)
+        if value not in (None, [], {}) and value != NEUTRAL.get(name):
+            raise bad(f"{name} is not supported: {why}", name)
+    n = _number(body, "n", 1, MAX_N, integer=True) or 1
     stream = _bool(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
@@ -114,8 +166,10 @@ def _common(body: dict[str, Any]) -> GenerationRequest:
             fields["stop_words"] = words
     if _bool(body, "ignore_eos"):
         fields["end_id"] = -1
+    if n > 1:
+        fields["num_return_sequences"] = n
     return GenerationRequest(model=model, stream=stream, include_usage=include_usage, logprobs=False,
-                             max_tokens=max_tokens, fields=fields)
+                             max_tokens=max_tokens, n=n, fields=fields)
 
 
 def _text_content(content: Any, where: str) -> str:

@@ -19,9 +19,23 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, ReplicaUnavailable, Upstream, UpstreamRejected
+from scalellm.engine.admission import is_retryable
+
+from .config import DEFAULT_MAX_TOKENS
+from .dispatch import (
+    Dispatcher,
+    Job,
+    MidStreamFailure,
+    NoReplica,
+    ReplicaRefused,
+    ReplicaUnavailable,
+    RequestTimeout,
+    Upstream,
+    UpstreamRejected,
+)
 from .replicas import Replica
-from .triton_http import CHARS_PER_TOKEN, DEFAULT_MAX_TOKENS
+from .slots import Overloaded
+from .triton_http import CHARS_PER_TOKEN
 from .upstream import DRAIN_TIMEOUT_S
 
 MAX_MESSAGE_BYTES = 64 << 20
@@ -81,6 +95,13 @@ def cancel_request(model: str, request_id: str) -> pb.ModelInferRequest:
     tensor = request.inputs.add(name="cancel_request_id", datatype="BYTES", shape=[1, 1])
     tensor.contents.bytes_contents.append(request_id.encode())
     return request
+
+
+async def abort_unplaced(context: grpc.aio.ServicerContext, exc: NoReplica | Overloaded) -> None:
+    """End a unary call the router cannot place: UNAVAILABLE (gRPC's 503), the message, and a ``retry-after``
+    trailer in seconds (a stream's requests get the message alone: the stream carries others too)."""
+    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc),
+                        trailing_metadata=(("retry-after", str(exc.retry_after_s)),))
 
 
 async def _one(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferRequest]:
@@ -165,7 +186,9 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
             async with aclosing(self.dispatcher.run(job, lambda up: self._attempt(up, request))) as responses:
                 async for response in responses:
                     out.put_nowait(response)
-        except (NoReplica, MidStreamFailure) as exc:
+        except (NoReplica, MidStreamFailure, Overloaded, RequestTimeout) as exc:
+            # one request of the client's stream failed, not the stream: its error travels as a message (an
+            # Overloaded one starts with "server busy" and says when to retry)
             out.put_nowait(_error(request, str(exc)))
         except grpc.aio.AioRpcError as exc:
             out.put_nowait(_error(request, f"replica error: {exc.code().name}: {exc.details()}"))
@@ -197,7 +220,7 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
         call = self.stub(upstream.replica).ModelStreamInfer(_one(forwarded))
         arrivals: asyncio.Queue = asyncio.Queue()
         reader = asyncio.get_running_loop().create_task(_pump(call, arrivals))
-        done = False
+        done = answered = False
         try:
             while True:
                 item = await arrivals.get()
@@ -209,6 +232,9 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
                     if item.code() in UNAVAILABLE_CODES:
                         raise ReplicaUnavailable(f"gRPC {item.code().name}: {item.details()}")
                     raise item
+                if not answered and item.error_message and is_retryable(item.error_message):
+                    raise ReplicaRefused(item.error_message)  # the engine's "not now": the call ends by itself
+                answered = True
                 if item.infer_response.id == upstream.request_id:
                     item.infer_response.id = request.id
                 yield item
@@ -224,8 +250,10 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
             async with aclosing(self.dispatcher.run(job_of(request), lambda up: self._infer(up, request))) as answers:
                 async for item in answers:  # read to the end, so the request counts as finished
                     answer = item
-        except NoReplica as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (NoReplica, Overloaded) as exc:
+            await abort_unplaced(context, exc)
+        except RequestTimeout as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except CallRejected as exc:
             await context.abort(exc.code, exc.details)
         if answer is None:
@@ -248,6 +276,8 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 raise ReplicaUnavailable(f"gRPC {exc.code().name}: {exc.details()}") from None
+            if is_retryable(exc.details() or ""):
+                raise ReplicaRefused(exc.details()) from None  # the engine's "not now": tried again elsewhere
             raise CallRejected(exc) from None
         if response.id == upstream.request_id:
             response.id = request.id
@@ -264,7 +294,7 @@ class TritonGrpc(pb_grpc.GRPCInferenceServiceServicer):
         try:
             replica = self.dispatcher.healthy_replica()
         except NoReplica as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await abort_unplaced(context, exc)
         try:
             return await getattr(self.stub(replica), name)(request)
         except grpc.aio.AioRpcError as exc:

@@ -11,16 +11,23 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, UpstreamRejected
+from .config import DEFAULT_MAX_TOKENS
+from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, RequestTimeout, UpstreamRejected
 from .kserve import HEADER_LENGTH, BadInferBody, InferBody
+from .slots import Overloaded
 from .upstream import generate_once, infer_once, sse_events
 
-DEFAULT_MAX_TOKENS = 128  # what scalellm_client sends when max_tokens is not given; only for the load estimate
 CHARS_PER_TOKEN = 4  # prompt length estimate for the load (the exact count would cost a tokenisation)
 
 
-def triton_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def triton_error(status: int, message: str, retry_after_s: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def unplaced(exc: NoReplica | Overloaded) -> web.Response:
+    """503 + Retry-After: no healthy replica, or none with room in time (the message says "server busy")."""
+    return triton_error(503, str(exc), exc.retry_after_s)
 
 
 def estimate_cost(fields: dict[str, Any]) -> tuple[str, int]:
@@ -62,7 +69,7 @@ class TritonHttp:
         try:
             replica = self.dispatcher.healthy_replica()
         except NoReplica as exc:
-            return triton_error(503, str(exc))
+            return unplaced(exc)
         try:
             async with self.dispatcher.session.get(f"{replica.address.http_url}{request.rel_url}") as response:
                 return web.Response(status=response.status, body=await response.read(),
@@ -110,8 +117,10 @@ class TritonHttp:
                     answer = body
         except UpstreamRejected as exc:
             return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
-        except NoReplica as exc:
-            return triton_error(503, str(exc))
+        except (NoReplica, Overloaded) as exc:
+            return unplaced(exc)
+        except RequestTimeout as exc:
+            return triton_error(504, str(exc))
         if answer is None:
             return triton_error(502, "the replica sent no response")
         return web.Response(body=answer, content_type="application/json")
@@ -162,10 +171,11 @@ class TritonHttp:
                     await response.write(event)
         except UpstreamRejected as exc:
             return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
-        except NoReplica as exc:
-            return triton_error(503, str(exc))
-        except MidStreamFailure as exc:
-            assert response is not None
+        except (NoReplica, Overloaded) as exc:
+            return unplaced(exc)
+        except (MidStreamFailure, RequestTimeout) as exc:
+            if response is None:
+                return triton_error(504, str(exc))
             await response.write(b"data: " + json.dumps({"error": str(exc)}).encode() + b"\n\n")
         if response is None:
             return triton_error(502, "the replica ended the stream without a response")

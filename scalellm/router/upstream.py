@@ -1,7 +1,9 @@
 """Attempts over a replica's HTTP endpoints: Triton's ``generate``, ``generate_stream`` (SSE) and KServe ``infer``.
 
 Failures that mean "this replica is not there" (refused, reset, closed early, 502/503/504) raise
-``ReplicaUnavailable`` so the dispatcher can retry or report; any other error status is the replica's answer
+``ReplicaUnavailable`` so the dispatcher can retry or report. The engine's "not now" (server busy, shutting
+down: ``scalellm.engine.admission.is_retryable``; Triton 2.51 sends it to HTTP clients of a decoupled model as a
+400) raises ``ReplicaRefused``, tried again by the dispatcher. Any other error status is the replica's answer
 (e.g. a 400 naming a bad field) and raises ``UpstreamRejected`` with its body.
 """
 
@@ -16,7 +18,9 @@ from urllib.parse import quote
 
 import aiohttp
 
-from .dispatch import ReplicaUnavailable, Upstream, UpstreamRejected
+from scalellm.engine.admission import is_retryable
+
+from .dispatch import ReplicaRefused, ReplicaUnavailable, Upstream, UpstreamRejected
 from .kserve import HEADER_LENGTH, InferBody, answer_with_id
 
 UNAVAILABLE_STATUS = (502, 503, 504)
@@ -36,11 +40,25 @@ def _url(upstream: Upstream, model: str, endpoint: str) -> str:
     return f"{upstream.replica.address.http_url}/v2/models/{quote(model, safe='')}/{endpoint}"
 
 
+def error_message(body: bytes) -> str:
+    """The message of a Triton error body: ``{"error": ...}``, possibly as one SSE event."""
+    text = body.decode("utf-8", errors="replace").strip()
+    if text.startswith("data:"):
+        text = text[5:].strip()
+    try:
+        return str(json.loads(text).get("error", text))
+    except (ValueError, AttributeError):
+        return text
+
+
 async def _check(response: aiohttp.ClientResponse) -> None:
     if response.status in UNAVAILABLE_STATUS:
         raise ReplicaUnavailable(f"HTTP {response.status}: {(await response.read())[:200]!r}")
     if response.status != 200:
-        raise UpstreamRejected(response.status, await response.read(), response.content_type)
+        body = await response.read()
+        if is_retryable(message := error_message(body)):
+            raise ReplicaRefused(message)
+        raise UpstreamRejected(response.status, body, response.content_type)
 
 
 DRAIN_TIMEOUT_S = 5.0
@@ -73,7 +91,7 @@ async def _posted(session: aiohttp.ClientSession, url: str, spawn: Spawn,
     except _TRANSPORT_ERRORS as exc:
         done = True
         raise ReplicaUnavailable(repr(exc)) from None
-    except UpstreamRejected:
+    except (UpstreamRejected, ReplicaRefused):
         done = True
         raise
     finally:
@@ -91,11 +109,15 @@ async def sse_events(session: aiohttp.ClientSession, upstream: Upstream, model: 
     url, headers = _url(upstream, model, "generate_stream"), {"Accept": "text/event-stream"}
     async with _posted(session, url, spawn, json=body, headers=headers) as response:
         event: list[bytes] = []
+        first = True
         async for line in response.content:
             event.append(line)
             if line in (b"\n", b"\r\n"):
-                yield b"".join(event).replace(needle, replacement, 1)
-                event = []
+                raw, event = b"".join(event), []
+                if first and b'"error"' in raw and is_retryable(message := error_message(raw)):
+                    raise ReplicaRefused(message)  # an engine refusal sent as the stream's only event
+                first = False
+                yield raw.replace(needle, replacement, 1)
         if event:
             yield b"".join(event).replace(needle, replacement, 1)
 

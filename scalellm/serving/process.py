@@ -74,6 +74,21 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _child_setup(cpus: frozenset[int] | None, in_main_thread: bool) -> Callable[[], None] | None:
+    """The pre-exec hook: die with the launcher (only from the main thread, see below), and run on ``cpus``
+    (the server, its threads and its backend stubs inherit the affinity)."""
+    die = _die_with_parent_hook() if in_main_thread else None
+    if cpus is None:
+        return die
+
+    def setup() -> None:
+        if die is not None:
+            die()
+        os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
 def _die_with_parent_hook() -> Callable[[], None] | None:
     """A pre-exec hook that makes the kernel SIGTERM the server if the launcher dies (no orphaned servers).
 
@@ -96,7 +111,8 @@ class TritonServer:
 
     ``http_url`` is a URL (``http://127.0.0.1:8000``); ``http_address`` and ``grpc_url`` are ``host:port``,
     what ``tritonclient.http`` / ``tritonclient.grpc`` take. ``log_file=None`` leaves the server's output on
-    this process's stdout/stderr.
+    this process's stdout/stderr. ``cpus``: run the server and its stubs on these CPUs only, with as many
+    OpenMP/torch threads (``OMP_NUM_THREADS``); None: every CPU this process may use.
     """
 
     def __init__(
@@ -109,8 +125,10 @@ class TritonServer:
         log_file: str | Path | None = None,
         extra_args: Sequence[str] = (),
         ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+        cpus: Sequence[int] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
+        self.cpus = frozenset(cpus) if cpus is not None else None
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.log_file = Path(log_file) if log_file is not None else None
@@ -177,16 +195,19 @@ class TritonServer:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             output = open(self.log_file, "wb")  # noqa: SIM115 - the child keeps its own copy of the fd
         in_main_thread = threading.current_thread() is threading.main_thread()
+        env = {**server_env(install), DRAIN_FILE_ENV: str(self.drain_file)}
+        if self.cpus is not None:
+            env["OMP_NUM_THREADS"] = str(len(self.cpus))
         try:
             self._process = subprocess.Popen(
                 cmd,
-                env={**server_env(install), DRAIN_FILE_ENV: str(self.drain_file)},
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT if output is not None else None,
                 start_new_session=True,  # own process group: stop() can reap the stubs too
                 # PDEATHSIG fires when the *thread* that forked exits, so only arm it from the main thread.
-                preexec_fn=_die_with_parent_hook() if in_main_thread else None,
+                preexec_fn=_child_setup(self.cpus, in_main_thread),
             )
         finally:
             if output is not None:
