@@ -99,15 +99,15 @@ class Dispatcher:
         return f"no healthy replica (of {len(self.replicas)}: {', '.join(r.name for r in self.replicas)})"
 
     async def run(self, job: Job, attempt: Attempt[T]) -> AsyncGenerator[T, None]:
-        tried: set[int] = set()
+        tried: set[Replica] = set()  # objects, not indices: replicas found by DNS come and go meanwhile
         failures: list[str] = []
         while True:
-            candidates = [i for i, r in enumerate(self.replicas) if r.healthy and i not in tried]
+            candidates = [i for i, r in enumerate(self.replicas) if r.healthy and r not in tried]
             if not candidates:
                 raise NoReplica("; ".join(failures) if failures else self._none_healthy())
             choice = self.policy.choose([r.load for r in self.replicas], candidates, job.prompt)
-            tried.add(choice.index)
             replica = self.replicas[choice.index]
+            tried.add(replica)
             upstream = Upstream(replica, f"router-{uuid.uuid4().hex}")
             self.metrics.routed.labels(replica.name).inc()
             if choice.by_prefix:
