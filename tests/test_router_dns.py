@@ -1,6 +1,6 @@
 """The router finding its replicas by DNS (``--replica-dns NAME:HTTP_PORT:GRPC_PORT``), as it does behind a
-Kubernetes headless Service: a replica is added behind the name and another removed from it while requests
-stream through the router, and none of them fails.
+Kubernetes headless Service: a replica is added behind the name, another removed from it and then added back
+while requests stream through the router, and none of them fails.
 
 The name resolves through the system resolver (getaddrinfo, /etc/hosts then DNS), the path the router takes in a
 cluster. The test gives the router its own /etc/hosts: the router runs in a private mount namespace
@@ -144,9 +144,13 @@ def test_replicas_added_and_removed_behind_a_name_fail_no_request(
         assert first_served() == served_before  # nothing more went to the replica that left
         assert (routed(second) or 0) >= routed_before + 2 * WORKERS
 
+        write_hosts(hosts, "127.0.0.1", SECOND_HOST)  # and comes back
+        assert (poll(lambda: routed(first), lambda n: bool(n), PHASE_TIMEOUT_S) or 0) > 0, router.log_file.read_text()
+
     log = router.log_file.read_text()
     assert traffic.errors == [], f"{len(traffic.errors)} request(s) failed: {traffic.errors[:3]}\n{log}"
     assert len(set(traffic.answers)) == 1 and len(traffic.answers) >= 5 * WORKERS, traffic.answers[:3]
     assert f"replica {second} found by DNS (ready): added" in log
     assert f"replica {first} no longer in DNS: removed" in log
-    print(f"{len(traffic.answers)} requests through the router while a replica joined and one left, none failed")
+    print(f"{len(traffic.answers)} requests through the router while a replica joined, one left and came back, "
+          "none failed")

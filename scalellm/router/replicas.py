@@ -53,6 +53,7 @@ class Replica:
     def rejoin(self) -> None:
         """Back in the pool (its address resolved again before its last request ended)."""
         self.retired = False
+        self._metrics.add_replica(self.name)  # its series may be gone if that request ended meanwhile
 
     def set_healthy(self, healthy: bool, why: str = "") -> None:
         if healthy != self.healthy:
