@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from scalellm.engine.admission import Unavailable
 from scalellm.engine.engine import StepStats
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -95,7 +96,10 @@ class EngineMetrics:
                                            kind=getattr(pb_utils.MetricFamily, kind))
             self._families.append(family)
             if name == "scalellm_requests_rejected_total":
-                self._rejected_family = family  # one metric per reason, made on first use
+                # one series per reason, at 0 from the start: a dashboard's rate() then reads 0, not "no data"
+                self._rejected.update({cls.reason: family.Metric(labels={**labels, "reason": cls.reason})
+                                       for cls in Unavailable.__subclasses__()})
+                self._rejected_family = family
             else:
                 self.m[name] = family.Metric(labels=labels)
         self._last_preemptions = 0

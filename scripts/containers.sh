@@ -3,16 +3,22 @@
 #   scripts/containers.sh setup   podman, runc, debootstrap (apt), podman-compose (PyPI, into .venv), the runtime
 #                                 settings in /etc/containers/containers.conf, the base image (debootstrap)
 #   scripts/containers.sh build   the cpu image localhost/scalellm-cpu (wheels from the host's pip into build/)
+#                                 and the monitoring profile's Prometheus image (Debian's package)
 #   scripts/containers.sh up      build, then `podman-compose --profile cpu up -d`
-#   scripts/containers.sh down    `podman-compose --profile cpu down` (containers, network)
+#   scripts/containers.sh up monitoring   the same with the monitoring profile: Prometheus, and Grafana where
+#                                 its image can be pulled (elsewhere Prometheus runs alone)
+#   scripts/containers.sh services [monitoring]   the services `up` starts, one a line
+#   scripts/containers.sh down    `podman-compose --profile cpu --profile monitoring down` (containers, network)
 # Every step is idempotent and skips what is already done.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 BASE_IMAGE="localhost/debian-base:bookworm"
 CPU_IMAGE="localhost/scalellm-cpu:latest"
+PROMETHEUS_IMAGE="localhost/scalellm-prometheus:latest"
 WHEELS="build/container-wheels"
 COMPOSE=(".venv/bin/podman-compose" "--profile" "cpu")
+[[ "${2:-}" == monitoring ]] && COMPOSE+=("--profile" "monitoring")
 log() { echo "[containers] $*" >&2; }
 as_root() { if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
@@ -67,12 +73,31 @@ build() {
     wheels
     log "podman build $CPU_IMAGE"
     podman build -q -t "$CPU_IMAGE" -f docker/Dockerfile.cpu . >/dev/null
+    log "podman build $PROMETHEUS_IMAGE"
+    podman build -q -t "$PROMETHEUS_IMAGE" -f docker/Dockerfile.prometheus . >/dev/null
+}
+
+services() {
+    # Grafana's official image comes from a registry, which some machines cannot reach: there the monitoring
+    # profile runs without it (Prometheus still scrapes, records and answers the dashboard's queries).
+    local all grafana
+    all="$("${COMPOSE[@]}" config --services)"
+    if grep -qx grafana <<<"$all"; then
+        grafana="$("${COMPOSE[@]}" config | .venv/bin/python -c \
+            'import sys, yaml; print(yaml.safe_load(sys.stdin)["services"]["grafana"]["image"])')"
+        if ! podman image exists "$grafana" && ! podman pull -q "$grafana" >/dev/null 2>&1; then
+            log "$grafana cannot be pulled here: the monitoring profile runs Prometheus without Grafana"
+            all="$(grep -vx grafana <<<"$all")"
+        fi
+    fi
+    echo "$all"
 }
 
 case "${1:-}" in
     setup) setup ;;
     build) build ;;
-    up) build; "${COMPOSE[@]}" up -d ;;
-    down) "${COMPOSE[@]}" down ;;
-    *) echo "usage: scripts/containers.sh setup|build|up|down" >&2; exit 2 ;;
+    services) services ;;
+    up) build; mapfile -t started < <(services); "${COMPOSE[@]}" up -d "${started[@]}" ;;
+    down) "${COMPOSE[@]}" --profile monitoring down ;;
+    *) echo "usage: scripts/containers.sh setup|build|services [monitoring]|up [monitoring]|down" >&2; exit 2 ;;
 esac

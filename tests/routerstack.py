@@ -75,19 +75,21 @@ class LocalEndpoints:
 
 @dataclass
 class RouterProcess(LocalEndpoints):
-    """``python -m scalellm.router`` in front of ``replicas``."""
+    """``python -m scalellm.router`` in front of ``replicas`` (and whatever ``args`` adds), run under
+    ``wrapper`` (a command that execs its arguments) when given."""
 
     replicas: Sequence[TritonServer]
     model_dir: Path
     log_file: Path
     args: Sequence[str] = ()
+    wrapper: Sequence[str] = ()
     http_port: int = 0
     grpc_port: int = 0
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self) -> RouterProcess:
         self.http_port, self.grpc_port = free_ports(2)
-        cmd = [sys.executable, "-m", "scalellm.router", "--http-port", str(self.http_port),
+        cmd = [*self.wrapper, sys.executable, "-m", "scalellm.router", "--http-port", str(self.http_port),
                "--grpc-port", str(self.grpc_port), "--model-dir", str(self.model_dir),
                "--health-interval", "0.5", *self.args]
         for server in self.replicas:

@@ -55,3 +55,12 @@ def test_replica_address_and_config_are_checked() -> None:
         RouterConfig(replicas=(address,), policy="random")
     with pytest.raises(ValueError, match="replica"):
         RouterConfig(replicas=())
+
+
+def test_replica_dns_needs_no_static_replica_and_addresses_found_may_be_ipv6() -> None:
+    name = ReplicaAddress.parse("scalellm-replicas:8000:8001")
+    assert RouterConfig(replica_dns=(name,)).replica_dns == (name,)
+    with pytest.raises(ValueError, match="dns_interval_s"):
+        RouterConfig(replica_dns=(name,), dns_interval_s=0)
+    v6 = ReplicaAddress("fd00::5", 8000, 8001)
+    assert (v6.http_url, v6.grpc_target, v6.name) == ("http://[fd00::5]:8000", "[fd00::5]:8001", "[fd00::5]:8000")

@@ -1,4 +1,5 @@
-"""``python -m scalellm.router --replica HOST:HTTP_PORT:GRPC_PORT [...]``: run the router in the foreground."""
+"""``python -m scalellm.router --replica HOST:HTTP_PORT:GRPC_PORT [...] | --replica-dns NAME:HTTP_PORT:GRPC_PORT``:
+run the router in the foreground."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
                         help="OpenAI max_tokens when a request leaves it out (default %(default)s: the ensemble's "
                              "own default, scalellm/triton/contract.py)")
     parser.add_argument("--health-interval", type=float, default=1.0, help="seconds between health checks")
+    parser.add_argument("--dns-interval", type=float, default=5.0,
+                        help="seconds between lookups of the --replica-dns names (default %(default)s)")
     defaults = RouterConfig(replicas=(ReplicaAddress("-", 0, 0),))
     overload = parser.add_argument_group("overload (docs/reliability.md)")
     overload.add_argument("--replica-slots", type=int, default=defaults.replica_slots,
@@ -49,19 +52,28 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scalellm.router", description=__doc__)
-    parser.add_argument("--replica", action="append", required=True, type=ReplicaAddress.parse,
+    parser.add_argument("--replica", action="append", default=[], type=ReplicaAddress.parse,
                         help="a Triton replica as HOST:HTTP_PORT:GRPC_PORT (repeat for each)")
+    parser.add_argument("--replica-dns", action="append", default=[], type=ReplicaAddress.parse,
+                        metavar="NAME:HTTP_PORT:GRPC_PORT",
+                        help="every address NAME resolves to is a replica serving these ports (a Kubernetes "
+                             "headless Service); looked up again every --dns-interval seconds")
     parser.add_argument("--model-dir", type=Path, help="the model's build_engines.py output (for the OpenAI API)")
     parser.add_argument("--host", default=os.environ.get("SCALELLM_ROUTER_HOST", "127.0.0.1"))
     parser.add_argument("--http-port", type=int, default=9000)
     parser.add_argument("--grpc-port", type=int, default=9001, help="0: no gRPC")
     add_router_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.replica and not args.replica_dns:
+        parser.error("give the replicas: --replica HOST:HTTP_PORT:GRPC_PORT or --replica-dns NAME:HTTP_PORT:GRPC_PORT")
+    return args
 
 
-def config_from_args(args: argparse.Namespace, replicas: Sequence[ReplicaAddress]) -> RouterConfig:
+def config_from_args(args: argparse.Namespace, replicas: Sequence[ReplicaAddress],
+                     replica_dns: Sequence[ReplicaAddress] = ()) -> RouterConfig:
     return RouterConfig(
-        replicas=tuple(replicas), host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+        replicas=tuple(replicas), replica_dns=tuple(replica_dns), dns_interval_s=args.dns_interval,
+        host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         policy=args.policy, prefix_match_ratio=args.prefix_match_ratio,
         prefix_balance_tokens=args.prefix_balance_tokens, health_interval_s=args.health_interval,
         model_dir=args.model_dir, served_model_name=args.served_model_name, api_key=args.api_key or None,
@@ -80,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[scalellm.router] %(message)s")
     warn_if_open(args.host, args.api_key)
-    asyncio.run(run_router(config_from_args(args, args.replica), started=lambda: print("ROUTER READY", flush=True)))
+    config = config_from_args(args, args.replica, args.replica_dns)
+    asyncio.run(run_router(config, started=lambda: print("ROUTER READY", flush=True)))
     return 0
 
 

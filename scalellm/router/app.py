@@ -17,7 +17,7 @@ from .metrics import RouterMetrics
 from .openai_api import OpenAIFrontDoor, error_response
 from .openai_protocol import OpenAIError
 from .prompt import PromptBuilder
-from .replicas import watch_health
+from .replicas import DnsDiscovery, watch_health
 from .slots import watch_slots
 from .triton_grpc import TritonGrpc, serve_grpc
 from .triton_http import TritonHttp, triton_error
@@ -69,6 +69,10 @@ class Router:
                                              auto_decompress=False)
         self.dispatcher = Dispatcher(self.config, self.session, self.metrics)
         loop = asyncio.get_running_loop()
+        if self.config.replica_dns:
+            discovery = DnsDiscovery(self.config.replica_dns, self.dispatcher.replicas, self.metrics, self.session)
+            await discovery.refresh()
+            self._tasks.append(loop.create_task(discovery.watch(self.config.dns_interval_s)))
         self._tasks.append(loop.create_task(
             watch_health(self.dispatcher.replicas, self.session, self.config.health_interval_s)))
         self._tasks.append(loop.create_task(watch_slots(self.dispatcher.slots, self.session,
@@ -116,8 +120,10 @@ async def run_router(config: RouterConfig, started: Callable[[], None] | None = 
         loop.add_signal_handler(signum, stop.set)
     await router.start()
     grpc_part = f"  gRPC {config.host}:{config.grpc_port}" if config.grpc_port else ""
-    log.warning("router: HTTP http://%s:%d%s -> %d replica(s), policy %s", config.host, config.http_port,
-                grpc_part, len(config.replicas), config.policy)
+    names = "".join(f" + every address of {name.host} (ports {name.http_port}/{name.grpc_port})"
+                    for name in config.replica_dns)
+    log.warning("router: HTTP http://%s:%d%s -> %d replica(s)%s, policy %s", config.host, config.http_port,
+                grpc_part, len(config.replicas), names, config.policy)
     if started is not None:
         started()
     try:

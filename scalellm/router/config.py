@@ -32,21 +32,29 @@ class ReplicaAddress:
         return cls(host2, int(http), int(ports))
 
     @property
+    def _netloc_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address found by DNS
+
+    @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"http://{self._netloc_host}:{self.http_port}"
 
     @property
     def grpc_target(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return f"{self._netloc_host}:{self.grpc_port}"
 
     @property
     def name(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return f"{self._netloc_host}:{self.http_port}"
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    replicas: tuple[ReplicaAddress, ...]
+    replicas: tuple[ReplicaAddress, ...] = ()
+    # DNS names whose every address is a replica serving these ports (a Kubernetes headless Service), looked
+    # up again every dns_interval_s: addresses that appear are added, ones that vanish leave the pool.
+    replica_dns: tuple[ReplicaAddress, ...] = ()
+    dns_interval_s: float = 5.0
     host: str = "127.0.0.1"
     http_port: int = 9000
     grpc_port: int = 9001  # 0: no gRPC front end
@@ -83,8 +91,10 @@ class RouterConfig:
     backoff_jitter: float = 0.2
 
     def __post_init__(self) -> None:
-        if not self.replicas:
-            raise ValueError("at least one --replica is needed")
+        if not self.replicas and not self.replica_dns:
+            raise ValueError("at least one --replica or --replica-dns is needed")
+        if self.dns_interval_s <= 0:
+            raise ValueError(f"dns_interval_s must be > 0 (got {self.dns_interval_s})")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)} (got {self.policy!r})")
         if not 0.0 <= self.prefix_match_ratio <= 1.0:

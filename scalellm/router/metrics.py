@@ -53,11 +53,22 @@ class RouterMetrics:
         for reason in ("queue_full", "queue_timeout", "replicas_busy"):
             self.rejected.labels(reason)
 
+    def _families(self) -> tuple:
+        return (self.in_flight, self.outstanding_tokens, self.healthy, self.routed, self.prefix_routed,
+                self.retried, self.failed, self.cancelled, self.timed_out, self.refused, self.slots)
+
     def add_replica(self, name: str) -> None:
         """Create every series for ``name`` at 0, so dashboards see the replica before its first request."""
-        for family in (self.in_flight, self.outstanding_tokens, self.healthy, self.routed, self.prefix_routed,
-                       self.retried, self.failed, self.cancelled, self.timed_out, self.refused, self.slots):
+        for family in self._families():
             family.labels(name)
+
+    def remove_replica(self, name: str) -> None:
+        """Drop ``name``'s series (a replica that left the pool and finished its requests)."""
+        for family in self._families():
+            try:
+                family.remove(name)
+            except KeyError:
+                pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
