@@ -53,6 +53,8 @@ def test_defaults_come_from_the_contract() -> None:
     assert params.stop_token_ids == (2,)  # no end_id: the model's end tokens
     assert not request.stream and not request.exclude_input  # TensorRT-LLM: the prompt is echoed
     assert not request.perf_metrics and not request.num_input_tokens
+    assert request.stream_interval is None  # the llm's stream_interval parameter applies
+    assert parse(inputs(input_ids=[5], stream_interval=4), LIMITS).stream_interval == 4
 
 
 def test_top_p_zero_means_off_and_out_of_range_is_refused() -> None:
@@ -93,6 +95,8 @@ def test_num_return_sequences_get_their_own_seeds() -> None:
     ({"min_length": 20, "request_output_len": 10}, ["min_tokens", "20"]),
     ({"return_context_logits": True}, ["return_context_logits", "not supported"]),
     ({"guided_decoding_guide_type": b"json"}, ["guided_decoding_guide_type", "not supported"]),
+    ({"stream_interval": 0}, ["stream_interval", ">= 1", "0"]),
+    ({"stream_interval": -4, "streaming": True}, ["stream_interval", ">= 1", "-4"]),
 ])
 def test_bad_input_is_refused_naming_the_field(values: dict, names: list[str]) -> None:
     with pytest.raises(InvalidInput) as error:
