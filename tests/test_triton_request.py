@@ -127,7 +127,10 @@ def outputs(tokens: list[int], step: int) -> list[RequestOutput]:
 
 @pytest.mark.parametrize("text", [" café crème 🎉🚀", " 你好，世界", " plain words  with spaces"])
 @pytest.mark.parametrize("exclude", [True, False])
-def test_responses_in_official_shapes_detokenise_byte_exactly(tokenizer, text: str, exclude: bool) -> None:
+@pytest.mark.parametrize("interval", [1, 2, 3])
+def test_responses_in_official_shapes_detokenise_byte_exactly(tokenizer, text: str, exclude: bool,
+                                                              interval: int) -> None:
+    """Whichever tokens a response holds (``stream_interval``: 2 or 3 at a time, splitting characters)."""
     prompt = tokenizer.encode("Say:").ids
     tokens = tokenizer.encode(text, add_special_tokens=False).ids
     texts = {}
@@ -135,10 +138,12 @@ def test_responses_in_official_shapes_detokenise_byte_exactly(tokenizer, text: s
         request = parse(inputs(input_ids=prompt, streaming=stream, exclude_input_in_output=exclude,
                                return_log_probs=True, request_output_len=len(tokens)),
                         EngineLimits(**{**LIMITS.__dict__, "vocab_size": 50000}))
-        seq = response.start(request, 0)
+        seq = response.start(request, 0, interval)
         pieces = []
         for out in outputs(tokens, step=1):
-            tensors = response.tensors(request, seq, out)
+            if not seq.pacer.add(out) and not seq.pacer.due():  # as the llm's sender does, keeping up
+                continue
+            tensors = response.tensors(request, seq, seq.pacer.take())
             if tensors is None:
                 continue
             assert tensors["output_ids"].shape[:2] == (1, 1)  # [batch, beam, tokens]
