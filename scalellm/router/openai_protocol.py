@@ -4,7 +4,8 @@ Supported: ``model``, ``messages`` / ``prompt`` (one string), ``max_tokens`` / `
 ``temperature``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``n`` (1),
 ``stream``, ``stream_options.include_usage``, ``logprobs`` (the sampled tokens' log-probs; no alternatives, so
 ``top_logprobs`` / completions ``logprobs`` above 0 are refused), and vLLM's extras ``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``ignore_eos``. Other fields are ignored, as OpenAI-compatible servers do.
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stream_interval``. Other fields are ignored, as
+OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def _common(body: dict[str, Any]) -> GenerationRequest:
         ("min_p", 0.0, 1.0, False, "min_p"),
         ("repetition_penalty", 1e-9, 100.0, False, "repetition_penalty"),
         ("min_tokens", 0, 2**31 - 1, True, "min_tokens"),
+        ("stream_interval", 1, 2**31 - 1, True, "stream_interval"),
     ):
         value = _number(body, key, low, high, integer)
         if value is not None:
