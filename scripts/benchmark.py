@@ -553,8 +553,8 @@ def main() -> None:
             peer.stop()
 
     baseline = {lv["concurrency"]: lv["output_throughput"] for lv in levels if lv["target"] == "engine"}
-    for lv in levels:
-        if lv["concurrency"] in baseline:
+    for lv in levels:  # ours end to end over ours in process; the peers have their own tables
+        if lv["concurrency"] in baseline and lv["target"] not in peers:
             lv["efficiency"] = lv["output_throughput"] / baseline[lv["concurrency"]]
     direct = {lv["concurrency"]: lv for lv in levels if lv["target"] == "grpc"}
     for lv in levels:
