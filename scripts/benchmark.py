@@ -91,11 +91,14 @@ def request_metrics(start: float, token_times: list[float], tokens: int, respons
 
 
 # ---- through Triton -------------------------------------------------------------------------------------
-async def one_request(client: AsyncClient, prompt: str, output_len: int, stages: bool = True) -> dict:
-    """One streamed request; ``stages``: also ask for the engine's timestamps (10 more tensors a response)."""
+async def one_request(client: AsyncClient, prompt: str, output_len: int, stages: bool = True,
+                      stream_interval: int | None = None) -> dict:
+    """One streamed request; ``stages``: also ask for the engine's timestamps (10 more tensors a response);
+    ``stream_interval``: None leaves it to the server."""
     sent_ns, start = time.time_ns(), time.perf_counter()
     times, tokens, timings, responses = [], 0, None, 0
-    async for chunk in client.stream_chunks(prompt, max_tokens=output_len, end_id=-1, return_perf_metrics=stages):
+    async for chunk in client.stream_chunks(prompt, max_tokens=output_len, end_id=-1, return_perf_metrics=stages,
+                                            stream_interval=stream_interval):
         responses += 1
         if chunk.num_tokens > tokens:
             times.extend([time.perf_counter()] * (chunk.num_tokens - tokens))
@@ -119,7 +122,8 @@ async def run_server_level(url: str, protocol: str, c: int, n: int, args) -> tup
             await asyncio.sleep(delay)
             async with gate:
                 stages = args.stages_every > 0 and i % args.stages_every == 0
-                return await one_request(client, synthetic_prompt(i, args.input_len, c), args.output_len, stages)
+                return await one_request(client, synthetic_prompt(i, args.input_len, c), args.output_len, stages,
+                                         args.stream_interval)
 
         delays, t = [], 0.0
         for _ in range(n):
@@ -470,6 +474,8 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=0.0, help="Poisson arrivals per second (0: all at once)")
     parser.add_argument("--input-len", type=int, default=32, help="prompt words (about one token each)")
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--stream-interval", type=int, metavar="N",
+                        help="our targets: ask for a response every N tokens (default: the server's, 1)")
     parser.add_argument("--peer", nargs="+", default=[], choices=["llamacpp", "vllm"],
                         help="also measure llama.cpp's llama-server (the same GGUF, Q4_1 and Q8_0) and/or vLLM's CPU "
                         "build (the same engine directory's dense weights)")
