@@ -127,3 +127,15 @@ class EngineConfig:
     # C=64 through Triton on 2 cores: median +5% tokens/s over 7 noisy pairs (docs/benchmarks.md, session 11).
     # 0: leave them be.
     worker_nice: int = 19
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How the ``llm`` model paces a streamed request's responses (``scalellm/triton/pacing.py``).
+
+    The first token goes out alone at once and the last always; in between, a response every
+    ``stream_interval`` tokens (vLLM's, SGLang's and TensorRT-LLM's name), and whatever is pending as one
+    response whenever the responses fall behind. A request's own ``stream_interval`` overrides this default.
+    """
+
+    stream_interval: int = 1

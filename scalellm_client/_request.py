@@ -57,6 +57,7 @@ SAMPLING_INPUTS: Mapping[str, tuple[str, str]] = {
     "pad_id": ("pad_id", "INT32"),
     "beam_width": ("beam_width", "INT32"),
     "length_penalty": ("length_penalty", "FP32"),
+    "stream_interval": ("stream_interval", "INT32"),
 }
 
 INPUT_DTYPES: Mapping[str, str] = {

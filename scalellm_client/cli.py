@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop", nargs="+", metavar="WORD", help="stop sequences")
     parser.add_argument("-n", "--num-return-sequences", type=int,
                         help="completions to generate (default: 1; not with --stream)")
+    parser.add_argument("--stream-interval", type=int, metavar="N",
+                        help="with --stream: a response every N tokens after the first (default: the server's, 1)")
     parser.add_argument("--timeout", type=float, help="seconds (default: no limit)")
     return parser.parse_args(argv)
 
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt = args.prompt if args.system is None else chatml(args.prompt, args.system)
     sampling = {"max_tokens": args.max_tokens, "chat": args.chat and args.system is None,
                 "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-                "stop": args.stop, "num_return_sequences": args.num_return_sequences}
+                "stop": args.stop, "num_return_sequences": args.num_return_sequences,
+                "stream_interval": args.stream_interval}
     printed = False
     try:
         with Client(args.url, protocol=args.protocol, model=args.model, timeout_s=args.timeout) as client:

@@ -41,7 +41,8 @@ class ClientBase:
     completions are in ``Completion.choices``), exclude_input_in_output, return_log_probs,
     return_perf_metrics, return_num_input_tokens, return_num_output_tokens, repetition_penalty,
     presence_penalty, frequency_penalty, min_tokens, end_id (-1: no end token), pad_id, beam_width,
-    length_penalty. The server decodes greedily unless top_k or top_p asks for sampling (TensorRT-LLM's
+    length_penalty, stream_interval (streaming: a response every this many tokens after the first; default:
+    the server's, 1). The server decodes greedily unless top_k or top_p asks for sampling (TensorRT-LLM's
     rule); temperature > 0 or min_p > 0 without either also sends top_p=1.0, so that they sample.
     Server-side failures raise ScaleLLMError with the server's message.
     """

@@ -6,25 +6,29 @@
         --input-len 32 --output-len 64 --output build/bench.json --plot docs/benchmark.png
 
 Targets: the ensemble over gRPC streaming, over HTTP ``generate_stream``, and the engine in process (no Triton,
-same engine directory, same token ids, same weight format) as the baseline; ``router``: gRPC streaming through
-the ScaleLLM router (``python -m scalellm.router``, started here in front of the same one replica unless
+same engine directory, same token ids, same weight format) as the baseline; ``router``: gRPC streaming through the
+ScaleLLM router (``python -m scalellm.router``, started here in front of the same one replica unless
 ``--router-url``), so ``--targets grpc router`` measures what the router adds. ``--router-replicas N`` serves the
 router target with ``scripts/serve.sh --replicas N`` instead (each replica on its share of the cores), started
 once the other targets are done and their server stopped, so ``--targets grpc router --router-replicas 2``
-compares N replicas through the router with one replica on every core, side by side in one run.
-``--peer llamacpp`` adds llama.cpp's ``llama-server`` on the same GGUF (started through
-``../shared/tools/llamacpp_server.sh serve``, which builds it once, ~12 min on 2 cores), same prompts, streaming,
-and reports ours / llama.cpp per level:
+compares N replicas through the router with one replica on every core, side by side in one run. Peers, same
+prompts and lengths, streaming, in the same run, each reported as ours / peer per level: ``--peer llamacpp`` adds
+llama.cpp's ``llama-server`` on the same GGUF twice, as shipped (Q4_1, target ``llamacpp-q4_1``) and re-quantised by
+llama.cpp's own ``llama-quantize`` (target ``llamacpp-q8_0``), both through ``llamacpp_server.sh serve`` (which
+builds llama.cpp once, ~12 min on 2 cores); ``--peer vllm`` adds vLLM's CPU build serving the same engine
+directory's dense weights (target ``vllm``, through ``vllm_cpu_server.sh serve``, which installs it once). The
+scripts are in ``--peer-tools`` (default ``../shared/tools``):
 
-    .venv/bin/python scripts/benchmark.py --peer llamacpp --targets grpc engine --concurrency 1 8 32 64 \\
-        --input-len 128 --output-len 128 --output build/bench-vs-llamacpp.json --plot docs/benchmark-vs-llamacpp.png
+    .venv/bin/python scripts/benchmark.py --peer llamacpp vllm --targets grpc engine --concurrency 1 8 32 64 \\
+        --input-len 128 --output-len 128 --output build/bench-vs-peers.json --plot docs/benchmark-vs-peers.png
 
-Each level keeps C requests in flight (or, with
-``--request-rate``, sends them as a Poisson process capped at C).  Output lengths are fixed (``end_id=-1``).
-Per request: TTFT, TPOT = (E2E - TTFT) / (n - 1), ITL, E2E.  End-to-end efficiency = target tokens/s over
-engine tokens/s at the same C, from the same run.  With ``return_perf_metrics`` each request also splits its
-E2E into stages (client -> llm arrival, queue, prefill, decode, last token -> client), and Triton's statistics
-API gives preprocessing / postprocessing compute per execution.
+Each level keeps C requests in flight (or, with ``--request-rate``, sends them as a Poisson process capped at C).
+Output lengths are fixed (``end_id=-1``). Per request: TTFT, TPOT = (E2E - TTFT) / (n - 1), ITL, E2E, and the
+responses (streamed messages) it took; per level, responses per generated token (1 when every token travels alone,
+less when the server merges tokens into one response). End-to-end efficiency = target tokens/s over engine tokens/s
+at the same C, from the same run. With ``return_perf_metrics`` each request also splits its E2E into stages (client
+-> llm arrival, queue, prefill, decode, last token -> client), and Triton's statistics API gives preprocessing /
+postprocessing compute per execution.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -55,7 +61,7 @@ from scalellm.router.launch import spawn  # noqa: E402
 from scalellm.serving import TritonServer, free_ports  # noqa: E402
 from scalellm_client import AsyncClient  # noqa: E402
 
-PEER_SCRIPT = ROOT.parent / "shared" / "tools" / "llamacpp_server.sh"
+PEER_TOOLS = ROOT.parent / "shared" / "tools"
 WORDS = "the of and to in is was for on that with as by at from his her they this which".split()
 STAGES = ("client -> llm arrival", "queue", "prefill", "decode", "last token -> client")
 
@@ -80,26 +86,30 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "p50": q[49], "p90": q[89], "p99": q[98]}
 
 
-def request_metrics(start: float, token_times: list[float], tokens: int) -> dict:
+def request_metrics(start: float, token_times: list[float], tokens: int, responses: int) -> dict:
     ttft = token_times[0] - start if token_times else float("nan")
     e2e = (token_times[-1] if token_times else time.perf_counter()) - start
-    return {"ttft": ttft, "e2e": e2e, "tokens": tokens,
+    return {"ttft": ttft, "e2e": e2e, "tokens": tokens, "responses": responses,
             "tpot": (e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0,
             "itl": [b - a for a, b in zip(token_times, token_times[1:], strict=False)]}
 
 
 # ---- through Triton -------------------------------------------------------------------------------------
-async def one_request(client: AsyncClient, prompt: str, output_len: int, stages: bool = True) -> dict:
-    """One streamed request; ``stages``: also ask for the engine's timestamps (10 more tensors a response)."""
+async def one_request(client: AsyncClient, prompt: str, output_len: int, stages: bool = True,
+                      stream_interval: int | None = None) -> dict:
+    """One streamed request; ``stages``: also ask for the engine's timestamps (10 more tensors a response);
+    ``stream_interval``: None leaves it to the server."""
     sent_ns, start = time.time_ns(), time.perf_counter()
-    times, tokens, timings = [], 0, None
-    async for chunk in client.stream_chunks(prompt, max_tokens=output_len, end_id=-1, return_perf_metrics=stages):
+    times, tokens, timings, responses = [], 0, None, 0
+    async for chunk in client.stream_chunks(prompt, max_tokens=output_len, end_id=-1, return_perf_metrics=stages,
+                                            stream_interval=stream_interval):
+        responses += 1
         if chunk.num_tokens > tokens:
             times.extend([time.perf_counter()] * (chunk.num_tokens - tokens))
             tokens = chunk.num_tokens
         timings = chunk.timings or timings
     done_ns = time.time_ns()
-    result = request_metrics(start, times, tokens)
+    result = request_metrics(start, times, tokens, responses)
     if timings:
         marks = [sent_ns, timings["arrival_time_ns"], timings["first_scheduled_time_ns"],
                  timings["first_token_time_ns"], timings["last_token_time_ns"], done_ns]
@@ -116,7 +126,8 @@ async def run_server_level(url: str, protocol: str, c: int, n: int, args) -> tup
             await asyncio.sleep(delay)
             async with gate:
                 stages = args.stages_every > 0 and i % args.stages_every == 0
-                return await one_request(client, synthetic_prompt(i, args.input_len, c), args.output_len, stages)
+                return await one_request(client, synthetic_prompt(i, args.input_len, c), args.output_len, stages,
+                                         args.stream_interval)
 
         delays, t = [], 0.0
         for _ in range(n):
@@ -171,15 +182,16 @@ def run_engine_level(engine, tokenizer, c: int, n: int, args) -> tuple[list[dict
     params = SamplingParams(max_tokens=args.output_len, stop_token_ids=())
 
     def submit(i: int) -> None:
-        start, times, seen = time.perf_counter(), [], [0]
+        start, times, seen, outputs = time.perf_counter(), [], [0], [0]
 
         def on_output(out) -> None:
             now = time.perf_counter()
             times.extend([now] * (out.num_output_tokens - seen[0]))
             seen[0] = out.num_output_tokens
+            outputs[0] += 1
             if out.finish_reason is not None:
                 with lock:
-                    results.append(request_metrics(start, times, out.num_output_tokens))
+                    results.append(request_metrics(start, times, out.num_output_tokens, outputs[0]))
                 gate.release()
                 finished.release()
 
@@ -198,29 +210,116 @@ def run_engine_level(engine, tokenizer, c: int, n: int, args) -> tuple[list[dict
     return results, time.perf_counter() - start
 
 
-# ---- the peer: llama.cpp's llama-server ------------------------------------------------------------------
-class LlamaCppServer:
-    """``llamacpp_server.sh serve`` on a free port with ``slots`` parallel sequences (its continuous batching)."""
+# ---- the peers: llama.cpp's llama-server (two weight formats) and vLLM's CPU build ---------------------------
+def sse_events(response) -> object:
+    """The JSON of each ``data:`` line of a Server-Sent Events body, until ``[DONE]`` or its end."""
+    for line in response:
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            return
+        yield json.loads(data)
 
-    def __init__(self, script: Path, slots: int, log_file: Path) -> None:
-        if not script.is_file():
-            raise SystemExit(f"--peer-script {script}: no such file (the shared tools directory)")
-        self.script, self.slots, self.log_file = script, slots, log_file
+
+def post_stream(url: str, path: str, body: dict):
+    host, port = url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"{url}{path} answered {response.status}: {response.read()[:200]!r}")
+    return conn, response
+
+
+def llamacpp_request(url: str, prompt: str, output_len: int) -> dict:
+    """One streamed ``/completion``, end of sequence ignored; a token per streamed event (its final count from
+    the server's timings). Every event counts as a response, the last (no token, the timings) too."""
+    conn, response = post_stream(url, "/completion", {
+        "prompt": prompt, "n_predict": output_len, "ignore_eos": True, "stream": True, "cache_prompt": False,
+        "temperature": 0.0})
+    start, times, responses = time.perf_counter(), [], 0
+    for event in sse_events(response):
+        now = time.perf_counter()
+        responses += 1
+        if event.get("stop"):
+            total = event.get("timings", {}).get("predicted_n", len(times))
+            times.extend([now] * (total - len(times)))
+            break
+        times.append(now)
+    conn.close()
+    return request_metrics(start, times, len(times), responses)
+
+
+def openai_request(url: str, prompt: str, output_len: int) -> dict:
+    """One streamed OpenAI ``/v1/completions`` (vLLM: ``ignore_eos``, and ``continuous_usage_stats`` so each
+    chunk says how many tokens are out, since one chunk may carry several). Chunks with a choice count as
+    responses; the usage-only chunk at the end does not."""
+    conn, response = post_stream(url, "/v1/completions", {
+        "model": PEER_MODEL_NAME, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "stream": True,
+        "temperature": 0.0, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    start, times, responses = time.perf_counter(), [], 0
+    for event in sse_events(response):
+        now = time.perf_counter()
+        usage = event.get("usage") or {}
+        tokens = usage.get("completion_tokens", len(times) + (1 if event.get("choices") else 0))
+        responses += bool(event.get("choices"))
+        times.extend([now] * (tokens - len(times)))
+    conn.close()
+    return request_metrics(start, times, len(times), responses)
+
+
+PEER_MODEL_NAME = "smollm2"  # vllm_cpu_server.sh's --served-model-name
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """One peer server: its target name, how ``--peer-tools``' script starts it, how to talk to it."""
+
+    target: str
+    script: str
+    args: tuple[str, ...]
+    env: dict[str, str]
+    request: Callable[[str, str, int], dict]
+
+
+def peer_specs(peers: list[str], slots: int, engine_dir: Path) -> list[PeerSpec]:
+    specs = []
+    if "llamacpp" in peers:  # the GGUF as shipped (Q4_1), and llama.cpp's best batched format on it
+        specs += [PeerSpec("llamacpp-q4_1", "llamacpp_server.sh", ("serve",), {"NP": str(slots)}, llamacpp_request),
+                  PeerSpec("llamacpp-q8_0", "llamacpp_server.sh", ("serve",), {"NP": str(slots), "QUANT": "Q8_0"},
+                           llamacpp_request)]
+    if "vllm" in peers:
+        specs.append(PeerSpec("vllm", "vllm_cpu_server.sh", ("serve", str(engine_dir)), {"MAX_SEQS": str(slots)},
+                              openai_request))
+    return specs
+
+
+class PeerServer:
+    """A peer's ``serve`` script on a free port, in its own session (the script and the server stop together)."""
+
+    def __init__(self, spec: PeerSpec, tools: Path, log_file: Path) -> None:
+        self.script = tools / spec.script
+        if not self.script.is_file():
+            raise SystemExit(f"{self.script}: no such file (--peer-tools: the directory of the peers' scripts)")
+        self.spec, self.log_file = spec, log_file
         self.port = free_ports(1)[0]
         self.url = f"127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 1200) -> None:
-        """Start it and wait for /health (the first start also builds llama.cpp: minutes)."""
+    def start(self) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PORT": str(self.port), "NP": str(self.slots)}
+        env = {**os.environ, **self.spec.env, "PORT": str(self.port)}
         with open(self.log_file, "w") as log:
-            self.process = subprocess.Popen(["bash", str(self.script), "serve"], env=env, stdout=log,
+            self.process = subprocess.Popen(["bash", str(self.script), *self.spec.args], env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, timeout_s: float = 2400) -> None:
+        """Wait for /health (a first start also builds or installs the peer: minutes)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SystemExit(f"llama-server exited with {self.process.returncode}; see {self.log_file}")
+                raise SystemExit(f"{self.spec.target} exited with {self.process.returncode}; see {self.log_file}")
             try:
                 with urllib.request.urlopen(f"http://{self.url}/health", timeout=5) as response:
                     if response.status == 200:
@@ -229,42 +328,22 @@ class LlamaCppServer:
                 pass
             time.sleep(1)
         self.stop()
-        raise SystemExit(f"llama-server not healthy after {timeout_s:.0f} s; see {self.log_file}")
+        raise SystemExit(f"{self.spec.target} not healthy after {timeout_s:.0f} s; see {self.log_file}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # its own session: the script and the server
-            self.process.wait(30)
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(30)
 
 
-def peer_request(url: str, prompt: str, output_len: int) -> dict:
-    """One streamed /completion, end of sequence ignored; a token per streamed event (its final count from
-    the server's timings)."""
-    body = json.dumps({"prompt": prompt, "n_predict": output_len, "ignore_eos": True, "stream": True,
-                       "cache_prompt": False, "temperature": 0.0})
-    host, port = url.split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=600)
-    start, times = time.perf_counter(), []
-    conn.request("POST", "/completion", body=body, headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    if response.status != 200:
-        raise RuntimeError(f"llama-server answered {response.status}: {response.read()[:200]!r}")
-    for line in response:
-        if not line.startswith(b"data: "):
-            continue
-        event, now = json.loads(line[6:]), time.perf_counter()
-        if event.get("stop"):
-            total = event.get("timings", {}).get("predicted_n", len(times))
-            times.extend([now] * (total - len(times)))
-            break
-        times.append(now)
-    conn.close()
-    return request_metrics(start, times, len(times))
-
-
-def run_peer_level(url: str, c: int, n: int, args) -> tuple[list[dict], float]:
+def run_peer_level(peer: PeerServer, c: int, n: int, args) -> tuple[list[dict], float]:
     """C threads keep C requests in flight until n are done (closed loop, as for our targets)."""
-    peer_request(url, synthetic_prompt(99_999, args.input_len, c), 2)  # warm
+    request = peer.spec.request
+    request(peer.url, synthetic_prompt(99_999, args.input_len, c), 2)  # warm
     todo: queue.Queue[int] = queue.Queue()
     for i in range(n):
         todo.put(i)
@@ -276,7 +355,7 @@ def run_peer_level(url: str, c: int, n: int, args) -> tuple[list[dict], float]:
                 i = todo.get_nowait()
             except queue.Empty:
                 return
-            results.append(peer_request(url, synthetic_prompt(i, args.input_len, c), args.output_len))
+            results.append(request(peer.url, synthetic_prompt(i, args.input_len, c), args.output_len))
 
     threads = [threading.Thread(target=worker) for _ in range(c)]
     start = time.perf_counter()
@@ -319,6 +398,7 @@ def level_summary(target: str, c: int, results: list[dict], duration: float) -> 
     summary = {
         "target": target, "concurrency": c, "requests": len(results), "duration_s": duration,
         "request_throughput": len(results) / duration, "output_throughput": tokens / duration,
+        "responses_per_token": sum(r["responses"] for r in results) / max(1, tokens),
         "ttft_s": summarize([r["ttft"] for r in results]), "tpot_s": summarize([r["tpot"] for r in results]),
         "itl_s": summarize([x for r in results for x in r["itl"]]), "e2e_s": summarize([r["e2e"] for r in results]),
     }
@@ -332,14 +412,15 @@ def level_summary(target: str, c: int, results: list[dict], duration: float) -> 
 
 def markdown_table(levels: list[dict]) -> str:
     lines = ["| target | C | req/s | out tok/s | efficiency | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50 ms "
-             "| E2E p50/p99 s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| E2E p50/p99 s | responses / token |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in levels:
         eff = f"{lv['efficiency']:.2f}" if "efficiency" in lv else "-"
         lines.append(
             f"| {lv['target']} | {lv['concurrency']} | {lv['request_throughput']:.2f} | "
             f"{lv['output_throughput']:.1f} | {eff} | {lv['ttft_s']['p50'] * 1e3:.0f} / "
             f"{lv['ttft_s']['p99'] * 1e3:.0f} | {lv['tpot_s']['p50'] * 1e3:.1f} / {lv['tpot_s']['p99'] * 1e3:.1f} | "
-            f"{lv['itl_s'].get('p50', 0) * 1e3:.1f} | {lv['e2e_s']['p50']:.2f} / {lv['e2e_s']['p99']:.2f} |")
+            f"{lv['itl_s'].get('p50', 0) * 1e3:.1f} | {lv['e2e_s']['p50']:.2f} / {lv['e2e_s']['p99']:.2f} | "
+            f"{lv['responses_per_token']:.3f} |")
     return "\n".join(lines)
 
 
@@ -407,8 +488,13 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=0.0, help="Poisson arrivals per second (0: all at once)")
     parser.add_argument("--input-len", type=int, default=32, help="prompt words (about one token each)")
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--peer", choices=["llamacpp"], help="also measure llama.cpp's llama-server, same GGUF")
-    parser.add_argument("--peer-script", type=Path, default=PEER_SCRIPT, help="starts the peer (PORT, NP env)")
+    parser.add_argument("--stream-interval", type=int, metavar="N",
+                        help="our targets: ask for a response every N tokens (default: the server's, 1)")
+    parser.add_argument("--peer", nargs="+", default=[], choices=["llamacpp", "vllm"],
+                        help="also measure llama.cpp's llama-server (the same GGUF, Q4_1 and Q8_0) and/or vLLM's CPU "
+                        "build (the same engine directory's dense weights)")
+    parser.add_argument("--peer-tools", type=Path, default=PEER_TOOLS,
+                        help="the directory of llamacpp_server.sh and vllm_cpu_server.sh (default: %(default)s)")
     parser.add_argument("--stages-every", type=int, default=8, metavar="N",
                         help="ask every Nth request for the engine's timestamps (return_perf_metrics), which split "
                         "E2E into stages; 1 = all, 0 = none. They add 10 tensors to every response of the request.")
@@ -442,11 +528,13 @@ def main() -> None:
         engine.start()
         tokenizer = load_tokenizer(engine_dir)
 
-    peer = None
-    if args.peer:
-        peer = LlamaCppServer(args.peer_script, max(args.concurrency), ROOT / "build" / "benchmark-peer.log")
+    peers = {spec.target: PeerServer(spec, args.peer_tools, ROOT / "build" / f"benchmark-{spec.target}.log")
+             for spec in peer_specs(args.peer, max(args.concurrency), Path(args.model_dir) / "engine")}
+    for peer in peers.values():  # they start (and the first time build or install) side by side
         peer.start()
-    targets = args.targets + ([args.peer] if args.peer else [])
+    for peer in peers.values():
+        peer.wait_healthy()
+    targets = args.targets + list(peers)
     plan = [(t, c) for c in args.concurrency for t in targets
             if not (t == "http" and args.http_concurrency and c not in args.http_concurrency)]
     if args.router_replicas:  # the replicas take the cores: every other target first, its server stopped
@@ -458,8 +546,8 @@ def main() -> None:
             stats_before = {}
             if target == "engine":
                 results, duration = run_engine_level(engine, tokenizer, c, n, args)
-            elif target == args.peer:
-                results, duration = run_peer_level(peer.url, c, n, args)
+            elif target in peers:
+                results, duration = run_peer_level(peers[target], c, n, args)
             else:
                 if target == "router" and own_router and router is None:
                     if server is not None:
@@ -478,8 +566,9 @@ def main() -> None:
                     ns1, count1 = triton_compute_ns(http_url, model)
                     level["triton_compute_ms_per_execution"][model] = (ns1 - ns0) / max(1, count1 - count0) / 1e6
             levels.append(level)
-            tqdm.write(f"{target:6s} C={c:3d} {level['output_throughput']:7.1f} tok/s  TTFT p50 "
-                       f"{level['ttft_s']['p50'] * 1e3:6.0f} ms  TPOT p50 {level['tpot_s']['p50'] * 1e3:5.1f} ms")
+            tqdm.write(f"{target:13s} C={c:3d} {level['output_throughput']:7.1f} tok/s  TTFT p50 "
+                       f"{level['ttft_s']['p50'] * 1e3:6.0f} ms  TPOT p50 {level['tpot_s']['p50'] * 1e3:5.1f} ms  "
+                       f"{level['responses_per_token']:.3f} responses/token")
     finally:
         if router is not None:
             router.send_signal(signal.SIGINT)  # the launcher (--router-replicas) stops its replicas on SIGINT
@@ -488,12 +577,12 @@ def main() -> None:
             server.stop()
         if engine is not None:
             engine.stop()
-        if peer is not None:
+        for peer in peers.values():
             peer.stop()
 
     baseline = {lv["concurrency"]: lv["output_throughput"] for lv in levels if lv["target"] == "engine"}
-    for lv in levels:
-        if lv["concurrency"] in baseline:
+    for lv in levels:  # ours end to end over ours in process; the peers have their own tables
+        if lv["concurrency"] in baseline and lv["target"] not in peers:
             lv["efficiency"] = lv["output_throughput"] / baseline[lv["concurrency"]]
     direct = {lv["concurrency"]: lv for lv in levels if lv["target"] == "grpc"}
     for lv in levels:
@@ -515,10 +604,11 @@ def main() -> None:
             print(breakdown_table(lv))
             ok = abs(lv["stages_sum_over_e2e"] - 1) <= 0.10
             print(f"stages add up to E2E within 10%: {'yes' if ok else 'NO'} ({lv['stages_sum_over_e2e']:.3f})")
-    vs_peer = peer_ratios(levels, args.peer) if args.peer else []
-    if vs_peer:
-        print()
-        print(peer_table(vs_peer, args.peer))
+    vs_peer = {target: peer_ratios(levels, target) for target in peers}
+    for target, rows in vs_peer.items():
+        if rows:
+            print()
+            print(peer_table(rows, target))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

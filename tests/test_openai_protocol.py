@@ -13,9 +13,10 @@ def test_chat_request_maps_to_ensemble_fields() -> None:
     request = parse_chat({"model": "m", "messages": USER, "temperature": 0.5, "top_p": 0.9, "seed": 7,
                           "stop": "END", "max_tokens": 12, "presence_penalty": 0.1, "frequency_penalty": -0.1,
                           "stream": True, "stream_options": {"include_usage": True}, "logprobs": True,
-                          "top_k": 5, "ignore_eos": True, "user": "ignored"})
+                          "top_k": 5, "ignore_eos": True, "stream_interval": 4, "user": "ignored"})
     assert request.fields == {"temperature": 0.5, "top_p": 0.9, "seed": 7, "stop_words": ["END"],
-                              "presence_penalty": 0.1, "frequency_penalty": -0.1, "top_k": 5, "end_id": -1}
+                              "presence_penalty": 0.1, "frequency_penalty": -0.1, "top_k": 5, "stream_interval": 4,
+                              "end_id": -1}
     assert (request.max_tokens, request.stream, request.include_usage, request.logprobs) == (12, True, True, True)
     assert parse_chat({"model": "m", "messages": USER}).max_tokens is None  # the router's default applies
     assert parse_chat({"model": "m", "messages": USER, "max_completion_tokens": 3}).max_tokens == 3
@@ -80,6 +81,7 @@ def test_chat_content_parts_and_roles() -> None:
     ({"model": "m", "messages": USER, "stream": "yes"}, "stream", "true or false"),
     ({"model": "m", "messages": USER, "stream_options": {"include_usage": True}}, "stream_options", "stream"),
     ({"model": "m", "messages": USER, "top_logprobs": 2}, "top_logprobs", "alternatives"),
+    ({"model": "m", "messages": USER, "stream_interval": 0}, "stream_interval", r"\[1, "),
 ])
 def test_bad_chat_requests_name_the_field(body: dict, param: str, message: str) -> None:
     with pytest.raises(OpenAIError, match=message) as caught:

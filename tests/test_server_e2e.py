@@ -166,9 +166,10 @@ def test_stop_word_ends_the_text_before_it(client: Client) -> None:
     assert full.text.startswith(stopped.text)
     assert full.text[len(stopped.text):].lstrip().startswith(word), (full.text, stopped.text, word)
     assert stopped.num_tokens < full.num_tokens
-    streamed = collect_stream(client, prompt, max_tokens=32, stop=[word])
-    assert "".join(c.text for c in streamed) == stopped.text  # no part of the stop word leaks out
-    assert streamed[-1].finish_reason == "stop"
+    for interval in (1, 3):  # 3: responses of several tokens, a stop word's first tokens among them
+        streamed = collect_stream(client, prompt, max_tokens=32, stop=[word], stream_interval=interval)
+        assert "".join(c.text for c in streamed) == stopped.text  # no part of the stop word leaks out
+        assert streamed[-1].finish_reason == "stop"
 
 
 def test_max_tokens_ends_with_length(client: Client) -> None:
@@ -241,6 +242,7 @@ BAD_REQUESTS = [
     ("hi", {"temperature": -1.0}, ["temperature", "-1"]),
     ("hello " * 3000, {}, ["text_input"]),
     ("hi", {"beam_width": 2}, ["beam_width", "2"]),
+    ("hi", {"stream_interval": 0}, ["stream_interval", ">= 1", "0"]),
 ]
 
 

@@ -54,6 +54,8 @@ def test_defaults_come_from_the_contract() -> None:
     assert params.stop_token_ids == (2,)  # no end_id: the model's end tokens
     assert not request.stream and not request.exclude_input  # TensorRT-LLM: the prompt is echoed
     assert not request.perf_metrics and not request.num_input_tokens
+    assert request.stream_interval is None  # the llm's stream_interval parameter applies
+    assert parse(inputs(input_ids=[5], stream_interval=4), LIMITS).stream_interval == 4
 
 
 @pytest.mark.parametrize(("given", "greedy", "top_k", "top_p"), [
@@ -106,6 +108,8 @@ def test_num_return_sequences_get_their_own_seeds() -> None:
     ({"min_length": 20, "request_output_len": 10}, ["min_tokens", "20"]),
     ({"return_context_logits": True}, ["return_context_logits", "not supported"]),
     ({"guided_decoding_guide_type": b"json"}, ["guided_decoding_guide_type", "not supported"]),
+    ({"stream_interval": 0}, ["stream_interval", ">= 1", "0"]),
+    ({"stream_interval": -4, "streaming": True}, ["stream_interval", ">= 1", "-4"]),
 ])
 def test_bad_input_is_refused_naming_the_field(values: dict, names: list[str]) -> None:
     with pytest.raises(InvalidInput) as error:
@@ -136,7 +140,10 @@ def outputs(tokens: list[int], step: int) -> list[RequestOutput]:
 
 @pytest.mark.parametrize("text", [" café crème 🎉🚀", " 你好，世界", " plain words  with spaces"])
 @pytest.mark.parametrize("exclude", [True, False])
-def test_responses_in_official_shapes_detokenise_byte_exactly(tokenizer, text: str, exclude: bool) -> None:
+@pytest.mark.parametrize("interval", [1, 2, 3])
+def test_responses_in_official_shapes_detokenise_byte_exactly(tokenizer, text: str, exclude: bool,
+                                                              interval: int) -> None:
+    """Whichever tokens a response holds (``stream_interval``: 2 or 3 at a time, splitting characters)."""
     prompt = tokenizer.encode("Say:").ids
     tokens = tokenizer.encode(text, add_special_tokens=False).ids
     texts = {}
@@ -144,10 +151,12 @@ def test_responses_in_official_shapes_detokenise_byte_exactly(tokenizer, text: s
         request = parse(inputs(input_ids=prompt, streaming=stream, exclude_input_in_output=exclude,
                                return_log_probs=True, request_output_len=len(tokens)),
                         EngineLimits(**{**LIMITS.__dict__, "vocab_size": 50000}))
-        seq = response.start(request, 0)
+        seq = response.start(request, 0, interval)
         pieces = []
         for out in outputs(tokens, step=1):
-            tensors = response.tensors(request, seq, out)
+            if not seq.pacer.add(out) and not seq.pacer.due():  # as the llm's sender does, keeping up
+                continue
+            tensors = response.tensors(request, seq, seq.pacer.take())
             if tensors is None:
                 continue
             assert tensors["output_ids"].shape[:2] == (1, 1)  # [batch, beam, tokens]

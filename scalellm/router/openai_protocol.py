@@ -4,8 +4,9 @@ Supported: ``model``, ``messages`` / ``prompt`` (one string), ``max_tokens`` / `
 ``temperature``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``n`` (1 to 64:
 the engine's ``num_return_sequences``), ``stream``, ``stream_options.include_usage``, ``logprobs`` (the sampled
 tokens' log-probs; no alternatives, so ``top_logprobs`` / completions ``logprobs`` above 0 are refused), and
-vLLM's extras ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``. A field that would
-change the answer but is not implemented (``UNSUPPORTED``: tools, structured output, logit bias, ...) is refused
+vLLM's extras ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
+``stream_interval``. A field that would change the answer but is not implemented (``UNSUPPORTED``: tools,
+structured output, logit bias, ...) is refused
 naming it; other fields (``user``, ``metadata``, ``store``, ...) do not change the answer and are ignored.
 
 ``finish_reason`` is only ever one of OpenAI's values: the engine's ``stop`` and ``length`` as they are, its
@@ -153,6 +154,7 @@ def _common(body: dict[str, Any]) -> GenerationRequest:
         ("min_p", 0.0, 1.0, False, "min_p"),
         ("repetition_penalty", 1e-9, 100.0, False, "repetition_penalty"),
         ("min_tokens", 0, 2**31 - 1, True, "min_tokens"),
+        ("stream_interval", 1, 2**31 - 1, True, "stream_interval"),
     ):
         value = _number(body, key, low, high, integer)
         if value is not None:

@@ -82,6 +82,9 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("exclude_input_in_output", "BOOL", LLM, "exclude_input_in_output", default=False,
           doc="false: the prompt's text comes first in a non-streamed text_output (as in TensorRT-LLM)"),
     Field("stream", "BOOL", LLM, "streaming", default=False, doc="one response per step (decoupled mode)"),
+    Field("stream_interval", "INT32", LLM, "stream_interval", low=1,
+          doc="ours (vLLM's, SGLang's, TensorRT-LLM's name): streaming, a response every this many tokens after "
+          "the first, the last always; absent: the llm's stream_interval parameter (1)"),
     Field("num_return_sequences", "INT32", LLM, "num_return_sequences", default=1,
           doc="samples per prompt, each its own response with sequence_index (decoupled mode)"),
     Field("beam_width", "INT32", LLM, "beam_width", default=1, doc="only 1: beam search is not implemented"),

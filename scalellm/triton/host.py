@@ -1,9 +1,11 @@
 """An engine serving Triton requests: parse, submit, stream responses back, cancel.
 
 The engine's loop thread only queues outputs; a sender thread turns them into responses, so response IPC
-never stalls the engine.  ``num_return_sequences`` > 1: the first sequence is submitted alone and its
-siblings (seeds ``seed + i``) once it has produced output, i.e. once its prompt's full KV blocks are in the
-prefix cache, so they share those blocks instead of recomputing them.
+never stalls the engine. The sender takes every output waiting at once, so a request whose responses fall
+behind gets its pending tokens in one response (``pacing.py``: coalescing and ``stream_interval``).
+``num_return_sequences`` > 1: the first sequence is submitted alone and its siblings (seeds ``seed + i``)
+once it has produced output, i.e. once its prompt's full KV blocks are in the prefix cache, so they share
+those blocks instead of recomputing them.
 
 Triton-free: the ``llm`` model adapts ``pb_utils`` senders to :class:`Responder`.
 """
@@ -22,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from scalellm.config import StreamConfig
 from scalellm.drain import DrainWatch
 from scalellm.engine.admission import Unavailable
 from scalellm.engine.deadlines import request_timeout_s
@@ -57,9 +60,11 @@ class Active:
 class EngineHost:
     def __init__(self, engine: LLMEngine, decoupled: bool, on_log=log.info, default_timeout_ms: int = 0,
                  on_reject: Callable[[str], None] = lambda reason: None,
-                 exit_process: Callable[[], None] = lambda: os._exit(1)) -> None:
+                 exit_process: Callable[[], None] = lambda: os._exit(1),
+                 stream: StreamConfig = StreamConfig()) -> None:  # noqa: B008 - frozen, never mutated
         self.engine = engine
         self.default_timeout_ms = default_timeout_ms
+        self.stream = stream
         self.on_reject = on_reject  # counts a rejection by reason (busy, draining, engine_failed)
         self.exit_process = exit_process  # once a dead engine's errors are out: the launcher restarts us
         self.drain_watch = DrainWatch()
@@ -97,7 +102,8 @@ class EngineHost:
             responder.send(None, error=str(exc), final=True, invalid=True)
             return
         key = next(self._ids)
-        seqs = [response.start(request, i) for i in range(len(request.samples))]
+        interval = request.stream_interval or self.stream.stream_interval
+        seqs = [response.start(request, i, interval) for i in range(len(request.samples))]
         engine_ids = [f"{triton_id or 'req'}-{key}-{i}" for i in range(len(seqs))]
         timeout_s = request_timeout_s(request.timeout_ms, self.default_timeout_ms)
         active = Active(triton_id, responder, request, seqs, engine_ids, timeout_s)
@@ -136,24 +142,40 @@ class EngineHost:
         last_poll = time.monotonic()
         while True:
             try:
-                item = self._outbox.get(timeout=CANCEL_POLL_S)
+                waiting = [self._outbox.get(timeout=CANCEL_POLL_S), *self._taken_waiting()]
             except queue.Empty:
-                item = ()
-            if item is None:
+                waiting = []
+            if None in waiting:  # stop
                 return
-            if item:
-                active, index, out = item
-                try:
-                    self._send(active, index, out)
-                except Exception as exc:  # a client gone mid-stream must not stop the sender
-                    self._finish(active)
-                    self._cancel(active, f"stopped: sending a response failed: {exc}")
+            touched: dict[tuple[int, int], tuple[Active, int]] = {}
+            for active, index, out in waiting:
+                self._guarded(active, self._receive, active, index, out)
+                touched[id(active), index] = (active, index)
+            for active, index in touched.values():  # every waiting output is in: send what is due
+                if active.seqs[index].pacer.due():
+                    self._guarded(active, self._flush, active, index)
             if time.monotonic() - last_poll >= CANCEL_POLL_S:
                 last_poll = time.monotonic()
                 self._watch_lifecycle()
                 for active in list(self._active.values()):
                     if not active.finished and active.responder.is_cancelled():
                         self._cancel(active)
+
+    def _taken_waiting(self) -> list:
+        """Every output queued now, without waiting for more."""
+        taken = []
+        while True:
+            try:
+                taken.append(self._outbox.get_nowait())
+            except queue.Empty:
+                return taken
+
+    def _guarded(self, active: Active, fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # a client gone mid-stream must not stop the sender
+            self._finish(active)
+            self._cancel(active, f"stopped: sending a response failed: {exc}")
 
     def _watch_lifecycle(self) -> None:
         """Start the drain the launcher announced (scalellm/drain.py); exit the process once a dead engine's
@@ -175,7 +197,7 @@ class EngineHost:
             if other is active:
                 del self._active[key]
 
-    def _send(self, active: Active, index: int, out: RequestOutput) -> None:
+    def _receive(self, active: Active, index: int, out: RequestOutput) -> None:
         if active.finished:
             return
         if index == 0 and active.pending:  # the first sequence's prompt blocks are now in the prefix cache
@@ -198,7 +220,16 @@ class EngineHost:
             self._cancel(active, f"failed: {out.error}")
             active.responder.send(None, error=out.error, final=True)
             return
-        tensors = response.tensors(active.request, active.seqs[index], out, self.limits.block_size)
+        if active.seqs[index].pacer.add(out):
+            self._flush(active, index)
+
+    def _flush(self, active: Active, index: int) -> None:
+        """Send the sequence's pending output as one response."""
+        seq = active.seqs[index]
+        out = seq.pacer.take()
+        if active.finished or out is None:
+            return
+        tensors = response.tensors(active.request, seq, out, self.limits.block_size)
         if tensors is None:
             return
         final = all(seq.done for seq in active.seqs) and not active.pending

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
+from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig, StreamConfig
 
 _CACHE, _SCHED = CacheConfig(), SchedulerConfig()
 # parameter name -> default (None: unset)
@@ -26,6 +26,7 @@ ENGINE_PARAMETERS: dict[str, Any] = {
     "max_queue_size": _SCHED.max_queue_size,  # None: sized from the KV cache (scalellm/engine/admission.py)
     "default_timeout_ms": 0,  # deadline of requests without timeout_ms; 0: none
     "worker_nice": EngineConfig.worker_nice,  # nice of the engine's OpenMP workers (0: unchanged)
+    "stream_interval": StreamConfig.stream_interval,  # streaming: a response every this many tokens (pacing.py)
 }
 
 
@@ -46,6 +47,13 @@ def _int(params: dict[str, str], name: str) -> int | None:
 
 def default_timeout_ms(params: dict[str, str]) -> int:
     return _int(params, "default_timeout_ms") or 0
+
+
+def stream_config(params: dict[str, str]) -> StreamConfig:
+    interval = _int(params, "stream_interval")
+    if interval < 1:
+        raise ValueError(f"llm parameter stream_interval must be >= 1 (got {interval})")
+    return StreamConfig(stream_interval=interval)
 
 
 def engine_config(params: dict[str, str], engine_dir: Path, meta: dict[str, Any]) -> EngineConfig:

@@ -41,6 +41,7 @@ class LLMRequest:
     perf_metrics: bool
     num_input_tokens: bool
     timeout_ms: int = 0  # 0: the llm's default_timeout_ms
+    stream_interval: int | None = None  # None: the llm's stream_interval parameter
 
 
 def _words(get: Get, name: str) -> tuple[tuple[int, ...], ...]:
@@ -122,6 +123,10 @@ def parse(get: Get, limits: EngineLimits) -> LLMRequest:
     )
     timeout_ms = int(value("timeout_ms") or 0)
     check_range("timeout_ms", timeout_ms, low=0, high=MAX_TIMEOUT_MS)
+    interval = value("stream_interval")
+    if interval is not None:
+        interval = int(interval)
+        check_range("stream_interval", interval, low=LLM_FIELDS["stream_interval"].low)
     samples = [SamplingParams(seed=(seed + i) % (1 << 63), **base) for i in range(n)]
     return LLMRequest(
         prompt=prompt,
@@ -131,4 +136,5 @@ def parse(get: Get, limits: EngineLimits) -> LLMRequest:
         perf_metrics=bool(value("return_perf_metrics")),
         num_input_tokens=bool(value("return_num_input_tokens")),
         timeout_ms=timeout_ms,
+        stream_interval=interval,
     )

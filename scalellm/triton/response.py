@@ -1,6 +1,7 @@
 """Engine outputs -> ``llm`` response tensors, in tensorrtllm_backend's shapes ([batch, beam, ...], batch 1).
 
-Streaming: each response holds only its new tokens (the prompt is never streamed, as in TensorRT-LLM).
+Streaming: each response holds only its new tokens (the prompt is never streamed, as in TensorRT-LLM); which
+engine outputs go into one response is ``pacing.py``'s call.
 Not streaming: one response with every output token, the prompt first unless ``exclude_input_in_output``.
 ``context_ids`` (ours) carries the tokens shown just before, so postprocessing can detokenise byte-exactly.
 Optional outputs appear only when asked for (``return_log_probs``, ``return_perf_metrics``,
@@ -9,12 +10,13 @@ Optional outputs appear only when asked for (``return_log_probs``, ``return_perf
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from scalellm.engine.sequence import RequestOutput
 from scalellm.tokenization import context_tail
+from scalellm.triton.pacing import Pacer
 from scalellm.triton.request import LLMRequest
 
 PERF_OUTPUTS = ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")
@@ -26,15 +28,14 @@ class SequenceProgress:
 
     index: int  # sequence_index
     shown: list[int]  # the last tokens already shown (detokenisation context)
-    tokens: list[int] = field(default_factory=list)  # not streaming: the output so far
-    log_probs: list[float] = field(default_factory=list)  # not streaming: the output's log-probs so far
+    pacer: Pacer  # the output not yet sent
     cum_log_prob: float = 0.0
     done: bool = False
 
 
-def start(request: LLMRequest, index: int) -> SequenceProgress:
+def start(request: LLMRequest, index: int, stream_interval: int) -> SequenceProgress:
     shown = [] if not request.stream and not request.exclude_input else context_tail(request.prompt, [])
-    return SequenceProgress(index=index, shown=shown)
+    return SequenceProgress(index=index, shown=shown, pacer=Pacer(stream_interval if request.stream else None))
 
 
 def _i32(value: int) -> np.ndarray:
@@ -43,17 +44,16 @@ def _i32(value: int) -> np.ndarray:
 
 def tensors(request: LLMRequest, seq: SequenceProgress, out: RequestOutput,
             block_size: int = 16) -> dict[str, np.ndarray] | None:
-    """The response for ``out``, or None when there is nothing to send yet."""
+    """The response for ``out`` (one engine output, or several merged; not streaming: the whole output), or None
+    when there is nothing to send."""
     final = out.finish_reason is not None
     new, new_lp = out.new_token_ids, out.new_log_probs or []
-    seq.cum_log_prob += float(sum(new_lp))
+    for lp in new_lp:  # one token at a time: the same sum however the outputs were merged
+        seq.cum_log_prob += lp
     if not request.stream:
-        seq.tokens += new
-        seq.log_probs += new_lp
         if not final:
             return None
-        new = seq.tokens if request.exclude_input else request.prompt + seq.tokens
-        new_lp = seq.log_probs
+        new = new if request.exclude_input else request.prompt + new
     elif not new and not final:
         return None
     context = seq.shown

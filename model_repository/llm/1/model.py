@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from scalellm.engine.engine import LLMEngine
 from scalellm.metrics import EngineMetrics
 from scalellm.triton.host import EngineHost
-from scalellm.triton.params import default_timeout_ms, engine_config
+from scalellm.triton.params import default_timeout_ms, engine_config, stream_config
 from scalellm.triton.tensors import engine_meta, model_parameters, resolve_engine_dir
 
 
@@ -50,7 +50,7 @@ class TritonPythonModel:
         policy = json.loads(args["model_config"]).get("model_transaction_policy", {})
         self.host = EngineHost(engine, decoupled=bool(policy.get("decoupled", False)),
                                on_log=pb_utils.Logger.log_info, default_timeout_ms=default_timeout_ms(params),
-                               on_reject=metrics.record_rejection)
+                               on_reject=metrics.record_rejection, stream=stream_config(params))
         self.host.start()
 
     def execute(self, requests: list) -> None:
