@@ -104,19 +104,17 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     quantize: str | None = None
-    # Quantised formats: prompt tokens multiply the weights by unquantised activations (bf16 or float32; on our
-    # panel kernels, or without them on a dense copy of the weights), generated tokens by int8-quantised ones on
-    # q_q8_mm (memory-bound: the weights' bytes are what a token costs). A token's path depends only on whether it
-    # is a prompt token, so batching never changes a result (scalellm/models/quant.py), and a prompt's first token
+    # Quantised formats: prompt tokens multiply the weights by unquantised activations (bf16 or float32), generated
+    # tokens by int8-quantised ones (memory-bound: the weights' bytes are what a token costs). A token's path
+    # depends only on whether it is a prompt token, so batching never changes a result, and a prompt's first token
     # is picked without int8 activation noise (it moved "The capital of France is Paris" to another answer).
-    # False = every token on the packed kernels.
-    dense_prompts: bool = True
-    # Our matmul kernels where the CPU and a compiler allow (scalellm/models/kernels): q_q8_mm for generated tokens
-    # of int4 / int8 formats (llama.cpp's Q4_1 / Q8_0 x Q8), the panel kernels for prompt tokens and for every
-    # layer of the dense formats; each computes a row the same whatever it is batched with, on every CPU. False,
-    # or no kernels = torch's packed kernels and GEMMs. On a CPU without native bf16, ``auto`` runs quantised
-    # weights only on our kernels.
-    int8_activations: bool = True
+    # False = every token as a generated one (scalellm/models/linear.py).
+    unquantized_prompts: bool = True
+    # Our CPU kernels where the CPU and a compiler allow (scalellm/models/kernels): every matmul and the layers'
+    # other operations, each computing a row the same whatever it is batched with, on every CPU. False, or no
+    # kernels = torch's (correct, slower, not batch-invariant by construction). On a CPU without native bf16,
+    # ``auto`` runs quantised weights only on our kernels.
+    cpu_kernels: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None  # torch intra-op threads; None = torch's default

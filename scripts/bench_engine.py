@@ -59,10 +59,10 @@ def bench_format(args: argparse.Namespace, spec: str | None) -> list[dict]:
                           num_threads=args.threads)
     if quantize is not None:  # an older EngineConfig has no quantize field: compare checkouts with no --format
         config.quantize = quantize
-    if args.packed_prompts:
-        config.dense_prompts = False
-    if args.no_int8_activations:
-        config.int8_activations = False
+    if args.quantized_prompts:
+        config.unquantized_prompts = False
+    if args.no_cpu_kernels:
+        config.cpu_kernels = False
     start = time.perf_counter()
     engine = LLMEngine(config)
     engine.start()
@@ -90,10 +90,10 @@ def main() -> None:
                         help="weight formats to run one after the other (default: the engine's recorded one)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 gives stable "
                         "ratios on a loaded machine")
-    parser.add_argument("--packed-prompts", action="store_true",
-                        help="quantised formats: prompt tokens on the packed kernels too (EngineConfig.dense_prompts)")
-    parser.add_argument("--no-int8-activations", action="store_true",
-                        help="int4: torch's kernel on bf16 activations, not VNNI (EngineConfig.int8_activations)")
+    parser.add_argument("--quantized-prompts", action="store_true",
+                        help="quantised formats: prompt tokens as generated ones (EngineConfig.unquantized_prompts)")
+    parser.add_argument("--no-cpu-kernels", action="store_true",
+                        help="torch's kernels, not ours (EngineConfig.cpu_kernels)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 

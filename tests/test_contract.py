@@ -84,8 +84,9 @@ def test_engine_defaults_live_once() -> None:
     config = engine_config(default_parameters(), Path("engine"), {})
     assert config.cache == CacheConfig() and config.scheduler == SchedulerConfig()
     assert (config.device, config.dtype, config.num_threads) == (EngineConfig.device, EngineConfig.dtype, None)
-    assert config.dense_prompts == EngineConfig.dense_prompts
-    assert not engine_config({**default_parameters(), "dense_prompts": "0"}, Path("engine"), {}).dense_prompts
+    assert config.unquantized_prompts == EngineConfig.unquantized_prompts
+    off = engine_config({**default_parameters(), "unquantized_prompts": "0"}, Path("engine"), {})
+    assert not off.unquantized_prompts
     overridden = engine_config({**default_parameters(), "max_num_seqs": "8"}, Path("engine"), {"max_model_len": 99})
     assert (overridden.scheduler.max_num_seqs, overridden.scheduler.max_model_len) == (8, 99)
     llm = (DEFAULT_TEMPLATES / "llm" / "config.pbtxt").read_text()

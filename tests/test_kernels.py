@@ -17,7 +17,7 @@ import torch
 
 from scalellm.models import cpu, kernels
 from scalellm.models.attention import decode_attention, decode_bias
-from scalellm.models.quant import Int4Linear, Int8Linear, int4_groups
+from scalellm.models.linear import Int4Linear, Int8Linear, install_matmuls, int4_groups
 
 pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 or no compiler here")
 
@@ -114,18 +114,15 @@ def test_q_bf16_mm_is_bf16_products_on_the_weights_and_batch_invariant(ops, bits
 @pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
 def test_q8_linear_rows_do_not_depend_on_the_batch(cls):
     torch.manual_seed(1)
-    linear = cls.quantize(torch.randn(80, 576) * 0.05)  # a group of 16 blocks, then a pair
-    for name, buffer in linear.named_buffers():
-        if buffer.is_floating_point():
-            setattr(linear, name, buffer.bfloat16())
-    plain = linear(torch.randn(3, 576).bfloat16())
-    assert linear.takes_kernels()
-    linear.use_q8(linear.codes())
+    weight = torch.randn(80, 576) * 0.05  # a group of 16 blocks, then a pair
+    on_torch, ours = cls.quantize(weight), cls.quantize(weight)
+    install_matmuls(on_torch, weight.bfloat16(), torch.bfloat16, on_kernels=False, prompts=False)
+    install_matmuls(ours, weight.bfloat16(), torch.bfloat16, on_kernels=True, prompts=False)
     x = torch.randn(9, 576).bfloat16()
-    together = linear(x)
+    together = ours(x)
     for i in range(9):
-        assert torch.equal(together[i], linear(x[i : i + 1])[0])
-    assert not torch.equal(plain, linear(x[:3]))  # it really is another kernel now
+        assert torch.equal(together[i], ours(x[i : i + 1])[0])
+    assert not torch.equal(on_torch(x), together)  # it really is another kernel than torch's
 
 
 def test_int4_codes_come_back_out_of_torchs_packing():
@@ -196,20 +193,29 @@ def test_engine_rows_are_the_same_bits_alone_chunked_cached_and_batched():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_ops_match_the_torch_ops_they_replace(ops, dtype):
-    """RMSNorm (+ residual add), RoPE + cache write and silu * mul against the unfused torch code of llama.py."""
+    """RMSNorm (+ residual add), RoPE + cache write and silu * mul against the torch code they replace
+    (scalellm/models/layer_ops.py's TorchOps)."""
     import torch.nn.functional as F
 
-    from scalellm.models.llama import RMSNorm, RotaryEmbedding, apply_rope
+    from scalellm.models.layer_ops import TorchOps, apply_rope
+    from scalellm.models.llama import RMSNorm, RotaryEmbedding
+
+    torch_ops = TorchOps()
 
     torch.manual_seed(4)
     rows, hidden, heads, kv_heads, dim = 37, 576, 9, 3, 64  # 37: threads and row tails
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     norm = RMSNorm(hidden, 1e-5).to(dtype)
     norm.weight.data = torch.randn(hidden).to(dtype)
+
+    def torch_norm(x: torch.Tensor) -> torch.Tensor:
+        return torch_ops.norm(x, norm.weight, 1e-5)
+
     x, delta = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
-    assert torch.allclose(ops.rms_norm(x.clone(), None, norm.weight, 1e-5).float(), norm(x).float(), **tol)
+    assert torch.allclose(ops.rms_norm(x.clone(), None, norm.weight, 1e-5).float(), torch_norm(x).float(), **tol)
     residual = x.clone()
-    assert torch.allclose(ops.rms_norm(residual, delta, norm.weight, 1e-5).float(), norm(x + delta).float(), **tol)
+    assert torch.allclose(ops.rms_norm(residual, delta, norm.weight, 1e-5).float(), torch_norm(x + delta).float(),
+                          **tol)
     assert torch.equal(residual, x + delta)  # the residual add happened in place, rounded as torch rounds it
 
     gate_up = torch.randn(rows, 2 * 1536).to(dtype)
@@ -221,7 +227,8 @@ def test_layer_ops_match_the_torch_ops_they_replace(ops, dtype):
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim).to(dtype)
     cache = torch.zeros(2, kv_heads, 512, dim, dtype=dtype)
     q = ops.rope_kv(qkv, rope.cos, rope.sin, positions, cache, slots, heads, kv_heads)
-    qk = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, dim), rope.table(positions, dtype))
+    table = torch_ops.rope_inputs(rope.cos, rope.sin, positions, dtype)
+    qk = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, dim), table)
     assert torch.equal(q, qk[:, :heads])  # rounded where torch's ops round: the same bits
     assert torch.equal(cache[0, :, slots].transpose(0, 1), qk[:, heads:])
     assert torch.equal(cache[1, :, slots].transpose(0, 1), qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim))

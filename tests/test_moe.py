@@ -20,7 +20,6 @@ import build_engines
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import SamplingParams
-from scalellm.models.attention import AttentionBatch, PrefillChunk, kv_cache_shape
 from scalellm.models.moe import SparseMoE
 from scalellm.tokenization import load_tokenizer
 
@@ -71,12 +70,7 @@ def start_engine(engine_dir: Path) -> LLMEngine:
 
 def our_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     """[T, V] logits of a whole prompt, through our model on a private KV cache."""
-    cfg, model, n = engine.model_config, engine.runner.model, len(ids)
-    slots = torch.arange(n)
-    caches = [torch.zeros(kv_cache_shape(n, cfg.num_kv_heads, cfg.head_dim)) for _ in range(cfg.num_layers)]
-    batch = AttentionBatch(slots, block_size=n, prefills=[PrefillChunk(0, n, slots)])  # one block, prefill only
-    hidden = model(torch.tensor(ids), torch.arange(n), caches, batch)
-    return model.compute_logits(hidden)
+    return engine.runner.score(ids)
 
 
 @torch.no_grad()
@@ -155,9 +149,9 @@ def test_fused_transformers_names_load(tiny_mixtral, tmp_path):
     """transformers' in-memory names (mlp.gate, mlp.experts.gate_up_proj/down_proj) load too."""
     hf_dir, reference = tiny_mixtral
     engine_dir = build(hf_dir, tmp_path / "out")
-    # torch's layers (int8_activations off): our kernels' layers hold their weights packed, not under HF's names
+    # torch's layers (cpu_kernels off): on our kernels a layer holds its weights packed, not under HF's names
     engine = LLMEngine(EngineConfig(engine_dir=str(engine_dir), cache=CacheConfig(num_blocks=4),
-                                    int8_activations=False))
+                                    cpu_kernels=False))
     engine.runner.model.load_hf_state_dict(reference.state_dict())
     ids = load_tokenizer(engine_dir).encode(PROMPTS[1]).ids
     assert (our_logits(engine, ids) - hf_logits(reference, ids)).abs().max().item() <= 1e-3
@@ -319,7 +313,8 @@ def test_upcycled_smollm2_greedy_equals_dense(tmp_path):
             outputs.append(greedy(engine, prompts, 32))
             if engine.model_config.num_experts:  # the random router spreads tokens over all experts
                 with torch.no_grad():
-                    _, experts = engine.runner.model.layers[0].block_sparse_moe.route(torch.randn(64, 576))
+                    x = torch.randn(64, 576).to(engine.runner.dtype)
+                    _, experts = engine.runner.model.layers[0].block_sparse_moe.route(x)
                 assert experts.unique().numel() == 4
         finally:
             engine.stop()

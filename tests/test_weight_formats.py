@@ -2,8 +2,8 @@
 a fixed ~1k-token English text (tests/data/perplexity_text.txt): top-1 agreement with float32's next-token choice
 and perplexity.
 
-Bounds (issue #8): bf16 agreement >= 0.95 and perplexity within 1%; int8 >= 0.93 and 2%; int4 (the GGUF's own
-Q4_1 blocks, re-derived exactly by scalellm/models/quant.py) within 3%.
+Bounds: bf16 agreement >= 0.95 and perplexity within 1%; int8 >= 0.93 and 2%; int4 (the GGUF's own
+Q4_1 blocks, re-derived exactly by scalellm/models/linear.py) within 3%.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from torch import nn
 from scalellm.config import CacheConfig, EngineConfig
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.models import cpu, kernels
-from scalellm.models.attention import AttentionBatch, PrefillChunk
-from scalellm.models.quant import DenseRows, int4_groups, quantize_model
+from scalellm.models.linear import Linear, QuantizedLinear, int4_groups, quantize_model
+from scalellm.models.step import PROMPT_ROWS, RowSplit
 from scalellm.tokenization import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 TEXT = ROOT / "tests" / "data" / "perplexity_text.txt"
-BLOCK_SIZE = 16
 
 # (dtype, quantize, the rows' path, min top-1 agreement with float32, max relative perplexity change). "generated":
 # every token as a generated one (int8 activations on q_q8_mm where our kernels build); "prompt": every token as a
@@ -52,20 +51,11 @@ def text_ids() -> list[int]:
 
 
 def teacher_forced_logits(dtype: str, quantize: str, ids: list[int], rows: str = "generated") -> torch.Tensor:
-    """[n, vocab] float32 logits of every position, the whole text as one prefill through our model, every row on
+    """[n, vocab] float32 logits of every position, the whole text as one step through our model, every row on
     the path a generated token takes, or on a prompt token's."""
-    blocks = -(-len(ids) // BLOCK_SIZE)
     runner = ModelRunner(EngineConfig(engine_dir=str(ENGINE_DIR), dtype=dtype, quantize=quantize,
-                                      cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=blocks),
-                                      dense_prompts=rows == "prompt"))
-    n = len(ids)
-    if runner.dense_rows is not None:
-        runner.dense_rows.update([True] * n, torch.device("cpu"))
-        runner.head_rows.update([True] * n, torch.device("cpu"))
-    slots = torch.arange(n)
-    batch = AttentionBatch(slots, BLOCK_SIZE, prefills=[PrefillChunk(0, n, slots)])
-    hidden = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_caches, batch)
-    return runner.model.compute_logits(hidden).float()
+                                      cache=CacheConfig(num_blocks=1)))
+    return runner.score(ids, as_prompt=rows == "prompt")
 
 
 def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
@@ -130,11 +120,10 @@ def test_int4_recovers_the_gguf_q4_1_blocks():
     assert torch.allclose(z, m + 8 * d, rtol=1e-5, atol=1e-6)
 
 
-def quantized_layer(kind: str, weight: torch.Tensor, dtype: torch.dtype, on_kernels: bool, rows: DenseRows):
+def quantized_layer(kind: str, weight: torch.Tensor, dtype: torch.dtype, on_kernels: bool) -> QuantizedLinear:
     """``weight`` as the engine installs it: quantize_model on a one-layer module."""
-    holder = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
-    holder[0].weight.data = weight.to(dtype)
-    quantize_model(holder, kind, dtype, dense=rows, int8_activations=on_kernels)
+    holder = nn.Sequential(Linear.of(weight.to(dtype), on_kernels=False))
+    quantize_model(holder, kind, dtype, on_kernels=on_kernels)
     return holder[0]
 
 
@@ -150,19 +139,14 @@ def test_mixed_step_computes_each_row_as_alone(kind, dtype, on_kernels):
     if dtype == torch.bfloat16 and not cpu.native_bf16():
         pytest.skip(f"not run: bf16 activations need native bf16 (level {cpu.level()})")
     torch.manual_seed(0)
-    rows = DenseRows()
-    linear = quantized_layer(kind, torch.randn(96, 64) * 0.05, dtype, on_kernels, rows)
+    linear = quantized_layer(kind, torch.randn(96, 64) * 0.05, dtype, on_kernels)
     x = torch.randn(7, 64).to(dtype)
     is_prompt = [True, False, False, True, True, False, True]
-    rows.update(is_prompt, torch.device("cpu"))
-    mixed = linear(x)
+    mixed = linear(x, RowSplit.of(is_prompt))
     for i, prompt in enumerate(is_prompt):
-        rows.update([prompt], torch.device("cpu"))
-        assert torch.equal(mixed[i], linear(x[i : i + 1])[0])
-    rows.update([False] * 7, torch.device("cpu"))
-    generated = linear(x)
-    rows.update([True] * 7, torch.device("cpu"))
-    assert not torch.equal(generated, linear(x))  # the two kinds of rows really take different kernels
+        assert torch.equal(mixed[i], linear(x[i : i + 1], RowSplit.of([prompt]))[0])
+    # the two kinds of rows really take different kernels
+    assert not torch.equal(linear(x, RowSplit.of([False] * 7)), linear(x, RowSplit.of([True] * 7)))
 
 
 @pytest.mark.isa_path
@@ -172,25 +156,20 @@ def test_prompt_rows_do_not_depend_on_the_batch():
     takes AMX tiles for some row counts and AVX-512 for others.) Also the dense formats' layers and a MoE router."""
     from safetensors import safe_open
 
-    from scalellm.models.quant import PanelLinear
-
     if kernels.load() is None:
         pytest.skip("not run: our kernels do not build here (torch's GEMMs are not batch-invariant by construction)")
     runner = ModelRunner(EngineConfig(engine_dir=str(ENGINE_DIR), dtype="auto", cache=CacheConfig(num_blocks=4)))
     layer = runner.model.layers[0]
     linears = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj, "gate_up": layer.mlp.gate_up_proj,
                "down": layer.mlp.down_proj, "lm_head": runner.model.lm_head}
-    runner.dense_rows.update([True] * 64, torch.device("cpu"))  # every row a prompt row, the lm_head's too
-    runner.head_rows.update([True] * 64, torch.device("cpu"))
     with safe_open(str(ENGINE_DIR / "model.safetensors"), "pt") as f:
         down = f.get_tensor("model.layers.0.mlp.down_proj.weight")
     dense_dtypes = [torch.float32] + ([torch.bfloat16] if cpu.native_bf16() else [])
-    linears |= {f"dense {dtype}": PanelLinear(down.to(dtype)) for dtype in dense_dtypes}
+    dense = {f"dense {dtype}": (Linear.of(down.to(dtype), on_kernels=True), dtype) for dtype in dense_dtypes}
     torch.manual_seed(5)
-    for name, linear in linears.items():
-        dtype = linear.panels.dtype if isinstance(linear, PanelLinear) else runner.dtype
+    for name, (linear, dtype) in {**{n: (m, runner.dtype) for n, m in linears.items()}, **dense}.items():
         x = torch.randn(64, linear.in_features).to(dtype)
-        out = linear(x)
+        out = linear(x, PROMPT_ROWS)  # every row a prompt row, the lm_head's too
         for count in (1, 7, 16, 23):
-            assert torch.equal(linear(x[:count]), out[:count]), f"{name}: {count} rows"
-        assert torch.equal(linear(x[40:47]), out[40:47]), name
+            assert torch.equal(linear(x[:count], PROMPT_ROWS), out[:count]), f"{name}: {count} rows"
+        assert torch.equal(linear(x[40:47], PROMPT_ROWS), out[40:47]), name

@@ -9,19 +9,13 @@ import torch
 from scalellm.config import CacheConfig, EngineConfig, ModelConfig
 from scalellm.engine.scheduler import ScheduledWork
 from scalellm.models import kernels
-from scalellm.models.attention import (
-    AttentionBatch,
-    DecodeGroup,
-    PrefillChunk,
-    decode_bias,
-    kv_cache_shape,
-    length_groups,
-    prefill_mask,
-)
+from scalellm.models.attention import decode_bias, kv_cache_shape, length_groups, prefill_mask
 from scalellm.models.engine_dir import load_engine_state, load_packed_weights, read_engine_meta
 from scalellm.models.formats import AUTO, WeightFormat, resolve_format
+from scalellm.models.layer_ops import KernelOps, LayerOps, TorchOps
+from scalellm.models.linear import finalize, quantize_model
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
-from scalellm.models.quant import DenseRows, dense_on_panels, quantize_model
+from scalellm.models.step import PROMPT_ROWS, PrefillChunk, QueryGroup, RowSplit, Step
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +45,22 @@ def engine_weight_format(config: EngineConfig) -> WeightFormat:
         recorded = (read_engine_meta(config.engine_dir) or {}).get("quantize", "none")
         quantize = recorded if config.dtype in (AUTO, "bfloat16") else "none"
     device = torch.device(config.device).type
-    q8_kernels = device == "cpu" and config.int8_activations and kernels.load() is not None
-    return resolve_format(config.dtype, quantize, device, q8_kernels)
+    return resolve_format(config.dtype, quantize, device, on_kernels(config))
+
+
+def on_kernels(config: EngineConfig) -> bool:
+    """Whether the engine's matmuls run on our CPU kernels (they build here and the config wants them)."""
+    return torch.device(config.device).type == "cpu" and config.cpu_kernels and kernels.load() is not None
+
+
+def layer_ops(config: EngineConfig, cfg: ModelConfig) -> LayerOps:
+    """Our kernels for the layers' other operations where they build and take the model's heads, else torch's."""
+    if on_kernels(config) and kernels.fits(cfg.head_dim, cfg.num_heads // cfg.num_kv_heads):
+        return KernelOps(kernels.load())
+    if on_kernels(config):
+        log.info("head_dim %d with %d query heads per KV head: torch's attention and layer code serve",
+                 cfg.head_dim, cfg.num_heads // cfg.num_kv_heads)
+    return TorchOps()
 
 
 class ModelRunner:
@@ -61,37 +69,30 @@ class ModelRunner:
         self.format = engine_weight_format(config)
         self.dtype = self.format.dtype
         hf_config, state = load_engine_state(config.engine_dir)
-        self.model_config = ModelConfig.from_hf(hf_config)
+        self.model_config = c = ModelConfig.from_hf(hf_config)
+        self.ops = layer_ops(config, c)
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.model_config)
+            model = LlamaForCausalLM(c, self.ops)
         state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
         model.load_hf_state_dict(state, assign=True)
         del state
-        self.dense_rows = self.head_rows = None
-        if self.format.quantize != "none":
-            if config.dense_prompts:
-                self.dense_rows, self.head_rows = DenseRows(), DenseRows()
+        kernel_matmuls = on_kernels(config)
+        quantized = self.format.quantize != "none"
+        self.split_prompts = quantized and config.unquantized_prompts  # steps tell the layers their prompt rows
+        if quantized:
             packed = load_packed_weights(config.engine_dir, self.format.quantize)
             if packed is None:
-                log.warning("no %s weights built for this torch in %s: quantising now", self.format.quantize,
-                            config.engine_dir)
-            quantize_model(model, self.format.quantize, self.dtype, packed, self.dense_rows, config.int8_activations,
-                           self.head_rows)
-        if self.device.type == "cpu" and config.int8_activations and kernels.load() is not None:
-            dense_on_panels(model)  # a dense format's layers, a MoE's router: batch-invariant rows there too
-        c = self.model_config
+                log.warning("no %s weights built for this torch on this CPU in %s: quantising now",
+                            self.format.quantize, config.engine_dir)
+            quantize_model(model, self.format.quantize, self.dtype, packed, kernel_matmuls, config.unquantized_prompts)
+        finalize(model, kernel_matmuls)
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()
-        q8 = any(getattr(m, "q8", None) is not None for m in model.modules())
-        log.info("model weights: %s%s", self.format.name, f", x int8 on our {kernels.best_isa()} kernels" if q8 else "")
-        compiled = kernels.load() if self.device.type == "cpu" else None
-        if compiled is not None and not kernels.fits(c.head_dim, c.num_heads // c.num_kv_heads):
-            log.info("head_dim %d with %d query heads per KV head: torch's attention and layer code serve",
-                     c.head_dim, c.num_heads // c.num_kv_heads)
-            compiled = None
+        on = f", on our {kernels.best_isa()} kernels" if kernel_matmuls else ", on torch's kernels"
+        log.info("model weights: %s%s", self.format.name, on)
         if config.cache.kv_cache_dtype not in ("auto", "activations"):
             raise ValueError(f"kv_cache_dtype must be auto or activations (got {config.cache.kv_cache_dtype!r})")
-        half_cache = (config.cache.kv_cache_dtype == "auto" and compiled is not None and q8
+        half_cache = (config.cache.kv_cache_dtype == "auto" and self.ops.in_place and quantized
                       and self.dtype == torch.float32)  # only our kernels read and write a float16 cache
         self.kv_dtype = torch.float16 if half_cache else self.dtype
         self.block_size = config.cache.block_size
@@ -104,16 +105,12 @@ class ModelRunner:
         self._block_offsets = torch.arange(self.block_size)
         if half_cache:
             log.info("KV cache: float16 (kv_cache_dtype auto: quantised weights on float32 activations)")
-        self.decode_kernel = compiled.paged_decode if compiled is not None else None
-        if compiled is not None:
-            self.model.use_kernels(compiled)
-        self._compiled = compiled
 
     def nice_workers(self, nice: int) -> None:
         """The calling thread's OpenMP workers at ``nice`` where our kernels serve (EngineConfig.worker_nice):
         their dynamic schedules let the caller take over a preempted worker's share; torch's static ones don't."""
-        if nice and self._compiled is not None:
-            self._compiled.nice_workers(nice)
+        if nice and isinstance(self.ops, KernelOps):
+            self.ops.ops.nice_workers(nice)
 
     def _context_slots(self, table: list[int], length: int) -> torch.Tensor:
         """[length] cache slots of one sequence's first ``length`` tokens (its block table covers them)."""
@@ -121,8 +118,8 @@ class ModelRunner:
         return (blocks.unsqueeze(1) * self.block_size + self._block_offsets).flatten()[:length]
 
     def _decode_groups(self, rows: list[int], tables: list[list[int]], lengths: list[int],
-                       all_rows: bool) -> list[DecodeGroup]:
-        if self.decode_kernel is not None:  # reads each context in place: one group, padded tables only
+                       all_rows: bool) -> list[QueryGroup]:
+        if self.ops.in_place:  # reads each context in place: one group, padded tables only
             unique: list[list[int]] = []  # a prompt's rows share its sequence's table: pad it once, repeat it
             counts: list[int] = []
             for table in tables:
@@ -136,7 +133,7 @@ class ModelRunner:
             if len(unique) < len(tables):
                 blocks = blocks.repeat_interleave(torch.tensor(counts), dim=0)
             index = None if all_rows else torch.tensor(rows, device=self.device)
-            return [DecodeGroup(index, blocks.to(self.device), None, torch.tensor(lengths, device=self.device))]
+            return [QueryGroup(index, blocks.to(self.device), None, torch.tensor(lengths, device=self.device))]
         groups = []
         for members in length_groups(lengths):
             members.sort()
@@ -146,11 +143,11 @@ class ModelRunner:
             bias = decode_bias(torch.tensor(lens), width * self.block_size)
             whole = all_rows and len(members) == len(rows)
             index = None if whole else torch.tensor([rows[i] for i in members], device=self.device)
-            groups.append(DecodeGroup(index, blocks.to(self.device), _to(bias, self.device)))
+            groups.append(QueryGroup(index, blocks.to(self.device), _to(bias, self.device)))
         return groups
 
-    def _build_batch(self, work: list[ScheduledWork]) -> tuple[list[int], list[int], AttentionBatch, list[int]]:
-        """The step's flat token batch; also tells ``dense_rows`` which rows are prompt tokens."""
+    def _build_step(self, work: list[ScheduledWork]) -> tuple[list[int], list[int], Step, list[int]]:
+        """The step's flat token batch: (token ids, positions, Step, the rows that sample)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -170,7 +167,7 @@ class ModelRunner:
             prompt_rows.extend(p < len(seq.prompt_ids) for p in range(start, end))
             table = seq.block_table
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if w.num_tokens == 1 or self.decode_kernel is not None:  # the kernel: every row as one query
+            if w.num_tokens == 1 or self.ops.in_place:  # in place: every row as one query
                 decode_rows.extend(range(row, row + w.num_tokens))
                 decode_tables.extend([table] * w.num_tokens)
                 decode_lengths.extend(range(start + 1, end + 1))
@@ -183,27 +180,44 @@ class ModelRunner:
         decodes = []
         if decode_rows:
             decodes = self._decode_groups(decode_rows, decode_tables, decode_lengths, not prefills)
-        batch = AttentionBatch(torch.tensor(slot_mapping, device=self.device), self.block_size, decodes, prefills,
-                               self.decode_kernel)
-        if self.dense_rows is not None:
-            self.dense_rows.update(prompt_rows, self.device)
-            self.head_rows.update([prompt_rows[r] for r in sample_rows], self.device)
-        return input_ids, positions, batch, sample_rows
+        step = Step(torch.tensor(slot_mapping, device=self.device), self.block_size, decodes, prefills)
+        if self.split_prompts:
+            step.rows = RowSplit.of(prompt_rows)
+            step.head_rows = RowSplit.of([prompt_rows[r] for r in sample_rows])
+        return input_ids, positions, step, sample_rows
 
     def run(self, work: list[ScheduledWork]) -> torch.Tensor:
         """Forward the step; returns float32 logits on the CPU for the rows that sample, in work order."""
-        input_ids, positions, batch, sample_rows = self._build_batch(work)
+        input_ids, positions, step, sample_rows = self._build_step(work)
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),
             self.kv_caches,
-            batch,
+            step,
         )
         if not sample_rows:
             return torch.empty(0, self.model_config.vocab_size)
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(sample_rows, device=self.device)]
-        return self.model.compute_logits(hidden).cpu()
+        return self.model.compute_logits(hidden, step.head_rows).cpu()
+
+    def score(self, token_ids: list[int], as_prompt: bool = True) -> torch.Tensor:
+        """[n, vocab] float32 logits of every position of one sequence, teacher-forced in one step on a cache of its
+        own (the engine's is untouched): every row on a prompt token's path, or (``as_prompt`` False) on a
+        generated token's. For accuracy checks (perplexity, agreement between weight formats)."""
+        n, c = len(token_ids), self.model_config
+        caches = [torch.zeros(kv_cache_shape(n, c.num_kv_heads, c.head_dim), dtype=self.kv_dtype, device=self.device)
+                  for _ in range(c.num_layers)]
+        slots = torch.arange(n, device=self.device)
+        if self.ops.in_place:  # one block of n slots; row i attends to the first i + 1
+            step = Step(slots, n, [QueryGroup(None, torch.zeros(n, 1, dtype=torch.long, device=self.device), None,
+                                              torch.arange(1, n + 1, device=self.device))])
+        else:
+            step = Step(slots, n, prefills=[PrefillChunk(0, n, slots)])
+        if as_prompt and self.split_prompts:
+            step.rows = step.head_rows = PROMPT_ROWS
+        hidden = self.model(torch.tensor(token_ids, device=self.device), slots, caches, step)
+        return self.model.compute_logits(hidden, step.head_rows).cpu()
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

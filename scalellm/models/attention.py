@@ -1,4 +1,4 @@
-"""Paged attention in plain PyTorch.
+"""Paged attention in plain PyTorch (``TorchOps``; our kernel reads the cache in place instead: layer_ops.py).
 
 The KV cache of one layer is a tensor ``[2, num_kv_heads, num_slots, head_dim]`` (K and V) where slot
 ``block * block_size + offset`` holds one token.  A step's new tokens are first written at their slots
@@ -6,59 +6,22 @@ The KV cache of one layer is a tensor ``[2, num_kv_heads, num_slots, head_dim]``
 Heads come before slots so that a gather of slots yields K and V already in the layout the attention matmuls
 read (no transposed copies per layer).
 
-Everything index-shaped is built once per step by the model runner (AttentionBatch) and shared by all layers.
-
-With our CPU kernel (``AttentionBatch.kernel``, scalellm/models/kernels/paged_decode.cpp) every row of the step,
-prompt or generated, is one query over its own sequence's first ``length`` keys, read where they sit in the
-cache: one call per layer, no gathered copy, no padding. A row's result then depends only on its sequence, never
-on how its prompt was chunked, what the prefix cache held or what it was batched with (bit for bit).
-
-Without it (other CPUs, CUDA), a layer gathers K/V through those indices and calls matmuls or SDPA, and a step
-mixes two shapes of work, so it is split into groups:
-* decodes: one query each, batched into matmuls over keys padded to the group's longest context; decodes
-  are grouped by context length (a group never pads a context to more than twice its length), so the cost
+Everything index-shaped is built once per step by the model runner (``Step``) and shared by all layers. A step
+mixes two shapes of work:
+* decodes: one query each (``QueryGroup``), batched into matmuls over keys padded to the group's longest context;
+  decodes are grouped by context length (a group never pads a context to more than twice its length), so the cost
   follows the real contexts, not the batch's longest one. They gather whole blocks (block_size * head_dim
   contiguous values per index): 3.8x faster than gathering slot by slot at 64 sequences of 192 tokens;
-* prefill chunks: many queries of one sequence, causal over its cached prefix plus the chunk. SDPA's result
-  for a token differs in the last bits with the chunk it is in.
+* prefill chunks: many queries of one sequence, causal over its cached prefix plus the chunk (``PrefillChunk``).
+  SDPA's result for a token differs in the last bits with the chunk it is in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class DecodeGroup:
-    token_index: torch.Tensor | None  # [B] rows of the step's flat token batch; None = all rows, in order
-    blocks: torch.Tensor  # [B, W] cache blocks of each sequence's context (padded): K = W * block_size keys
-    bias: torch.Tensor | None  # [B, 1, K] float32, 0 for a real key and -inf for padding; None = no padding
-    lengths: torch.Tensor | None = None  # [B] int64 keys each row attends to: with ``AttentionBatch.kernel``
-
-
-@dataclass
-class PrefillChunk:
-    start: int  # rows [start, start + num_new) of the flat token batch
-    num_new: int
-    slots: torch.Tensor  # [context_len] slots of the whole context, chunk included
-    mask: torch.Tensor | None = None  # [num_new, context_len] for a later chunk; None = plain causal
-
-
-@dataclass
-class AttentionBatch:
-    """Everything attention needs for one engine step (built by the model runner, shared by all layers)."""
-
-    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
-    block_size: int
-    decodes: list[DecodeGroup] = field(default_factory=list)
-    prefills: list[PrefillChunk] = field(default_factory=list)
-    # The CPU kernel (scalellm/models/kernels/paged_decode.cpp): then every row is in one DecodeGroup and there
-    # are no prefills. None = the gather + matmuls / SDPA below.
-    kernel: Callable[..., torch.Tensor] | None = None
+from scalellm.models.step import Step
 
 
 def paged_attention(
@@ -66,28 +29,24 @@ def paged_attention(
     k: torch.Tensor,  # [T, KVH, D]
     v: torch.Tensor,
     kv_cache: torch.Tensor,  # [2, KVH, S, D]
-    batch: AttentionBatch,
+    step: Step,
     scale: float,
 ) -> torch.Tensor:
-    """Write the step's K/V into the cache (in its dtype: float16 under CacheConfig.kv_cache_dtype auto), then
-    attend in q's dtype; returns [T, H, D]. Not for a batch built for the kernel
-    (``attend_in_place``): its rows carry no padding bias."""
-    if batch.kernel is not None:
-        raise ValueError("an AttentionBatch built for the CPU kernel goes to attend_in_place")
-    kv_cache.index_copy_(2, batch.slot_mapping, torch.stack([k, v]).transpose(1, 2).to(kv_cache.dtype))
+    """Write the step's K/V into the cache (in its dtype), then attend in q's dtype; returns [T, H, D]."""
+    kv_cache.index_copy_(2, step.slot_mapping, torch.stack([k, v]).transpose(1, 2).to(kv_cache.dtype))
     gqa = q.shape[1] != k.shape[1]  # prefill chunks: SDPA groups the heads itself
-    only_decodes = not batch.prefills and len(batch.decodes) == 1 and batch.decodes[0].token_index is None
+    only_decodes = not step.prefills and len(step.queries) == 1 and step.queries[0].token_index is None
     out = None if only_decodes else torch.empty_like(q)
     kvh, dim = kv_cache.shape[1], kv_cache.shape[-1]
-    by_block = kv_cache.view(2, kvh, -1, batch.block_size * dim)
-    for d in batch.decodes:
+    by_block = kv_cache.view(2, kvh, -1, step.block_size * dim)
+    for d in step.queries:
         b, width = d.blocks.shape
-        kv = by_block.index_select(2, d.blocks.flatten()).view(2, kvh, b, width * batch.block_size, dim).to(q.dtype)
+        kv = by_block.index_select(2, d.blocks.flatten()).view(2, kvh, b, width * step.block_size, dim).to(q.dtype)
         o = decode_attention(q if d.token_index is None else q[d.token_index], kv[0], kv[1], d.bias, scale)
         if out is None:
             return o
         out[d.token_index] = o
-    for p in batch.prefills:
+    for p in step.prefills:
         qp = q[p.start : p.start + p.num_new].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         kv = kv_cache.index_select(2, p.slots).unsqueeze(1).to(q.dtype)  # [2, 1, KVH, ctx, D]
         if p.mask is None:
@@ -96,13 +55,6 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=p.mask, scale=scale, enable_gqa=gqa)
         out[p.start : p.start + p.num_new] = o.squeeze(0).transpose(0, 1)
     return out
-
-
-def attend_in_place(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """The kernel path: the step's K/V are already in the cache (written with RoPE by the rope_kv kernel) and
-    every row is one query of the step's one DecodeGroup. q [T, H, D] contiguous -> [T, H, D]."""
-    (rows,) = batch.decodes
-    return batch.kernel(q, kv_cache, rows.blocks, rows.lengths, batch.block_size, scale)
 
 
 def decode_attention(

@@ -136,7 +136,7 @@ def _clean_config(config: dict[str, Any], architecture: str | None = None) -> di
 
 def native_quantize(path: str | Path) -> str:
     """The weight-only format a checkpoint already is: "int4" for a GGUF whose block weights are all Q4_1 (our
-    int4 is exactly Q4_1, see scalellm/models/quant.py), an engine directory's recorded one, else "none"."""
+    int4 is exactly Q4_1, see scalellm/models/linear.py), an engine directory's recorded one, else "none"."""
     path = Path(path)
     if checkpoint_format(path) == "hf":
         meta = path / "scalellm_engine.json"

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from scalellm.models.checkpoint import CONFIG_FILE
 from scalellm.models.formats import AUTO, DTYPES, QUANTIZE, dtype_name
-from scalellm.models.quant import QUANTIZED_FILE, packed_state, quantize_model
+from scalellm.models.linear import QUANTIZED_FILE, packed_state, quantize_model
 
 ENGINE_META_FILE = "scalellm_engine.json"
 WEIGHTS_FILE = "model.safetensors"

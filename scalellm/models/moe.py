@@ -13,48 +13,43 @@ over tokens.  Expert weights are fused 3-D parameters: ``w13[e]`` = cat(gate (HF
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from scalellm.models.quant import DenseRows
+from scalellm.models.layer_ops import LayerOps, TorchOps
+from scalellm.models.linear import Linear
+from scalellm.models.step import GENERATED_ROWS, RowSplit
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int,
+                 ops: LayerOps | None = None) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}] (got {top_k})")
+        self.ops = ops or TorchOps()  # silu * up as the dense MLP computes it
         self.num_experts, self.top_k, self.intermediate = num_experts, top_k, intermediate
-        self.gate = nn.Linear(hidden, num_experts, bias=False)  # the router
+        self.gate = Linear(hidden, num_experts)  # the router
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
-        self.experts13: nn.ModuleList | None = None  # per-expert packed linears once quantised
+        self.experts13: nn.ModuleList | None = None  # one linear per expert, once split
         self.experts2: nn.ModuleList | None = None
-        self.rows: DenseRows | None = None  # quantised with dense prompts: the model's rows, and the
-        self.expert_rows: DenseRows | None = None  # rows of the expert being run (its packed linears hold this)
 
-    kernels = None  # our CPU kernels, set by LlamaForCausalLM.use_kernels: silu * up as the dense MLP computes it
-
-    def quantize(self, make_linear: Callable[[int, str, torch.Tensor], nn.Module]) -> None:
-        """Replace the stacked expert weights by one packed linear per expert (the router stays dense).
+    def split_experts(self, make_linear: Callable[[int, str, torch.Tensor], nn.Module]) -> None:
+        """Replace the stacked expert weights by one linear per expert, quantised or on our kernels (the router
+        stays as it is).
 
         ``make_linear(expert, "experts13" | "experts2", weight)`` builds one."""
         self.experts13 = nn.ModuleList(make_linear(e, "experts13", w) for e, w in enumerate(self.w13))
         self.experts2 = nn.ModuleList(make_linear(e, "experts2", w) for e, w in enumerate(self.w2))
         del self.w13, self.w2
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.experts13[e](x) if self.experts13 is not None else F.linear(x, self.w13[e])
-        if self.kernels is not None:
-            hidden = self.kernels.silu_mul(gate_up)
-        else:
-            gate, up = gate_up.split(self.intermediate, dim=-1)
-            hidden = F.silu(gate) * up
-        return self.experts2[e](hidden) if self.experts2 is not None else F.linear(hidden, self.w2[e])
+    def _expert(self, e: int, x: torch.Tensor, rows: RowSplit) -> torch.Tensor:
+        if self.experts13 is None:  # stacked dense experts on torch's matmul
+            return F.linear(self.ops.silu_mul(F.linear(x, self.w13[e])), self.w2[e])
+        return self.experts2[e](self.ops.silu_mul(self.experts13[e](x, rows)), rows)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([T, k] float32 weights summing to 1 per token, [T, k] expert ids), as Mixtral routes."""
@@ -66,7 +61,7 @@ class SparseMoE(nn.Module):
         last = 1 - weights[:, :-1].sum(dim=-1, keepdim=True)
         return torch.cat([weights[:, :-1], last], dim=-1), experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
+    def forward(self, x: torch.Tensor, rows: RowSplit = GENERATED_ROWS) -> torch.Tensor:  # x: [T, H]
         weights, experts = self.route(x)
         flat_experts = experts.flatten()  # assignment a = token a // k, its (a % k)-th choice
         order = flat_experts.argsort(stable=True)
@@ -77,9 +72,8 @@ class SparseMoE(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                if self.rows is not None:
-                    self.rows.select(tokens[start : start + n], self.expert_rows)
-                ys[start : start + n] = self._expert(e, xs[start : start + n])
+                expert_rows = rows.select(tokens[start : start + n])
+                ys[start : start + n] = self._expert(e, xs[start : start + n], expert_rows)
                 start += n
         # Weighted sum in float64, rounded to x's dtype once at the end: a float32 share times a float32 weight is
         # exact in float64, so k = 2 identical experts (weights summing to exactly 1) give back the expert's own

@@ -21,8 +21,8 @@ ENGINE_PARAMETERS: dict[str, Any] = {
     "max_num_seqs": _SCHED.max_num_seqs,
     "max_num_batched_tokens": _SCHED.max_num_batched_tokens,
     "num_threads": 0,  # 0: torch's default
-    "dense_prompts": int(EngineConfig.dense_prompts),  # int8/int4 engines: 1 = prompt tokens on a dense copy
-    "int8_activations": int(EngineConfig.int8_activations),  # quantised engines: 1 = our int4/int8 x int8 kernel
+    "unquantized_prompts": int(EngineConfig.unquantized_prompts),  # int8/int4: 1 = prompt tokens unquantised
+    "cpu_kernels": int(EngineConfig.cpu_kernels),  # 1 = our CPU kernels where they build, 0 = torch's
     "max_queue_size": _SCHED.max_queue_size,  # None: sized from the KV cache (scalellm/engine/admission.py)
     "default_timeout_ms": 0,  # deadline of requests without timeout_ms; 0: none
     "worker_nice": EngineConfig.worker_nice,  # nice of the engine's OpenMP workers (0: unchanged)
@@ -74,7 +74,7 @@ def engine_config(params: dict[str, str], engine_dir: Path, meta: dict[str, Any]
             max_queue_size=_int(params, "max_queue_size"),
         ),
         num_threads=_int(params, "num_threads") or None,
-        dense_prompts=bool(_int(params, "dense_prompts")),
-        int8_activations=bool(_int(params, "int8_activations")),
+        unquantized_prompts=bool(_int(params, "unquantized_prompts")),
+        cpu_kernels=bool(_int(params, "cpu_kernels")),
         worker_nice=_int(params, "worker_nice") or 0,
     )
