@@ -125,13 +125,17 @@ def test_q8_linear_rows_do_not_depend_on_the_batch(cls):
     assert not torch.equal(on_torch(x), together)  # it really is another kernel than torch's
 
 
-def test_int4_codes_come_back_out_of_torchs_packing():
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+def test_codes_come_back_out_of_torchs_packing_as_from_the_weights(cls):
+    """Our kernels take (q, d, m): read back from torch's packed weights (an engine directory's), or computed
+    from the float32 weights directly, they are the same bits."""
     torch.manual_seed(2)
     weight = torch.randn(64, 96) * 0.05
-    q, s, z = int4_groups(weight)
-    codes, d, m = Int4Linear.quantize(weight).codes()
-    assert torch.equal(codes, q)
-    assert torch.allclose(d, s, rtol=1e-2) and torch.allclose(m, z - 8 * s, atol=1e-3)
+    for got, want in zip(cls.quantize(weight).codes(), cls.codes_of(weight), strict=True):
+        assert torch.equal(got, want)
+    if cls is Int4Linear:
+        q, s, z = int4_groups(weight)
+        assert torch.equal(cls.codes_of(weight)[0], q)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (16, 2, 128), (10, 2, 48)])

@@ -150,8 +150,21 @@ class QuantizedLinear(nn.Module):
     prompt: Matmul | None = None
 
     def codes(self) -> Codes:
-        """This layer's weights as (q, d, m), w = q * d + m: what our kernels take."""
+        """This layer's stored weights as (q, d, m), w = q * d + m: what our kernels take."""
         raise NotImplementedError
+
+    @classmethod
+    def codes_of(cls, weight: torch.Tensor) -> Codes:
+        """What ``cls.quantize(weight).codes()`` gives, without torch's packing (our kernels need none)."""
+        raise NotImplementedError
+
+    @classmethod
+    def shaped(cls, out_features: int, in_features: int) -> QuantizedLinear:
+        """A layer of this shape holding no stored weights (its matmuls hold them: our kernels)."""
+        linear = cls.__new__(cls)
+        nn.Module.__init__(linear)
+        linear.out_features, linear.in_features = out_features, in_features
+        return linear
 
     def torch_matmul(self) -> Matmul:
         """torch's packed matmul on the stored weights (bf16 activations)."""
@@ -192,6 +205,10 @@ class Int8Linear(QuantizedLinear):
         """Per channel: q + 128 in 0..255, d = the channel's scale in every block, m = -128 d."""
         d = self.scales.float()[:, None].expand(-1, self.in_features // 32)
         return self.weight.to(torch.int32) + 128, d, -128 * d
+
+    @classmethod
+    def codes_of(cls, weight: torch.Tensor) -> Codes:
+        return cls.quantize(weight).codes()
 
 
 def int4_groups(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, ...]:
@@ -238,6 +255,11 @@ class Int4Linear(QuantizedLinear):
         s, z = self.scales_and_zeros.float().unbind(-1)  # [K/32, N]
         return q.view(n, k), s.t(), (z - 8 * s).t()
 
+    @classmethod
+    def codes_of(cls, weight: torch.Tensor) -> Codes:
+        q, s, z = int4_groups(weight)
+        return q, s, z - 8 * s
+
 
 @functools.cache
 def int4_pack_order(n: int, k: int) -> torch.Tensor:
@@ -280,9 +302,10 @@ def takes_kernels(linear: QuantizedLinear) -> bool:
 
 
 def install_matmuls(linear: QuantizedLinear, weight: torch.Tensor, dtype: torch.dtype, on_kernels: bool,
-                    prompts: bool, head: bool = False) -> None:
+                    prompts: bool, head: bool = False, codes: Codes | None = None) -> None:
     """Choose ``linear``'s matmuls (see the module docstring), once. ``weight``: the dense weight it was quantised
-    from (in ``dtype``): the prompt rows' without our kernels, the lm_head's Q8_0 blocks with them."""
+    from (in ``dtype``): the prompt rows' without our kernels, the lm_head's Q8_0 blocks with them. ``codes``: its
+    weights for our kernels when it holds no stored ones (else read back from them)."""
     if not (on_kernels and takes_kernels(linear)):
         for name, buffer in linear.named_buffers():
             if buffer.is_floating_point():
@@ -290,7 +313,7 @@ def install_matmuls(linear: QuantizedLinear, weight: torch.Tensor, dtype: torch.
         linear.generated = linear.torch_matmul()
         linear.prompt = TorchDense(weight) if prompts else None
         return
-    codes = linear.codes()  # from the float32 scales: the weights exactly
+    codes = codes if codes is not None else linear.codes()  # from the float32 scales: the weights exactly
     linear.generated = Q8(codes, linear.bits)
     linear.prompt = Panels(codes, dtype, linear.bits) if prompts else None
     if head:
@@ -317,12 +340,16 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype, stored: 
 
     def make(path: str, weight: torch.Tensor, kind: str, head: bool = False) -> QuantizedLinear:
         cls = LINEARS[kind]
+        codes = None
         if stored is not None:
             buffers = {name.removeprefix(f"{path}."): t for name, t in stored.items() if name.startswith(f"{path}.")}
             linear = cls(*(buffers[name] for name in ("weight", "scales_and_zeros" if kind == "int4" else "scales")))
+        elif on_kernels and kernels.load() is not None and not weight.shape[1] % kernels.PAIR:
+            linear = cls.shaped(*weight.shape)  # codes straight from the weights: torch's packing is not needed
+            codes = cls.codes_of(weight.detach().float())
         else:
             linear = cls.quantize(weight)
-        install_matmuls(linear, weight.detach().to(dtype), dtype, on_kernels, prompts, head)
+        install_matmuls(linear, weight.detach().to(dtype), dtype, on_kernels, prompts, head, codes)
         return linear
 
     for path, module in list(model.named_modules()):
