@@ -34,11 +34,6 @@ def resolve_engine_dir(args: dict, value: str) -> Path:
     return path.resolve()
 
 
-def engine_meta(engine_dir: Path) -> dict[str, Any]:
-    meta = engine_dir / "scalellm_engine.json"
-    return json.loads(meta.read_text()) if meta.exists() else {}
-
-
 def scalar(array: np.ndarray | None, name: str, default: Any = None) -> Any:
     """The one value of a per-request [1, 1] (or [1]) input; ``default`` when the input is absent."""
     if array is None:

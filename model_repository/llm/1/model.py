@@ -13,9 +13,10 @@ import triton_python_backend_utils as pb_utils
 
 from scalellm.engine.engine import LLMEngine
 from scalellm.metrics import EngineMetrics
+from scalellm.models.engine_meta import EngineMeta
 from scalellm.triton.host import EngineHost
 from scalellm.triton.params import default_timeout_ms, engine_config, stream_config
-from scalellm.triton.tensors import engine_meta, model_parameters, resolve_engine_dir
+from scalellm.triton.tensors import model_parameters, resolve_engine_dir
 
 
 class Responder:
@@ -42,7 +43,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         params = model_parameters(args)
         engine_dir = resolve_engine_dir(args, params["engine_dir"])
-        engine = LLMEngine(engine_config(params, engine_dir, engine_meta(engine_dir)))
+        engine = LLMEngine(engine_config(params, engine_dir, EngineMeta.read(engine_dir)))
         labels = {"model": args["model_name"], "version": args["model_version"],
                   "instance": args["model_instance_name"]}
         metrics = EngineMetrics(pb_utils, labels)
