@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from conftest import ENGINE_DIR, require_engine
 
 from scalellm.tokenization import (
     ChatTemplate,
@@ -16,9 +14,6 @@ from scalellm.tokenization import (
     load_tokenizer,
     unflatten_word_ids,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-ENGINE_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 
 TRICKY = [
     "Hello world, with  double  spaces and\nnew lines.",
@@ -32,8 +27,7 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    if not (ENGINE_DIR / "tokenizer.json").exists():
-        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)")
+    require_engine()
     return load_tokenizer(ENGINE_DIR)
 
 
