@@ -11,13 +11,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .config import DEFAULT_MAX_TOKENS
 from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, RequestTimeout, UpstreamRejected
 from .kserve import HEADER_LENGTH, BadInferBody, InferBody
 from .slots import Overloaded
 from .upstream import generate_once, infer_once, sse_events
-
-CHARS_PER_TOKEN = 4  # prompt length estimate for the load (the exact count would cost a tokenisation)
 
 
 def triton_error(status: int, message: str, retry_after_s: int | None = None) -> web.Response:
@@ -30,16 +27,17 @@ def unplaced(exc: NoReplica | Overloaded) -> web.Response:
     return triton_error(503, str(exc), exc.retry_after_s)
 
 
-def estimate_cost(fields: dict[str, Any]) -> tuple[str, int]:
-    text = fields.get("text_input", "")
-    while isinstance(text, list) and text:
-        text = text[0]
-    text = text if isinstance(text, str) else ""
-    max_tokens = fields.get("max_tokens", DEFAULT_MAX_TOKENS)
-    while isinstance(max_tokens, list) and max_tokens:
-        max_tokens = max_tokens[0]
-    max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else DEFAULT_MAX_TOKENS
-    return text, len(text) // CHARS_PER_TOKEN + 1 + max_tokens
+def _first(value: Any) -> Any:
+    """A generate field's value: JSON may nest it in lists, as a tensor's shape would."""
+    while isinstance(value, list) and value:
+        value = value[0]
+    return value
+
+
+def job_of(fields: dict[str, Any], client_id: str) -> Job:
+    text = _first(fields.get("text_input", ""))
+    return Job.of(text if isinstance(text, str) else "", _first(fields.get("max_tokens")),
+                  _first(fields.get("num_return_sequences", 1)), client_id)
 
 
 class TritonHttp:
@@ -106,8 +104,7 @@ class TritonHttp:
         if cancelled is not None:
             return cancelled
         client_id = fields.pop("id", None)
-        prompt, cost = estimate_cost(fields)
-        job = Job(prompt, cost, client_id or "")
+        job = job_of(fields, client_id or "")
         session, spawn = self.dispatcher.session, self.dispatcher.spawn
         answer: bytes | None = None
         try:
@@ -134,9 +131,8 @@ class TritonHttp:
         except BadInferBody as exc:
             return triton_error(400, str(exc))
         client_id = body.header.pop("id", None)
-        prompt, cost = estimate_cost({"text_input": body.first_value("text_input") or "",
-                                      "max_tokens": body.first_value("max_tokens") or DEFAULT_MAX_TOKENS})
-        job = Job(prompt, cost, str(client_id or ""))
+        job = Job.of(body.first_value("text_input") or "", body.first_value("max_tokens"),
+                     body.first_value("num_return_sequences"), str(client_id or ""))
         session, spawn = self.dispatcher.session, self.dispatcher.spawn
         answer: tuple[bytes, dict[str, str]] | None = None
         try:
@@ -156,8 +152,7 @@ class TritonHttp:
         model = request.match_info["model"]
         fields = await self._fields(request)
         client_id = fields.pop("id", None)
-        prompt, cost = estimate_cost(fields)
-        job = Job(prompt, cost, client_id or "")
+        job = job_of(fields, client_id or "")
         session, spawn = self.dispatcher.session, self.dispatcher.spawn
         response: web.StreamResponse | None = None
         try:
