@@ -63,6 +63,10 @@ def test_stop_word_variants_and_flat_layout(tokenizer):
     seqs = encode_word_list(tokenizer, ["Paris", ""])
     assert tuple(tokenizer.encode(" Paris", add_special_tokens=False).ids) in seqs
     assert unflatten_word_ids(*flatten_word_ids(seqs)) == seqs
+    assert unflatten_word_ids([5, 7, 8, 9, 0], [1, 4, -1, -1, -1]) == [(5,), (7, 8, 9)]  # -1 pads the offsets
+    for offsets in ([3, 1, -1], [1, 6, -1]):  # falling, or past the ids: an error, never words silently lost
+        with pytest.raises(ValueError, match="offsets must rise"):
+            unflatten_word_ids([5, 7, 8], offsets)
 
 
 @pytest.mark.parametrize("text", ["What is the capital of France?", "  spaced  \n", "{{ not jinja }} é 🎉"])
