@@ -10,6 +10,11 @@ from pathlib import Path
 DEFAULT_MAX_TOKENS = 16
 
 
+def read_hf_config(directory: str | Path) -> dict:
+    """A Hugging Face directory's (or an engine directory's) ``config.json``."""
+    return json.loads((Path(directory) / "config.json").read_text())
+
+
 def hf_eos_token_ids(hf: dict) -> tuple[int, ...]:
     """A Hugging Face ``config.json``'s end tokens (``eos_token_id``: one id, a list of them, or none)."""
     eos = hf.get("eos_token_id")
@@ -63,7 +68,7 @@ class ModelConfig:
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path) -> ModelConfig:
-        return cls.from_hf(json.loads((Path(engine_dir) / "config.json").read_text()))
+        return cls.from_hf(read_hf_config(engine_dir))
 
 
 @dataclass

@@ -16,9 +16,8 @@ from scalellm.engine.deadlines import MAX_TIMEOUT_MS
 from scalellm.engine.sequence import SamplingParams
 from scalellm.tokenization import unflatten_word_ids
 from scalellm.triton.contract import LLM_FIELDS, Field, sampling_mode
-from scalellm.triton.tensors import InvalidInput, check_range, check_refused, scalar
+from scalellm.triton.tensors import Get, InvalidInput, check_range, check_refused, scalar
 
-Get = Callable[[str], "np.ndarray | None"]
 CASTS = {"FP32": float, "INT32": int, "UINT64": int, "BOOL": bool}
 
 

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from scalellm.triton.contract import Field, Tensor
 
 
+Get = Callable[[str], "np.ndarray | None"]  # a request's input by name; None when the request does not carry it
+
+
 class InvalidInput(ValueError):
     """A request field is out of bounds; the message names the field and the bound."""
 

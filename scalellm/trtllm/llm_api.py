@@ -11,14 +11,12 @@ one it is not given takes TensorRT-LLM's runtime default, which is also ours.
 
 from __future__ import annotations
 
-import json
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from scalellm.config import hf_eos_token_ids
+from scalellm.config import hf_eos_token_ids, read_hf_config
 from scalellm.engine.admission import exceeds_context
 from scalellm.engine.sequence import SamplingParams
 from scalellm.triton.request import EngineLimits
@@ -32,7 +30,7 @@ SAME_FIELDS = ("min_p", "repetition_penalty", "presence_penalty", "frequency_pen
 def engine_limits(llm_args: dict[str, Any], decoupled: bool) -> EngineLimits:
     """What the parser checks requests against: the checkpoint's vocabulary and end tokens (its config.json)
     and model.yaml's ``max_seq_len`` (prompt + output tokens)."""
-    hf = json.loads((Path(llm_args["model"]) / "config.json").read_text())
+    hf = read_hf_config(llm_args["model"])
     max_seq_len = int(llm_args["max_seq_len"])
     return EngineLimits(vocab_size=int(hf["vocab_size"]), eos_token_ids=hf_eos_token_ids(hf),
                         check_fits=partial(exceeds_context, max_model_len=max_seq_len), max_model_len=max_seq_len,

@@ -19,6 +19,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 import yaml
 
+from scalellm.triton.backend import error_response, inputs_of, tensors_response
 from scalellm.triton.request import LLMRequest, parse
 from scalellm.triton.tensors import InvalidInput
 from scalellm.trtllm import require
@@ -63,13 +64,6 @@ class TritonPythonModel:
             asyncio.run_coroutine_threadsafe(self._serve(request, time.time_ns()), self.loop)
         return None
 
-    def _parse(self, request) -> LLMRequest:
-        def get(name: str):
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            return None if tensor is None else tensor.as_numpy()
-
-        return parse(get, self.limits)
-
     def _params(self, parsed: LLMRequest):
         if len(parsed.samples) != 1:
             raise InvalidInput(f"num_return_sequences must be 1 on the LLM-API path (got {len(parsed.samples)})")
@@ -83,7 +77,7 @@ class TritonPythonModel:
     async def _serve(self, request, arrival_ns: int) -> None:
         sender = request.get_response_sender()
         try:
-            parsed = self._parse(request)
+            parsed = parse(inputs_of(request), self.limits)
             params = self._params(parsed)
             want_logs = parsed.samples[0].return_log_probs
             marks = ({"arrival_time_ns": arrival_ns, "first_scheduled_time_ns": time.time_ns()}
@@ -114,11 +108,10 @@ class TritonPythonModel:
                 self._send(sender, parsed.echoed_prompt + ids, logs,
                            completion.cumulative_logprob if want_logs else None, marks, FINAL)
         except InvalidInput as error:
-            sender.send(pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
+            sender.send(error_response(str(error), invalid=True), flags=FINAL)
         except Exception as error:  # the server keeps serving everyone else
             self.log.log_error(f"[tensorrt_llm_pytorch] request failed: {error!r}")
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
+            sender.send(error_response(str(error)), flags=FINAL)
 
     @staticmethod
     def _mark(marks: dict | None) -> None:
@@ -131,9 +124,7 @@ class TritonPythonModel:
     @staticmethod
     def _send(sender, ids: list[int], logs: list[float] | None, cum: float | None, marks: dict | None,
               flags: int) -> None:
-        arrays = output_arrays(ids, logs, cum, marks)
-        tensors = [pb_utils.Tensor(name, value) for name, value in arrays.items()]
-        sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+        sender.send(tensors_response(output_arrays(ids, logs, cum, marks)), flags=flags)
 
     def finalize(self) -> None:
         self.llm.shutdown()
