@@ -38,7 +38,7 @@ def _first(value: Any) -> Any:
 def job_of(fields: dict[str, Any], client_id: str) -> Job:
     text = _first(fields.get("text_input", ""))
     return Job.of(text if isinstance(text, str) else "", _first(fields.get("max_tokens")),
-                  _first(fields.get("num_return_sequences", 1)), client_id)
+                  _first(fields.get("num_return_sequences")), client_id)
 
 
 class TritonHttp:

@@ -36,7 +36,7 @@ class Preprocessor:
             raise InvalidInput(f"text_input is not valid UTF-8: {exc}") from None
         if not text:
             raise InvalidInput("text_input must not be empty")
-        if scalar(get("APPLY_CHAT_TEMPLATE"), "apply_chat_template", False):
+        if scalar(get("APPLY_CHAT_TEMPLATE"), "apply_chat_template", FIELDS["apply_chat_template"].default):
             if not self.chat.available:
                 raise InvalidInput("apply_chat_template: this model has no chat template")
             text = self.chat.user_prompt(text)
