@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scalellm.models.engine_meta import ENGINE_META_FILE
 from scalellm.triton.params import default_parameters
 from scalellm.triton.render import ensemble_section, io_section
 from scalellm.trtllm import cli as trtllm_cli  # TensorRT-LLM backends (imports neither torch nor TensorRT-LLM)
@@ -55,7 +56,6 @@ ENGINE_SUBDIR = "engine"
 REPOSITORY_SUBDIR = "model_repository"
 ENSEMBLE_TEMPLATE = "ensemble"
 LLM_TEMPLATE = "llm"
-ENGINE_META_FILE = "scalellm_engine.json"  # written by scalellm.models.engine_dir.save_engine
 MOE_TOP_K = 2  # scalellm.models.upcycle.TOP_K
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

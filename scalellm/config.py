@@ -10,6 +10,17 @@ from pathlib import Path
 DEFAULT_MAX_TOKENS = 16
 
 
+def read_hf_config(directory: str | Path) -> dict:
+    """A Hugging Face directory's (or an engine directory's) ``config.json``."""
+    return json.loads((Path(directory) / "config.json").read_text())
+
+
+def hf_eos_token_ids(hf: dict) -> tuple[int, ...]:
+    """A Hugging Face ``config.json``'s end tokens (``eos_token_id``: one id, a list of them, or none)."""
+    eos = hf.get("eos_token_id")
+    return tuple(int(t) for t in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture, read from a Hugging Face ``config.json`` (Llama, Mistral, Mixtral)."""
@@ -36,8 +47,6 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
             raise NotImplementedError(f"rope_scaling type {rope_type!r} is not supported yet")
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         heads = hf["num_attention_heads"]
         return cls(
             architecture=(hf.get("model_type") or "llama"),
@@ -52,14 +61,14 @@ class ModelConfig:
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            eos_token_ids=eos_ids,
+            eos_token_ids=hf_eos_token_ids(hf),
             num_experts=hf.get("num_local_experts", 0) or 0,
             num_experts_per_tok=hf.get("num_experts_per_tok", 0) or 0,
         )
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path) -> ModelConfig:
-        return cls.from_hf(json.loads((Path(engine_dir) / "config.json").read_text()))
+        return cls.from_hf(read_hf_config(engine_dir))
 
 
 @dataclass

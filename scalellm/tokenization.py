@@ -110,10 +110,15 @@ def flatten_word_ids(seqs: list[tuple[int, ...]]) -> list[list[int]]:
 
 
 def unflatten_word_ids(ids: list[int], offsets: list[int]) -> list[tuple[int, ...]]:
+    """The token sequences of a [2, L] word list (see ``flatten_word_ids``); ValueError if its offsets do not
+    rise within the ids."""
     seqs, start = [], 0
     for end in offsets:
-        if end < 0:
+        if end < 0:  # padding
             break
-        seqs.append(tuple(ids[start:end]))
+        if not start <= end <= len(ids):
+            raise ValueError(f"word list offsets must rise within its {len(ids)} tokens (got {offsets})")
+        if end > start:
+            seqs.append(tuple(ids[start:end]))
         start = end
-    return [s for s in seqs if s]
+    return seqs

@@ -22,6 +22,7 @@ from pathlib import Path
 from scalellm.config import CacheConfig, EngineConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import SamplingParams, Sequence
+from scalellm.models.engine_meta import EngineMeta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +48,7 @@ def run_batch(engine: LLMEngine, batch: int, prompt_len: int, max_tokens: int, t
 def engine_format(engine_dir: str, spec: str | None) -> tuple[str, str | None]:
     """"bfloat16:int8" -> ("bfloat16", "int8"); None -> the engine directory's recorded dtype and quantize."""
     if spec is None:
-        meta = json.loads((Path(engine_dir) / "scalellm_engine.json").read_text())
-        return meta.get("dtype", "float32"), None
+        return EngineMeta.read(engine_dir).dtype or EngineConfig.dtype, None
     dtype, _, quantize = spec.partition(":")
     return dtype, quantize or "none"
 

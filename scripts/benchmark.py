@@ -522,8 +522,10 @@ def main() -> None:
         from scalellm.tokenization import load_tokenizer
 
         engine_dir = Path(args.model_dir) / "engine"  # same knobs as model_repository/llm/config.pbtxt
-        meta = json.loads((engine_dir / "scalellm_engine.json").read_text())  # the served weight format
-        engine = LLMEngine(EngineConfig(engine_dir=str(engine_dir), dtype=meta.get("dtype", "float32"),
+        from scalellm.models.engine_meta import EngineMeta
+
+        served = EngineMeta.read(engine_dir)  # the served weight format
+        engine = LLMEngine(EngineConfig(engine_dir=str(engine_dir), dtype=served.dtype or EngineConfig.dtype,
                                         cache=CacheConfig(memory_bytes=1 << 30)))
         engine.start()
         tokenizer = load_tokenizer(engine_dir)

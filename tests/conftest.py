@@ -27,6 +27,7 @@ from scalellm_client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2"))
+ENGINE_DIR = MODEL_DIR / "engine"  # build_engines.py's engine directory (the torch engine's weights + tokenizer)
 READY_TIMEOUT_S = 300.0
 START_ATTEMPTS = 3  # another process may grab a port between free_ports() and tritonserver binding it
 CLIENT_TIMEOUT_S = 180.0  # a hung server fails the test instead of hanging the suite
@@ -90,6 +91,13 @@ def http_json(url: str, body: dict | None = None, timeout_s: float = CLIENT_TIME
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def require_engine() -> Path:
+    """``ENGINE_DIR``; the calling test fails (it does not skip) when the default engine was not built."""
+    if not (ENGINE_DIR / "model.safetensors").is_file():
+        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)", pytrace=False)
+    return ENGINE_DIR
+
+
 def model_repository() -> Path:
     repo = MODEL_DIR / "model_repository"
     if not (repo / "ensemble" / "config.pbtxt").is_file():
@@ -150,7 +158,7 @@ def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
     """A second server over the same engine, rendered in the non-decoupled mode (``--decoupled-mode false``) with
     the llm model served as ``tensorrt_llm`` (``--llm-model-name``), the name tensorrtllm_backend's tools call."""
     root = tmp_path_factory.mktemp("nondecoupled")
-    values = {"engine_dir": str((MODEL_DIR / "engine").resolve()), "max_batch_size": "64",
+    values = {"engine_dir": str(ENGINE_DIR.resolve()), "max_batch_size": "64",
               "llm_instance_count": "1", "decoupled_mode": "false", "llm_model_name": "tensorrt_llm",
               **default_parameters()}
     render_repository(DEFAULT_TEMPLATES, root / "model_repository", values, "ensemble")

@@ -18,13 +18,11 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
+from conftest import ENGINE_DIR, MODEL_DIR, NO_PROXY
 from routerstack import LocalEndpoints
 
 from scalellm.serving import free_ports
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2"))
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 STREAM_TIMEOUT_S = 300.0  # a hung server fails the test instead of hanging the suite
 
 
@@ -35,7 +33,7 @@ def render_repository(dest: Path, **llm_params: str | int) -> Path:
         raise FileNotFoundError(f"no model repository at {src}: run scripts/test.sh (it builds the default model)")
     repo = dest / "model_repository"
     shutil.copytree(src, repo, symlinks=True)
-    (dest / "engine").symlink_to((MODEL_DIR / "engine").resolve())  # engine_dir is "../engine"
+    (dest / "engine").symlink_to(ENGINE_DIR.resolve())  # engine_dir is "../engine"
     config = repo / "llm" / "config.pbtxt"
     text = config.read_text()
     for key, value in llm_params.items():

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import ROOT
 
 from scalellm_client import AsyncClient, Client, ScaleLLMError, chatml
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.server
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIENT_TIMEOUT_S = 180.0
 QUESTION = "What is the capital of France?"
 

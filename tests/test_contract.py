@@ -8,8 +8,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from conftest import ROOT
+
 from build_engines import DEFAULT_TEMPLATES, model_templates, model_values, substitute
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
+from scalellm.models.engine_meta import EngineMeta
 from scalellm.triton.contract import (
     ENSEMBLE_INPUTS,
     MODEL_TENSORS,
@@ -22,7 +25,6 @@ from scalellm.triton.contract import (
 from scalellm.triton.params import default_parameters, engine_config
 from scalellm_client._request import INPUT_DTYPES, SAMPLING_INPUTS
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIENT_TYPES = {"BYTES": "STRING"}  # the client names Triton's wire type, configs the model type
 
 
@@ -81,13 +83,15 @@ def test_templates_render_the_contract() -> None:
 
 def test_engine_defaults_live_once() -> None:
     """The llm template's parameters default to scalellm/config.py's values, and read back to them."""
-    config = engine_config(default_parameters(), Path("engine"), {})
+    unrecorded = EngineMeta()
+    config = engine_config(default_parameters(), Path("engine"), unrecorded)
     assert config.cache == CacheConfig() and config.scheduler == SchedulerConfig()
     assert (config.device, config.dtype, config.num_threads) == (EngineConfig.device, EngineConfig.dtype, None)
     assert config.unquantized_prompts == EngineConfig.unquantized_prompts
-    off = engine_config({**default_parameters(), "unquantized_prompts": "0"}, Path("engine"), {})
+    off = engine_config({**default_parameters(), "unquantized_prompts": "0"}, Path("engine"), unrecorded)
     assert not off.unquantized_prompts
-    overridden = engine_config({**default_parameters(), "max_num_seqs": "8"}, Path("engine"), {"max_model_len": 99})
+    overridden = engine_config({**default_parameters(), "max_num_seqs": "8"}, Path("engine"),
+                               EngineMeta(max_model_len=99))
     assert (overridden.scheduler.max_num_seqs, overridden.scheduler.max_model_len) == (8, 99)
     llm = (DEFAULT_TEMPLATES / "llm" / "config.pbtxt").read_text()
     placeholders = set(re.findall(r'key: "(\w+)" value: \{ string_value: "\$\{\1\}"', llm))

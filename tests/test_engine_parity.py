@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import ENGINE_DIR, require_engine
 from transformers import AutoModelForCausalLM
 
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -14,9 +12,6 @@ from scalellm.engine.engine import LLMEngine
 from scalellm.engine.scheduler import ScheduledWork
 from scalellm.engine.sequence import SamplingParams, Sequence
 from scalellm.tokenization import load_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-ENGINE_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 
 PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
@@ -28,8 +23,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def reference() -> AutoModelForCausalLM:
-    if not (ENGINE_DIR / "model.safetensors").exists():
-        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)")
+    require_engine()
     return AutoModelForCausalLM.from_pretrained(ENGINE_DIR, dtype=torch.float32).eval()
 
 

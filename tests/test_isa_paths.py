@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from scalellm.models import cpu
 
-ROOT = Path(__file__).resolve().parents[1]
 # (our level, ATen's capability, oneDNN's ISA cap): one path each, best first
 PATHS = {
     "amx": ("amx", "avx512", "AVX512_CORE_AMX"),

@@ -169,15 +169,14 @@ def test_paged_decode_matches_gathered_attention(ops, dtype, cache_dtype, heads,
 def test_engine_rows_are_the_same_bits_alone_chunked_cached_and_batched():
     """The default engine (int4 on VNNI, attention on the kernel): a request's log-probs do not change by one
     bit whether it runs alone, in a crowd that splits its prompt into chunks, or from the prefix cache."""
-    from test_engine_parity import ENGINE_DIR
+    from conftest import ENGINE_DIR, require_engine
 
     from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
     from scalellm.engine.engine import LLMEngine
     from scalellm.engine.sequence import SamplingParams
     from scalellm.tokenization import load_tokenizer
 
-    if not (ENGINE_DIR / "model.safetensors").exists():
-        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)")
+    require_engine()
     engine = LLMEngine(EngineConfig(engine_dir=str(ENGINE_DIR), dtype="auto", cache=CacheConfig(num_blocks=256),
                                     scheduler=SchedulerConfig(max_num_batched_tokens=40)))
     engine.start()

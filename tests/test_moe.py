@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ENGINE_DIR, require_engine
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
@@ -20,11 +20,10 @@ import build_engines
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import SamplingParams
+from scalellm.models.engine_meta import read_record
 from scalellm.models.moe import SparseMoE
 from scalellm.tokenization import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-DENSE_ENGINE = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
@@ -38,11 +37,6 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
 
 # ---------------------------------------------------------------- helpers
 
-def needs_dense_engine() -> None:
-    if not (DENSE_ENGINE / "model.safetensors").exists():
-        pytest.fail(f"no engine at {DENSE_ENGINE}: run scripts/test.sh (it builds the default engine)")
-
-
 def build(checkpoint: Path, out: Path, *extra: str) -> Path:
     """build_engines.py in-process, with no model templates (only the engine matters here)."""
     templates = out.parent / f"{out.name}-no-templates"
@@ -53,10 +47,10 @@ def build(checkpoint: Path, out: Path, *extra: str) -> Path:
 
 
 def save_with_tokenizer(model: torch.nn.Module, path: Path) -> Path:
-    needs_dense_engine()
+    require_engine()
     model.save_pretrained(path)
     for name in TOKENIZER_FILES:
-        shutil.copy(DENSE_ENGINE / name, path / name)
+        shutil.copy(ENGINE_DIR / name, path / name)
     return path
 
 
@@ -140,7 +134,7 @@ def test_tiny_mixtral_matches_transformers(tiny_mixtral, tmp_path):
     saved = load_file(str(hf_dir / "model.safetensors"))
     assert "model.layers.0.block_sparse_moe.experts.7.w2.weight" in saved  # what transformers 5 writes
     engine_dir = build(hf_dir, tmp_path / "out")
-    meta = json.loads((engine_dir / "scalellm_engine.json").read_text())
+    meta = read_record(engine_dir)
     assert meta["architecture"] == "mixtral" and "moe_experts_from_dense" not in meta
     check_against(reference, engine_dir)
 
@@ -166,7 +160,7 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def add_small_tokenizer(writer, vocab_size: int = 4096) -> None:
     """SmolLM2's BPE cut to its first tokens and the merges among them (49k tokens make a GGUF slow to read)."""
-    tok = json.loads((DENSE_ENGINE / "tokenizer.json").read_text())
+    tok = json.loads((ENGINE_DIR / "tokenizer.json").read_text())
     by_id = sorted(tok["model"]["vocab"].items(), key=lambda item: item[1])[:vocab_size]
     tokens = [token for token, _ in by_id]
     kept = set(tokens)
@@ -182,7 +176,7 @@ def add_small_tokenizer(writer, vocab_size: int = 4096) -> None:
     writer.add_unk_token_id(0)
     writer.add_pad_token_id(2)
     writer.add_add_bos_token(False)
-    writer.add_chat_template(json.loads((DENSE_ENGINE / "tokenizer_config.json").read_text())["chat_template"])
+    writer.add_chat_template(json.loads((ENGINE_DIR / "tokenizer_config.json").read_text())["chat_template"])
 
 
 def write_mixtral_gguf(model: MixtralForCausalLM, path: Path, stacked: bool = True) -> None:
@@ -291,7 +285,7 @@ def test_upcycled_tiny_llama_is_a_mixtral_transformers_loads(tmp_path):
     torch.manual_seed(2)
     dense = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True)).eval()
     engine_dir = build(save_with_tokenizer(dense, tmp_path / "dense"), tmp_path / "moe", "--moe-experts", "4")
-    meta = json.loads((engine_dir / "scalellm_engine.json").read_text())
+    meta = read_record(engine_dir)
     assert (meta["architecture"], meta["moe_experts_from_dense"]) == ("mixtral", 4)
     moe = MixtralForCausalLM.from_pretrained(engine_dir, dtype=torch.float32).eval()
     assert moe.config.num_local_experts == 4 and moe.config.tie_word_embeddings
@@ -302,12 +296,12 @@ def test_upcycled_tiny_llama_is_a_mixtral_transformers_loads(tmp_path):
 
 
 def test_upcycled_smollm2_greedy_equals_dense(tmp_path):
-    needs_dense_engine()
-    moe_dir = build(DENSE_ENGINE, tmp_path / "smollm2-moe4", "--moe-experts", "4")
-    tokenizer = load_tokenizer(DENSE_ENGINE)
+    require_engine()
+    moe_dir = build(ENGINE_DIR, tmp_path / "smollm2-moe4", "--moe-experts", "4")
+    tokenizer = load_tokenizer(ENGINE_DIR)
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]
     outputs = []
-    for engine_dir in (DENSE_ENGINE, moe_dir):
+    for engine_dir in (ENGINE_DIR, moe_dir):
         engine = start_engine(engine_dir)
         try:
             outputs.append(greedy(engine, prompts, 32))

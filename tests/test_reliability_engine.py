@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import require_engine
 
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
 from scalellm.drain import DrainWatch, write_drain_file
@@ -16,8 +16,6 @@ from scalellm.engine.deadlines import MAX_TIMEOUT_MS, Deadlines, request_timeout
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import RequestOutput, SamplingParams, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-ENGINE_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 PROMPT = [1, 9690, 314, 253, 1345, 30]  # any ids: the engine neither knows nor cares what text they were
 LONG = SamplingParams(max_tokens=1000, stop_token_ids=())  # far longer than any test waits for
 SHORT = SamplingParams(max_tokens=3, stop_token_ids=())
@@ -63,9 +61,7 @@ def wait_until(predicate, what: str, timeout_s: float = 120.0) -> None:
 
 @pytest.fixture(scope="module")
 def engine_dir() -> Path:
-    if not (ENGINE_DIR / "model.safetensors").exists():
-        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)")
-    return ENGINE_DIR
+    return require_engine()
 
 
 def make_engine(engine_dir: Path, max_num_seqs: int = 4, max_queue_size: int | None = 2) -> LLMEngine:

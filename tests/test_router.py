@@ -457,9 +457,12 @@ def test_a_full_router_answers_every_door_at_once_with_retry_after(stack: Stack)
         assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
         assert "server busy" in error["message"]
         assert int(headers["Retry-After"]) >= 1
-        for endpoint in ("generate", "generate_stream"):
-            status, headers, body = post(router, f"/v2/models/ensemble/{endpoint}",
-                                         {"text_input": QUESTION, "max_tokens": 4, "stream": endpoint != "generate"})
+        infer = {"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": [QUESTION]},
+                            {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [4]}]}
+        for endpoint, request in (("generate", {"text_input": QUESTION, "max_tokens": 4}),
+                                  ("generate_stream", {"text_input": QUESTION, "max_tokens": 4, "stream": True}),
+                                  ("infer", infer)):
+            status, headers, body = post(router, f"/v2/models/ensemble/{endpoint}", request)
             assert status == 503 and int(headers["Retry-After"]) >= 1, body
             assert is_retryable(json.loads(body)["error"]), body
         grpc_error = grpc_stream_error(router, QUESTION)
@@ -469,7 +472,7 @@ def test_a_full_router_answers_every_door_at_once_with_retry_after(stack: Stack)
         assert "no replica had room" in json.loads(body)["error"]["message"]
         rejected = {reason: router_metric_at(router, "scalellm_router_requests_rejected_total", reason=reason)
                     for reason in ("queue_full", "queue_timeout")}
-        assert sum(rejected.values()) == 5 and rejected["queue_timeout"] >= 1, rejected
+        assert sum(rejected.values()) == 6 and rejected["queue_timeout"] >= 1, rejected
         assert router_metric_at(router, "scalellm_router_requests_routed_total") == 2  # only the holders ran
         assert router_metric_at(router, "scalellm_router_queue_length") == 0
         assert router_metric_at(router, "scalellm_router_queue_wait_seconds_count") >= 1

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from scalellm.router.config import ReplicaAddress, RouterConfig
+from scalellm.router.config import DEFAULT_MAX_TOKENS, ReplicaAddress, RouterConfig
+from scalellm.router.dispatch import Job
 from scalellm.router.policy import Load, Policy, prefix_hashes
+
+
+def test_a_jobs_cost_is_its_prompt_and_every_token_its_sequences_may_generate() -> None:
+    prompt = "x" * 400  # estimated: 400 characters / 4 + 1
+    assert Job.of(prompt, 64).cost == 101 + 64
+    assert Job.of(prompt, 64, n=3).cost == 101 + 3 * 64
+    assert Job.of(prompt, 64, n=2, prompt_tokens=10).cost == 10 + 2 * 64  # the OpenAI door counts its tokens
+    for refused in (None, 0, -5, "64", 2.5, True):  # the replica refuses (or defaults) these; the load uses defaults
+        assert Job.of(prompt, refused, n=refused).cost == 101 + DEFAULT_MAX_TOKENS
 
 
 def test_least_outstanding_tokens_wins_and_ties_take_turns() -> None:

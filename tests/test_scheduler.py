@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from conftest import ENGINE_DIR, require_engine
 
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import SamplingParams
 from scalellm.tokenization import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-ENGINE_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 GREEDY = SamplingParams(max_tokens=24, stop_token_ids=())  # no end token: every output is 24 tokens
 
 
@@ -27,8 +23,7 @@ def make_engine(**cache_and_scheduler) -> LLMEngine:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    if not (ENGINE_DIR / "model.safetensors").exists():
-        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)")
+    require_engine()
     return load_tokenizer(ENGINE_DIR)
 
 

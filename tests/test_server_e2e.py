@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import CLIENT_TIMEOUT_S, NO_PROXY, ROOT
 
 from scalellm_client import AsyncClient, Client, ScaleLLMError, StreamChunk, chatml
 
@@ -32,13 +33,10 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.server
 
-ROOT = Path(__file__).resolve().parents[1]
-CLIENT_TIMEOUT_S = 180.0  # seconds: a hung server fails a test instead of hanging the suite
 
 PARIS = chatml("What is the capital of France?")
 IGNORE_EOS = {"end_id": 0}
 CANCEL_LINE = "cancelled by the client"
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 # Prompts whose greedy answers hold CJK, emoji, accents, leading spaces and newlines: streamed text must
 # equal the non-streamed text byte for byte (no lost spaces, no characters split between deltas).

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import MODEL_DIR, ROOT, RunningServer, _start
+from conftest import ENGINE_DIR, ROOT, RunningServer, _start
 
 from scalellm_client import Client
 from scalellm_client.chat import chatml
@@ -22,7 +22,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def moe_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     out = tmp_path_factory.mktemp("smollm2-moe4")
-    subprocess.run([sys.executable, str(ROOT / "build_engines.py"), "--checkpoint", str(MODEL_DIR / "engine"),
+    subprocess.run([sys.executable, str(ROOT / "build_engines.py"), "--checkpoint", str(ENGINE_DIR),
                     "--moe-experts", "4", "--output-dir", str(out)], check=True, capture_output=True)
     server = _start(out / "model_repository", out)
     try:

@@ -11,25 +11,22 @@ the non-streamed text at every ``stream_interval`` and never has more responses 
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ENGINE_DIR, require_engine
 
 from scalellm.config import CacheConfig, EngineConfig, StreamConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import RequestOutput
+from scalellm.models.engine_meta import EngineMeta
 from scalellm.triton.host import EngineHost
 from scalellm.triton.pacing import Pacer, merge
-from scalellm.triton.tensors import engine_meta
 from scalellm_client import Client, chatml
 
-ROOT = Path(__file__).resolve().parents[1]
-ENGINE_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 PROMPT = [1, 9690, 314, 253, 1345, 30]  # any ids: the engine neither knows nor cares what text they were
 WAIT_S = 120.0  # a condition not met by then fails the test (a loaded 2-core machine is slow, never this slow)
 SERVER_DEFAULT = 2  # the host below is built with this stream_interval
@@ -188,9 +185,8 @@ class Steps:
 
 @pytest.fixture(scope="module")
 def host() -> Iterator[tuple[EngineHost, Steps]]:
-    if not (ENGINE_DIR / "model.safetensors").exists():
-        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)")
-    engine = LLMEngine(EngineConfig(engine_dir=str(ENGINE_DIR), dtype=engine_meta(ENGINE_DIR).get("dtype", "auto"),
+    require_engine()
+    engine = LLMEngine(EngineConfig(engine_dir=str(ENGINE_DIR), dtype=EngineMeta.read(ENGINE_DIR).dtype or "auto",
                                     cache=CacheConfig(num_blocks=64)))
     steps = Steps()
     engine.on_step = steps

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from conftest import ENGINE_DIR, require_engine
 
 from scalellm.tokenization import (
     ChatTemplate,
@@ -16,9 +14,6 @@ from scalellm.tokenization import (
     load_tokenizer,
     unflatten_word_ids,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-ENGINE_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 
 TRICKY = [
     "Hello world, with  double  spaces and\nnew lines.",
@@ -32,8 +27,7 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    if not (ENGINE_DIR / "tokenizer.json").exists():
-        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)")
+    require_engine()
     return load_tokenizer(ENGINE_DIR)
 
 
@@ -69,6 +63,10 @@ def test_stop_word_variants_and_flat_layout(tokenizer):
     seqs = encode_word_list(tokenizer, ["Paris", ""])
     assert tuple(tokenizer.encode(" Paris", add_special_tokens=False).ids) in seqs
     assert unflatten_word_ids(*flatten_word_ids(seqs)) == seqs
+    assert unflatten_word_ids([5, 7, 8, 9, 0], [1, 4, -1, -1, -1]) == [(5,), (7, 8, 9)]  # -1 pads the offsets
+    for offsets in ([3, 1, -1], [1, 6, -1]):  # falling, or past the ids: an error, never words silently lost
+        with pytest.raises(ValueError, match="offsets must rise"):
+            unflatten_word_ids([5, 7, 8], offsets)
 
 
 @pytest.mark.parametrize("text", ["What is the capital of France?", "  spaced  \n", "{{ not jinja }} é 🎉"])

@@ -6,12 +6,11 @@ these functions, so what is checked here is what the server does.
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ENGINE_DIR, require_engine
 
 from scalellm.engine.sequence import RequestOutput
 from scalellm.tokenization import load_tokenizer
@@ -22,8 +21,6 @@ from scalellm.triton.preprocess import Preprocessor
 from scalellm.triton.request import EngineLimits, parse
 from scalellm.triton.tensors import InvalidInput
 
-ROOT = Path(__file__).resolve().parents[1]
-ENGINE_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 MAX_MODEL_LEN = 64
 
 
@@ -123,8 +120,7 @@ def test_false_flags_of_unimplemented_features_are_fine() -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    if not (ENGINE_DIR / "tokenizer.json").exists():
-        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)")
+    require_engine()
     return load_tokenizer(ENGINE_DIR)
 
 

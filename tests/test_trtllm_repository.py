@@ -10,22 +10,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ENGINE_DIR
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 import build_engines
+from scalellm.models.engine_meta import EngineMeta
 from scalellm.serving import TritonServer, free_ports
 from scalellm.trtllm.llm_api import PERF_MARKS
-
-ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_SOURCE = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 
 # The `parameters` keys of NVIDIA's template, in its order: triton-inference-server/tensorrtllm_backend, branch
 # r25.05, all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt (read there; enable_trt_overlap is
@@ -59,8 +57,8 @@ def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    if not (TOKENIZER_SOURCE / "tokenizer.json").is_file():
-        pytest.fail(f"no tokenizer at {TOKENIZER_SOURCE}: run scripts/setup.sh", pytrace=False)
+    if not (ENGINE_DIR / "tokenizer.json").is_file():
+        pytest.fail(f"no tokenizer at {ENGINE_DIR}: run scripts/setup.sh", pytrace=False)
     path = tmp_path_factory.mktemp("tiny-mixtral")
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -68,7 +66,7 @@ def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
     MixtralForCausalLM(config).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy2(TOKENIZER_SOURCE / name, path / name)
+        shutil.copy2(ENGINE_DIR / name, path / name)
     return path
 
 
@@ -179,8 +177,8 @@ def test_llm_api_model_yaml_comes_from_our_flags(llm_api_repo: Path, tiny_mixtra
     assert args["max_batch_size"] == 8 and args["max_seq_len"] == 256 and args["dtype"] == "bfloat16"
     assert args["moe_expert_parallel_size"] == 1 and args["moe_tensor_parallel_size"] == 1
     assert args["triton_config"] == {"max_batch_size": 8, "decoupled": True}
-    meta = json.loads((llm_api_repo.parent / "tokenizer" / "scalellm_engine.json").read_text())
-    assert meta["max_model_len"] == 256  # what our preprocessing bounds prompt + max_tokens by
+    # what our preprocessing bounds prompt + max_tokens by
+    assert EngineMeta.read(llm_api_repo.parent / "tokenizer").max_model_len == 256
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -8,13 +8,13 @@ Q4_1 blocks, re-derived exactly by scalellm/models/linear.py) within 3%.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ENGINE_DIR, ROOT, require_engine
 from torch import nn
 
 from scalellm.config import CacheConfig, EngineConfig
@@ -24,8 +24,6 @@ from scalellm.models.linear import Linear, QuantizedLinear, int4_groups, quantiz
 from scalellm.models.step import PROMPT_ROWS, RowSplit
 from scalellm.tokenization import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-ENGINE_DIR = Path(os.environ.get("SCALELLM_TEST_MODEL_DIR", ROOT / "build" / "smollm2")) / "engine"
 TEXT = ROOT / "tests" / "data" / "perplexity_text.txt"
 
 # (dtype, quantize, the rows' path, min top-1 agreement with float32, max relative perplexity change). "generated":
@@ -45,8 +43,7 @@ FORMATS = [
 
 @pytest.fixture(scope="module")
 def text_ids() -> list[int]:
-    if not (ENGINE_DIR / "model.safetensors").exists():
-        pytest.fail(f"no engine at {ENGINE_DIR}: run scripts/test.sh (it builds the default engine)")
+    require_engine()
     return load_tokenizer(ENGINE_DIR).encode(TEXT.read_text()).ids
 
 

@@ -20,6 +20,15 @@ from scalellm.config import SchedulerConfig
 RETRYABLE = ("server busy", "server shutting down", "engine failed")
 
 
+def exceeds_context(prompt_len: int, max_tokens: int, max_model_len: int) -> str | None:
+    """Why prompt + max_tokens can never fit a ``max_model_len``-token context (a message naming it), or None."""
+    total = prompt_len + max_tokens
+    if total > max_model_len:
+        return (f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
+                f"context length of {max_model_len} tokens")
+    return None
+
+
 def is_retryable(message: str) -> bool:
     """Whether an error message from the server means "not now, retry later or elsewhere"."""
     return any(marker in message for marker in RETRYABLE)

@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 
 from scalellm.config import EngineConfig
-from scalellm.engine.admission import Admission, EngineFailed, ServerDraining, default_queue_size
+from scalellm.engine.admission import Admission, EngineFailed, ServerDraining, default_queue_size, exceeds_context
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.deadlines import Deadlines
 from scalellm.engine.model_runner import ModelRunner
@@ -110,10 +110,10 @@ class LLMEngine:
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> str | None:
         """Why a request can never run (a message naming the bound), or None."""
+        problem = exceeds_context(prompt_len, max_tokens, self.max_model_len)
+        if problem:
+            return problem
         total = prompt_len + max_tokens
-        if total > self.max_model_len:
-            return (f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
-                    f"context length of {self.max_model_len} tokens")
         blocks = -(-total // self.blocks.block_size)
         if blocks > self.blocks.num_blocks:
             return (f"prompt + max_tokens = {total} tokens needs {blocks} KV-cache blocks but the cache "

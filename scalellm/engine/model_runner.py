@@ -10,7 +10,8 @@ from scalellm.config import CacheConfig, EngineConfig, ModelConfig
 from scalellm.engine.scheduler import ScheduledWork
 from scalellm.models import kernels
 from scalellm.models.attention import decode_bias, kv_cache_shape, length_groups, prefill_mask
-from scalellm.models.engine_dir import load_engine_state, load_packed_weights, read_engine_meta
+from scalellm.models.engine_dir import load_engine_state, load_packed_weights
+from scalellm.models.engine_meta import EngineMeta
 from scalellm.models.formats import AUTO, WeightFormat, resolve_format
 from scalellm.models.layer_ops import KernelOps, LayerOps, TorchOps
 from scalellm.models.linear import finalize, quantize_model
@@ -42,7 +43,7 @@ def engine_weight_format(config: EngineConfig) -> WeightFormat:
     """The format to run this engine in here: EngineConfig's dtype, and its quantize or the recorded one."""
     quantize = config.quantize
     if quantize is None:
-        recorded = (read_engine_meta(config.engine_dir) or {}).get("quantize", "none")
+        recorded = EngineMeta.read(config.engine_dir).quantize
         quantize = recorded if config.dtype in (AUTO, "bfloat16") else "none"
     device = torch.device(config.device).type
     return resolve_format(config.dtype, quantize, device, on_kernels(config))

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from scalellm.models.engine_meta import EngineMeta
+
 CONFIG_FILE = "config.json"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -139,8 +141,7 @@ def native_quantize(path: str | Path) -> str:
     int4 is exactly Q4_1, see scalellm/models/linear.py), an engine directory's recorded one, else "none"."""
     path = Path(path)
     if checkpoint_format(path) == "hf":
-        meta = path / "scalellm_engine.json"
-        return json.loads(meta.read_text()).get("quantize", "none") if meta.is_file() else "none"
+        return EngineMeta.read(path).quantize
     from gguf import GGUFReader
 
     kinds = {t.tensor_type.name for t in GGUFReader(str(path)).tensors

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scalellm.models.checkpoint import CONFIG_FILE
+from scalellm.models.engine_meta import ENGINE_META_FILE, EngineMetaError, read_record, write_record
 from scalellm.models.formats import AUTO, DTYPES, QUANTIZE, dtype_name
 from scalellm.models.linear import QUANTIZED_FILE, packed_state, quantize_model
 
-ENGINE_META_FILE = "scalellm_engine.json"
 WEIGHTS_FILE = "model.safetensors"
 LM_HEAD = "lm_head.weight"
 # Input-embedding names a tied lm_head may share (Llama, Mistral, Mixtral all use the first).
@@ -173,7 +173,7 @@ def save_engine(
             save_file(_packed_weights(config, state_dict, quantize), str(packed_file))
             _make_readable(packed_file)
             engine_meta |= packed_layout()
-        (tmp / ENGINE_META_FILE).write_text(json.dumps(engine_meta, indent=2) + "\n")
+        write_record(tmp, engine_meta)
     return out_dir
 
 
@@ -213,8 +213,8 @@ def read_engine_meta(engine_dir: str | Path) -> dict[str, Any] | None:
     if not all((engine_dir / f).is_file() for f in (ENGINE_META_FILE, CONFIG_FILE, WEIGHTS_FILE)):
         return None
     try:
-        return json.loads((engine_dir / ENGINE_META_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_record(engine_dir)
+    except (OSError, EngineMetaError):
         return None
 
 

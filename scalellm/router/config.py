@@ -11,6 +11,7 @@ POLICIES = ("least-tokens", "prefix")
 # max_tokens of a request that leaves it out: the ensemble's own default (the contract table owns it), so a
 # request means the same through every door (capped by the model's context length in the OpenAI one).
 DEFAULT_MAX_TOKENS: int = FIELDS["max_tokens"].default  # type: ignore[assignment]
+DEFAULT_NUM_RETURN_SEQUENCES: int = FIELDS["num_return_sequences"].default  # type: ignore[assignment]
 # OpenAI's default temperature; the Triton ensemble itself defaults to greedy.
 DEFAULT_TEMPERATURE = 1.0
 

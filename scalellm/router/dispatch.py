@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import aiohttp
 
-from .config import RouterConfig
+from .config import DEFAULT_MAX_TOKENS, DEFAULT_NUM_RETURN_SEQUENCES, RouterConfig
 from .metrics import RouterMetrics
 from .policy import Policy
 from .replicas import Replica
@@ -79,13 +79,31 @@ class UpstreamRejected(Exception):
         self.status, self.body, self.content_type = status, body, content_type
 
 
+CHARS_PER_TOKEN = 4  # the Triton doors' prompt length estimate (the exact count would cost a tokenisation)
+
+
+def _positive(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
 @dataclass(frozen=True)
 class Job:
-    """What the policy needs of a request: its prompt (prefix routing) and cost (prompt + max tokens)."""
+    """What the policy needs of a request: its prompt (prefix routing) and cost (prompt + n x max tokens)."""
 
     prompt: str
     cost: int
     client_id: str = ""  # the id the client gave the request, so its own cancel can be forwarded
+
+    @classmethod
+    def of(cls, prompt: str, max_tokens: object, n: object = None, client_id: str = "",
+           prompt_tokens: int | None = None) -> Job:
+        """The job of a request as its door read it: cost = the prompt's tokens (counted, or estimated as
+        characters / 4) + n x max_tokens. A field the replica will refuse (not a positive integer) or leave to
+        its default counts here as that default; the refusal itself is the replica's."""
+        if prompt_tokens is None:
+            prompt_tokens = len(prompt) // CHARS_PER_TOKEN + 1
+        generated = _positive(n, DEFAULT_NUM_RETURN_SEQUENCES) * _positive(max_tokens, DEFAULT_MAX_TOKENS)
+        return cls(prompt, prompt_tokens + generated, client_id)
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ class OpenAIFrontDoor:
                                       **gen.fields}
             if gen.logprobs:
                 fields["return_log_probs"] = True
-            deltas = self._deltas(Job(prompt, prompt_tokens + gen.n * max_tokens), fields)
+            deltas = self._deltas(Job.of(prompt, max_tokens, gen.n, prompt_tokens=prompt_tokens), fields)
             if gen.stream:
                 return await self._stream(request, gen, chat, deltas, prompt_tokens)
             return await self._whole(gen, chat, deltas, prompt_tokens)

@@ -3,10 +3,10 @@ for ``usage`` (the same ``tokenizer.json`` and ``encode`` call the ensemble's pr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from scalellm.models.engine_meta import EngineMeta
 from scalellm.tokenization import ChatTemplate, load_tokenizer
 
 
@@ -22,10 +22,7 @@ class PromptBuilder:
             raise FileNotFoundError(f"no tokenizer.json in {engine_dir} (give --model-dir a build_engines.py output)")
         self.chat_template = ChatTemplate(engine_dir)  # the same renderer as the ensemble's preprocessing
         self.tokenizer = load_tokenizer(engine_dir)
-        self.max_model_len: int | None = None
-        info = engine_dir / "scalellm_engine.json"
-        if info.is_file():
-            self.max_model_len = json.loads(info.read_text()).get("max_model_len")
+        self.max_model_len = EngineMeta.read(engine_dir).max_model_len
 
     def chat(self, messages: list[dict[str, Any]]) -> str:
         """The prompt text for ``messages`` with the model's chat template (raises ValueError if it fails)."""

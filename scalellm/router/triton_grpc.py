@@ -21,7 +21,6 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from scalellm.engine.admission import is_retryable
 
-from .config import DEFAULT_MAX_TOKENS
 from .dispatch import (
     Dispatcher,
     Job,
@@ -35,7 +34,6 @@ from .dispatch import (
 )
 from .replicas import Replica
 from .slots import Overloaded
-from .triton_http import CHARS_PER_TOKEN
 from .upstream import DRAIN_TIMEOUT_S
 
 MAX_MESSAGE_BYTES = 64 << 20
@@ -86,8 +84,7 @@ def _input_int(request: pb.ModelInferRequest, name: str) -> int | None:
 
 def job_of(request: pb.ModelInferRequest) -> Job:
     text = (_input_bytes(request, "text_input") or b"").decode("utf-8", errors="replace")
-    max_tokens = _input_int(request, "max_tokens") or DEFAULT_MAX_TOKENS
-    return Job(text, len(text) // CHARS_PER_TOKEN + 1 + max(1, max_tokens), request.id)
+    return Job.of(text, _input_int(request, "max_tokens"), _input_int(request, "num_return_sequences"), request.id)
 
 
 def cancel_request(model: str, request_id: str) -> pb.ModelInferRequest:

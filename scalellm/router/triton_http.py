@@ -5,19 +5,17 @@ endpoints proxied to a healthy replica."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from .config import DEFAULT_MAX_TOKENS
-from .dispatch import Dispatcher, Job, MidStreamFailure, NoReplica, RequestTimeout, UpstreamRejected
+from .dispatch import Attempt, Dispatcher, Job, MidStreamFailure, NoReplica, RequestTimeout, UpstreamRejected
 from .kserve import HEADER_LENGTH, BadInferBody, InferBody
 from .slots import Overloaded
 from .upstream import generate_once, infer_once, sse_events
-
-CHARS_PER_TOKEN = 4  # prompt length estimate for the load (the exact count would cost a tokenisation)
 
 
 def triton_error(status: int, message: str, retry_after_s: int | None = None) -> web.Response:
@@ -30,16 +28,17 @@ def unplaced(exc: NoReplica | Overloaded) -> web.Response:
     return triton_error(503, str(exc), exc.retry_after_s)
 
 
-def estimate_cost(fields: dict[str, Any]) -> tuple[str, int]:
-    text = fields.get("text_input", "")
-    while isinstance(text, list) and text:
-        text = text[0]
-    text = text if isinstance(text, str) else ""
-    max_tokens = fields.get("max_tokens", DEFAULT_MAX_TOKENS)
-    while isinstance(max_tokens, list) and max_tokens:
-        max_tokens = max_tokens[0]
-    max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else DEFAULT_MAX_TOKENS
-    return text, len(text) // CHARS_PER_TOKEN + 1 + max_tokens
+def _first(value: Any) -> Any:
+    """A generate field's value: JSON may nest it in lists, as a tensor's shape would."""
+    while isinstance(value, list) and value:
+        value = value[0]
+    return value
+
+
+def job_of(fields: dict[str, Any], client_id: str) -> Job:
+    text = _first(fields.get("text_input", ""))
+    return Job.of(text if isinstance(text, str) else "", _first(fields.get("max_tokens")),
+                  _first(fields.get("num_return_sequences")), client_id)
 
 
 class TritonHttp:
@@ -106,24 +105,10 @@ class TritonHttp:
         if cancelled is not None:
             return cancelled
         client_id = fields.pop("id", None)
-        prompt, cost = estimate_cost(fields)
-        job = Job(prompt, cost, client_id or "")
         session, spawn = self.dispatcher.session, self.dispatcher.spawn
-        answer: bytes | None = None
-        try:
-            async with aclosing(self.dispatcher.run(
-                    job, lambda up: generate_once(session, up, model, fields, client_id, spawn))) as bodies:
-                async for body in bodies:  # read to the end, so the request counts as finished
-                    answer = body
-        except UpstreamRejected as exc:
-            return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
-        except (NoReplica, Overloaded) as exc:
-            return unplaced(exc)
-        except RequestTimeout as exc:
-            return triton_error(504, str(exc))
-        if answer is None:
-            return triton_error(502, "the replica sent no response")
-        return web.Response(body=answer, content_type="application/json")
+        return await self._unary(job_of(fields, client_id or ""),
+                                 lambda up: generate_once(session, up, model, fields, client_id, spawn),
+                                 lambda body: web.Response(body=body, content_type="application/json"))
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         """KServe v2 infer (JSON or Triton's binary tensor extension), as perf_analyzer and tritonclient send it."""
@@ -134,30 +119,35 @@ class TritonHttp:
         except BadInferBody as exc:
             return triton_error(400, str(exc))
         client_id = body.header.pop("id", None)
-        prompt, cost = estimate_cost({"text_input": body.first_value("text_input") or "",
-                                      "max_tokens": body.first_value("max_tokens") or DEFAULT_MAX_TOKENS})
-        job = Job(prompt, cost, str(client_id or ""))
+        job = Job.of(body.first_value("text_input") or "", body.first_value("max_tokens"),
+                     body.first_value("num_return_sequences"), str(client_id or ""))
         session, spawn = self.dispatcher.session, self.dispatcher.spawn
-        answer: tuple[bytes, dict[str, str]] | None = None
+        return await self._unary(job, lambda up: infer_once(session, up, model, body, client_id, spawn),
+                                 lambda answer: web.Response(body=answer[0], headers=answer[1]))
+
+    async def _unary(self, job: Job, attempt: Attempt, respond: Callable[[Any], web.Response]) -> web.Response:
+        """A request answered once (``generate``, ``infer``): ``respond`` to its last answer, or the error every
+        door gives (the replica's refusal as it is, 503 + Retry-After when it cannot be placed, 504 past its time)."""
+        answer = None
         try:
-            async with aclosing(self.dispatcher.run(
-                    job, lambda up: infer_once(session, up, model, body, client_id, spawn))) as answers:
+            async with aclosing(self.dispatcher.run(job, attempt)) as answers:
                 async for item in answers:  # read to the end, so the request counts as finished
                     answer = item
         except UpstreamRejected as exc:
             return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
-        except NoReplica as exc:
-            return triton_error(503, str(exc))
+        except (NoReplica, Overloaded) as exc:
+            return unplaced(exc)
+        except RequestTimeout as exc:
+            return triton_error(504, str(exc))
         if answer is None:
             return triton_error(502, "the replica sent no response")
-        return web.Response(body=answer[0], headers=answer[1])
+        return respond(answer)
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
         model = request.match_info["model"]
         fields = await self._fields(request)
         client_id = fields.pop("id", None)
-        prompt, cost = estimate_cost(fields)
-        job = Job(prompt, cost, client_id or "")
+        job = job_of(fields, client_id or "")
         session, spawn = self.dispatcher.session, self.dispatcher.spawn
         response: web.StreamResponse | None = None
         try:

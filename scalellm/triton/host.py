@@ -31,8 +31,8 @@ from scalellm.engine.deadlines import request_timeout_s
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.sequence import RequestOutput, Sequence
 from scalellm.triton import response
-from scalellm.triton.request import EngineLimits, Get, LLMRequest, parse
-from scalellm.triton.tensors import InvalidInput, scalar
+from scalellm.triton.request import EngineLimits, LLMRequest, parse
+from scalellm.triton.tensors import Get, InvalidInput, scalar
 
 log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.25

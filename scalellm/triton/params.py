@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from scalellm.config import CacheConfig, EngineConfig, SchedulerConfig, StreamConfig
+from scalellm.models.engine_meta import EngineMeta
 
 _CACHE, _SCHED = CacheConfig(), SchedulerConfig()
 # parameter name -> default (None: unset)
@@ -56,12 +57,12 @@ def stream_config(params: dict[str, str]) -> StreamConfig:
     return StreamConfig(stream_interval=interval)
 
 
-def engine_config(params: dict[str, str], engine_dir: Path, meta: dict[str, Any]) -> EngineConfig:
+def engine_config(params: dict[str, str], engine_dir: Path, meta: EngineMeta) -> EngineConfig:
     """The engine's configuration from the model's parameters and the engine directory's metadata."""
     return EngineConfig(
         engine_dir=str(engine_dir),
         device=params.get("device") or EngineConfig.device,
-        dtype=meta.get("dtype", EngineConfig.dtype),
+        dtype=meta.dtype or EngineConfig.dtype,
         cache=CacheConfig(
             block_size=_int(params, "kv_block_size"),
             num_blocks=_int(params, "kv_cache_blocks"),
@@ -70,7 +71,7 @@ def engine_config(params: dict[str, str], engine_dir: Path, meta: dict[str, Any]
         scheduler=SchedulerConfig(
             max_num_seqs=_int(params, "max_num_seqs"),
             max_num_batched_tokens=_int(params, "max_num_batched_tokens"),
-            max_model_len=int(meta.get("max_model_len", _SCHED.max_model_len)),
+            max_model_len=meta.max_model_len or _SCHED.max_model_len,
             max_queue_size=_int(params, "max_queue_size"),
         ),
         num_threads=_int(params, "num_threads") or None,

@@ -8,16 +8,12 @@ makes streamed text byte-exact; without it each response is decoded on its own (
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 from tokenizers import Tokenizer
 
 from scalellm.tokenization import decode_delta
 from scalellm.triton.contract import PASS_THROUGH, POST_INPUTS
-from scalellm.triton.tensors import InvalidInput, check_required
-
-Get = Callable[[str], "np.ndarray | None"]
+from scalellm.triton.tensors import Get, InvalidInput, check_required
 
 
 def _per_beam(array: np.ndarray, batch: int, beams: int) -> np.ndarray:

@@ -7,24 +7,21 @@ The compatibility outputs of tensorrtllm_backend (``REQUEST_OUTPUT_LEN``, ``OUT_
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from scalellm.config import DEFAULT_MAX_TOKENS, ModelConfig
+from scalellm.config import hf_eos_token_ids, read_hf_config
 from scalellm.tokenization import ChatTemplate, encode_word_list, flatten_word_ids, load_tokenizer
-from scalellm.triton.contract import PRE, PRE_INPUTS, REQUEST_FIELDS
-from scalellm.triton.tensors import InvalidInput, check_refused, check_required, decode_words, scalar
-
-Get = Callable[[str], "np.ndarray | None"]
+from scalellm.triton.contract import FIELDS, PRE, PRE_INPUTS, REQUEST_FIELDS
+from scalellm.triton.tensors import Get, InvalidInput, check_refused, check_required, decode_words, scalar
 
 
 class Preprocessor:
     def __init__(self, engine_dir: Path) -> None:
         self.tokenizer = load_tokenizer(engine_dir)
         self.chat = ChatTemplate(engine_dir)
-        eos = ModelConfig.from_engine_dir(engine_dir).eos_token_ids
+        eos = hf_eos_token_ids(read_hf_config(engine_dir))  # only the end tokens: any architecture tokenises
         self.default_end_id = eos[0] if eos else -1
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
@@ -39,7 +36,7 @@ class Preprocessor:
             raise InvalidInput(f"text_input is not valid UTF-8: {exc}") from None
         if not text:
             raise InvalidInput("text_input must not be empty")
-        if scalar(get("APPLY_CHAT_TEMPLATE"), "apply_chat_template", False):
+        if scalar(get("APPLY_CHAT_TEMPLATE"), "apply_chat_template", FIELDS["apply_chat_template"].default):
             if not self.chat.available:
                 raise InvalidInput("apply_chat_template: this model has no chat template")
             text = self.chat.user_prompt(text)
@@ -58,7 +55,7 @@ class Preprocessor:
                 raise InvalidInput(f"{name} must be in [{low}, {self.vocab_size}) (got {value})")
         stop = encode_word_list(self.tokenizer, decode_words(get("STOP_WORDS_DICT"), "stop_words"))
         bad = encode_word_list(self.tokenizer, decode_words(get("BAD_WORDS_DICT"), "bad_words"))
-        max_tokens = scalar(get("REQUEST_OUTPUT_LEN"), "max_tokens", DEFAULT_MAX_TOKENS)
+        max_tokens = scalar(get("REQUEST_OUTPUT_LEN"), "max_tokens", FIELDS["max_tokens"].default)
 
         def i32(value: object) -> np.ndarray:
             return np.asarray(value, dtype=np.int32)

@@ -16,9 +16,8 @@ from scalellm.engine.deadlines import MAX_TIMEOUT_MS
 from scalellm.engine.sequence import SamplingParams
 from scalellm.tokenization import unflatten_word_ids
 from scalellm.triton.contract import LLM_FIELDS, Field, sampling_mode
-from scalellm.triton.tensors import InvalidInput, check_range, check_refused, scalar
+from scalellm.triton.tensors import Get, InvalidInput, check_range, check_refused, scalar
 
-Get = Callable[[str], "np.ndarray | None"]
 CASTS = {"FP32": float, "INT32": int, "UINT64": int, "BOOL": bool}
 
 
@@ -43,13 +42,25 @@ class LLMRequest:
     timeout_ms: int = 0  # 0: the llm's default_timeout_ms
     stream_interval: int | None = None  # None: the llm's stream_interval parameter
 
+    @property
+    def echoed_prompt(self) -> list[int]:
+        """The prompt tokens a response starts with (TensorRT-LLM's rule): a whole, non-streamed response's,
+        unless exclude_input_in_output; a stream never repeats the prompt."""
+        return [] if self.stream or self.exclude_input else self.prompt
+
 
 def _words(get: Get, name: str) -> tuple[tuple[int, ...], ...]:
     tensor = get(name)
     if tensor is None or tensor.size == 0:
         return ()
-    ids, offsets = np.asarray(tensor).reshape(2, -1).tolist()
-    return tuple(unflatten_word_ids(ids, offsets))
+    tensor = np.asarray(tensor)
+    if tensor.ndim < 2 or tensor.shape[-2] != 2 or tensor.size != 2 * tensor.shape[-1]:
+        raise InvalidInput(f"{name} must have shape [2, N] (token ids, end offsets; got {list(tensor.shape)})")
+    ids, offsets = tensor.reshape(2, -1).tolist()
+    try:
+        return tuple(unflatten_word_ids(ids, offsets))
+    except ValueError as exc:
+        raise InvalidInput(f"{name}: {exc}") from None
 
 
 def _checked(f: Field, value: object) -> object:

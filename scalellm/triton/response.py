@@ -34,7 +34,7 @@ class SequenceProgress:
 
 
 def start(request: LLMRequest, index: int, stream_interval: int) -> SequenceProgress:
-    shown = [] if not request.stream and not request.exclude_input else context_tail(request.prompt, [])
+    shown = [] if request.echoed_prompt else context_tail(request.prompt, [])
     return SequenceProgress(index=index, shown=shown, pacer=Pacer(stream_interval if request.stream else None))
 
 
@@ -53,7 +53,7 @@ def tensors(request: LLMRequest, seq: SequenceProgress, out: RequestOutput,
     if not request.stream:
         if not final:
             return None
-        new = new if request.exclude_input else request.prompt + new
+        new = request.echoed_prompt + new
     elif not new and not final:
         return None
     context = seq.shown

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from scalellm.triton.contract import Field, Tensor
 
 
+Get = Callable[[str], "np.ndarray | None"]  # a request's input by name; None when the request does not carry it
+
+
 class InvalidInput(ValueError):
     """A request field is out of bounds; the message names the field and the bound."""
 
@@ -32,11 +35,6 @@ def resolve_engine_dir(args: dict, value: str) -> Path:
     if not path.is_absolute():
         path = Path(args["model_repository"]).resolve().parent / path
     return path.resolve()
-
-
-def engine_meta(engine_dir: Path) -> dict[str, Any]:
-    meta = engine_dir / "scalellm_engine.json"
-    return json.loads(meta.read_text()) if meta.exists() else {}
 
 
 def scalar(array: np.ndarray | None, name: str, default: Any = None) -> Any:

@@ -1,86 +1,71 @@
-"""Translate the official ``tensorrt_llm`` model's request tensors into the LLM API's ``SamplingParams`` and its
-results back into ``output_ids`` / ``sequence_length``: the TensorRT-LLM-free half of the LLM-API model
-(``model_repository_gpu/tensorrt_llm_pytorch/1/model.py``), so it is unit-tested without a GPU.
+"""The LLM-API model's TensorRT-LLM-free half (``model_repository_gpu/tensorrt_llm_pytorch/1/model.py``), so it is
+unit-tested without a GPU: the engine bounds its requests are parsed against, one parsed sample as
+``tensorrt_llm.SamplingParams`` keyword arguments, and its results back as the official outputs.
 
-The names on the right are ``tensorrt_llm.SamplingParams`` fields (max_tokens, end_id, pad_id, temperature,
-top_k, top_p, seed, repetition_penalty, presence_penalty, frequency_penalty, length_penalty, min_tokens,
-stop_token_ids, bad_token_ids, logprobs, ignore_eos).
+Requests are parsed by the llm model's own parser (``scalellm/triton/request.py``): the same defaults (the contract
+table), bounds and messages, whichever model serves the ensemble. The names on the right are
+``tensorrt_llm.SamplingParams`` fields (max_tokens, end_id, ignore_eos, temperature, top_k, top_p, seed, min_p,
+repetition_penalty, presence_penalty, frequency_penalty, min_tokens, stop_token_ids, bad_token_ids, logprobs);
+one it is not given takes TensorRT-LLM's runtime default, which is also ours.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from scalellm.triton.contract import sampling_mode
-from scalellm.triton.tensors import InvalidInput, check_range, scalar
+from scalellm.config import hf_eos_token_ids, read_hf_config
+from scalellm.engine.admission import exceeds_context
+from scalellm.engine.sequence import SamplingParams
+from scalellm.triton.request import EngineLimits
 
-# official input name -> SamplingParams field, for the scalar inputs passed through unchanged
-PASSTHROUGH = {"temperature": "temperature", "len_penalty": "length_penalty",
-               "repetition_penalty": "repetition_penalty", "min_tokens": "min_tokens",
-               "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
-               "pad_id": "pad_id"}
-
-
-def unflatten_words(array: np.ndarray | None) -> list[list[int]]:
-    """The [2, N] word-list format of ``stop_words_list`` / ``bad_words_list`` (row 0: the tokens of all words
-    back to back; row 1: each word's end offset, padded with -1) as one token list per word."""
-    if array is None:
-        return []
-    rows = np.asarray(array).reshape(-1, 2, np.asarray(array).shape[-1])[0]
-    tokens, offsets = rows[0].tolist(), [int(o) for o in rows[1].tolist() if o >= 0]
-    words, start = [], 0
-    for end in offsets:
-        if not start <= end <= len(tokens):
-            raise InvalidInput(f"word list offsets must rise within the {len(tokens)} tokens (got {offsets})")
-        if end > start:
-            words.append([int(t) for t in tokens[start:end]])
-        start = end
-    return words
+TOKENS_PER_BLOCK = 32  # TensorRT-LLM's KV-cache block default; only our llm model's kv_cache_* outputs use it
+_UNSET = SamplingParams()
+# SamplingParams fields of the same name and meaning on both sides, passed on when not at their default
+SAME_FIELDS = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens")
 
 
-def sampling_kwargs(inputs: dict[str, np.ndarray | None]) -> dict[str, Any]:
-    """SamplingParams keyword arguments for one request (inputs by official name; absent ones are None).
+def engine_limits(llm_args: dict[str, Any], decoupled: bool) -> EngineLimits:
+    """What the parser checks requests against: the checkpoint's vocabulary and end tokens (its config.json)
+    and model.yaml's ``max_seq_len`` (prompt + output tokens)."""
+    hf = read_hf_config(llm_args["model"])
+    max_seq_len = int(llm_args["max_seq_len"])
+    return EngineLimits(vocab_size=int(hf["vocab_size"]), eos_token_ids=hf_eos_token_ids(hf),
+                        check_fits=partial(exceeds_context, max_model_len=max_seq_len), max_model_len=max_seq_len,
+                        block_size=TOKENS_PER_BLOCK, decoupled=decoupled)
 
-    Multi-token stop/bad words are returned under ``stop_words`` / ``bad_words`` as token lists: the model
-    decodes them into the strings SamplingParams takes for sequences (``stop`` / ``bad``).
+
+def sampling_kwargs(sample: SamplingParams, eos_token_ids: tuple[int, ...]) -> dict[str, Any]:
+    """SamplingParams keyword arguments for one parsed sample.
+
+    Greedy (temperature 0 or top_k 1, ``contract.sampling_mode``) is top_k 1 alone. End tokens: the model's own
+    (no end_id given) are left to the LLM API, none (end_id -1) is ``ignore_eos``. Stop/bad sequences of one token
+    go by id; longer ones come back under ``stop_words`` / ``bad_words`` as token lists: the model decodes them
+    into the strings SamplingParams takes for sequences (``stop`` / ``bad``).
     """
-    max_tokens = scalar(inputs.get("request_output_len"), "max_tokens")
-    if max_tokens is None or max_tokens < 1:
-        raise InvalidInput(f"max_tokens must be >= 1 (got {max_tokens})")
-    beam_width = scalar(inputs.get("beam_width"), "beam_width", 1)
-    if beam_width != 1:
-        raise InvalidInput(f"beam_width must be 1 on the LLM-API path (got {beam_width})")
-    kwargs: dict[str, Any] = {"max_tokens": int(max_tokens)}
-    for name, field in PASSTHROUGH.items():
-        value = scalar(inputs.get(name), name)
-        if value is not None:
-            kwargs[field] = value
-    top_k = int(scalar(inputs.get("runtime_top_k"), "top_k", 0))
-    check_range("top_k", top_k, low=0)
-    top_p = float(scalar(inputs.get("runtime_top_p"), "top_p", 0.0))
-    check_range("top_p", top_p, 0.0, 1.0)
-    top_k, top_p = sampling_mode(top_k, top_p)  # the official model's rule, stated to the LLM API explicitly
-    if top_k:
-        kwargs["top_k"] = top_k
-    if top_k != 1:
-        kwargs["top_p"] = top_p
-    end_id = scalar(inputs.get("end_id"), "end_id")
-    if end_id == -1:
-        kwargs["ignore_eos"] = True  # -1: no end token, generate exactly max_tokens
-    elif end_id is not None:
-        kwargs["end_id"] = int(end_id)
-    if scalar(inputs.get("return_log_probs"), "return_log_probs", False):
+    kwargs: dict[str, Any] = {"max_tokens": sample.max_tokens}
+    if sample.greedy:
+        kwargs["top_k"] = 1
+    else:
+        kwargs |= {"temperature": sample.temperature, "top_p": sample.top_p, "seed": sample.seed}
+        if sample.top_k:
+            kwargs["top_k"] = sample.top_k
+    kwargs |= {name: getattr(sample, name) for name in SAME_FIELDS if getattr(sample, name) != getattr(_UNSET, name)}
+    if not sample.stop_token_ids:
+        kwargs["ignore_eos"] = True
+    elif sample.stop_token_ids != tuple(eos_token_ids):
+        kwargs["end_id"] = sample.stop_token_ids[0]
+    if sample.return_log_probs:
         kwargs["logprobs"] = 1  # the sampled token's log-probability
-    for name, ids_field, words_field in (("stop_words_list", "stop_token_ids", "stop_words"),
-                                         ("bad_words_list", "bad_token_ids", "bad_words")):
-        words = unflatten_words(inputs.get(name))
-        singles = [w[0] for w in words if len(w) == 1]
+    for sequences, ids_field, words_field in ((sample.stop_sequences, "stop_token_ids", "stop_words"),
+                                              (sample.bad_sequences, "bad_token_ids", "bad_words")):
+        singles = [seq[0] for seq in sequences if len(seq) == 1]
         if singles:
             kwargs[ids_field] = singles
-        if len(singles) < len(words):
-            kwargs[words_field] = [w for w in words if len(w) > 1]
+        if len(singles) < len(sequences):
+            kwargs[words_field] = [list(seq) for seq in sequences if len(seq) > 1]
     return kwargs
 
 

@@ -13,7 +13,6 @@ The ``tensorrt_llm`` template keeps the official placeholder names (tools/fill_t
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scalellm.models.engine_meta import write_record
 from scalellm.triton.contract import OFFICIAL_LLM_INPUTS, OFFICIAL_LLM_OUTPUTS
 from scalellm.triton.render import ensemble_section, io_section
 from scalellm.trtllm.options import TrtllmOptions
@@ -80,8 +80,7 @@ def prepare_tokenizer_dir(checkpoint: Path, target: Path, max_model_len: int, ba
     for name in TOKENIZER_FILES:
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, target / name)
-    meta = {"backend": backend, "max_model_len": max_model_len, "source": str(checkpoint.resolve())}
-    (target / "scalellm_engine.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_record(target, {"backend": backend, "max_model_len": max_model_len, "source": str(checkpoint.resolve())})
     return target
 
 

@@ -13,9 +13,11 @@ import triton_python_backend_utils as pb_utils
 
 from scalellm.engine.engine import LLMEngine
 from scalellm.metrics import EngineMetrics
+from scalellm.models.engine_meta import EngineMeta
+from scalellm.triton.backend import error_response, inputs_of, tensors_response
 from scalellm.triton.host import EngineHost
 from scalellm.triton.params import default_timeout_ms, engine_config, stream_config
-from scalellm.triton.tensors import engine_meta, model_parameters, resolve_engine_dir
+from scalellm.triton.tensors import model_parameters, resolve_engine_dir
 
 
 class Responder:
@@ -25,13 +27,8 @@ class Responder:
         self.sender = sender
 
     def send(self, tensors, error=None, final=False, invalid=False, unavailable=False) -> None:
-        if error is not None:
-            code = (pb_utils.TritonError.INVALID_ARG if invalid else
-                    pb_utils.TritonError.UNAVAILABLE if unavailable else pb_utils.TritonError.INTERNAL)
-            response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error, code))
-        else:
-            response = pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(name, value) for name, value in tensors.items()])
+        response = (error_response(error, invalid, unavailable) if error is not None else
+                    tensors_response(tensors))
         self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
     def is_cancelled(self) -> bool:
@@ -42,7 +39,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         params = model_parameters(args)
         engine_dir = resolve_engine_dir(args, params["engine_dir"])
-        engine = LLMEngine(engine_config(params, engine_dir, engine_meta(engine_dir)))
+        engine = LLMEngine(engine_config(params, engine_dir, EngineMeta.read(engine_dir)))
         labels = {"model": args["model_name"], "version": args["model_version"],
                   "instance": args["model_instance_name"]}
         metrics = EngineMetrics(pb_utils, labels)
@@ -55,11 +52,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            def get(name: str, request=request):
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                return None if tensor is None else tensor.as_numpy()
-
-            self.host.handle(get, request.request_id(), Responder(request.get_response_sender()))
+            self.host.handle(inputs_of(request), request.request_id(), Responder(request.get_response_sender()))
         return None
 
     def finalize(self) -> None:

@@ -5,11 +5,9 @@ The tokenizer (and the chat template) are loaded once per instance, not per requ
 
 from __future__ import annotations
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
+from scalellm.triton.backend import answer_each
 from scalellm.triton.preprocess import Preprocessor
-from scalellm.triton.tensors import InvalidInput, model_parameters, resolve_engine_dir
+from scalellm.triton.tensors import model_parameters, resolve_engine_dir
 
 
 class TritonPythonModel:
@@ -17,18 +15,4 @@ class TritonPythonModel:
         self.preprocess = Preprocessor(resolve_engine_dir(args, model_parameters(args)["engine_dir"]))
 
     def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            def get(name: str, request=request) -> np.ndarray | None:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                return None if tensor is None else tensor.as_numpy()
-
-            try:
-                outputs = self.preprocess(get)
-            except InvalidInput as exc:
-                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
-                continue
-            tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-        return responses
+        return answer_each(requests, self.preprocess)

@@ -1,8 +1,11 @@
 """TensorRT-LLM's LLM API (PyTorch backend) behind the official ``tensorrt_llm`` tensors. GPU only.
 
 Coded against TensorRT-LLM's documented LLM API (``LLM``, ``SamplingParams``, ``LLM.generate_async``), not run
-on our CPU machines: see docs/gpu.md. One asyncio loop thread owns every request; ``generate_async`` batches
-them in flight. Streaming sends each step's new tokens (as the C++ backend does); otherwise one response.
+on our CPU machines: see docs/gpu.md. Requests are parsed by the llm model's parser against the contract's
+defaults and bounds (``scalellm/triton/request.py``), so a field means the same whichever model serves the
+ensemble. One asyncio loop thread owns every request; ``generate_async`` batches them in flight. Streaming sends
+each step's new tokens (as the C++ backend does); otherwise one response, the prompt first unless
+``exclude_input_in_output``.
 """
 
 from __future__ import annotations
@@ -13,18 +16,15 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 import yaml
 
-from scalellm.triton.tensors import InvalidInput, scalar
+from scalellm.triton.backend import error_response, inputs_of, tensors_response
+from scalellm.triton.request import LLMRequest, parse
+from scalellm.triton.tensors import InvalidInput
 from scalellm.trtllm import require
-from scalellm.trtllm.llm_api import output_arrays, sampling_kwargs, token_log_probs
+from scalellm.trtllm.llm_api import engine_limits, output_arrays, sampling_kwargs, token_log_probs
 
-INPUTS = ("input_ids", "request_output_len", "end_id", "pad_id", "stop_words_list", "bad_words_list", "beam_width",
-          "temperature", "runtime_top_k", "runtime_top_p", "len_penalty", "repetition_penalty", "min_tokens",
-          "presence_penalty", "frequency_penalty", "seed", "return_log_probs", "exclude_input_in_output", "streaming",
-          "return_perf_metrics")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -48,6 +48,8 @@ class TritonPythonModel:
         model = Path(llm_args["model"])
         if not model.is_absolute():  # relative to the repository root, like our engine_dir
             llm_args["model"] = str((model_dir.parent / model).resolve())
+        policy = json.loads(args["model_config"]).get("model_transaction_policy", {})
+        self.limits = engine_limits(llm_args, decoupled=bool(policy.get("decoupled", False)))
         self.sampling_params = require("tensorrt_llm").SamplingParams
         self.llm = create_llm(llm_args)
         self.tokenizer = self.llm.tokenizer
@@ -62,15 +64,10 @@ class TritonPythonModel:
             asyncio.run_coroutine_threadsafe(self._serve(request, time.time_ns()), self.loop)
         return None
 
-    def _inputs(self, request) -> dict:
-        found = {}
-        for name in INPUTS:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            found[name] = None if tensor is None else tensor.as_numpy()
-        return found
-
-    def _params(self, inputs: dict):
-        kwargs = sampling_kwargs(inputs)
+    def _params(self, parsed: LLMRequest):
+        if len(parsed.samples) != 1:
+            raise InvalidInput(f"num_return_sequences must be 1 on the LLM-API path (got {len(parsed.samples)})")
+        kwargs = sampling_kwargs(parsed.samples[0], self.limits.eos_token_ids)
         for words_key, field in (("stop_words", "stop"), ("bad_words", "bad")):
             words = kwargs.pop(words_key, None)
             if words:
@@ -80,19 +77,13 @@ class TritonPythonModel:
     async def _serve(self, request, arrival_ns: int) -> None:
         sender = request.get_response_sender()
         try:
-            inputs = self._inputs(request)
-            if inputs["input_ids"] is None:
-                raise InvalidInput("input_ids is required")
-            prompt = [int(t) for t in np.asarray(inputs["input_ids"]).reshape(-1)]
-            params = self._params(inputs)
-            streaming = bool(scalar(inputs["streaming"], "streaming", False))
-            prefix = [] if scalar(inputs["exclude_input_in_output"], "exclude_input_in_output", True) else prompt
-            want_logs = bool(scalar(inputs["return_log_probs"], "return_log_probs", False))
-            marks = {"arrival_time_ns": arrival_ns, "first_scheduled_time_ns": time.time_ns()}
-            if not scalar(inputs["return_perf_metrics"], "return_perf_metrics", False):
-                marks = None
-            result = self.llm.generate_async(prompt, sampling_params=params, streaming=streaming)
-            if streaming:
+            parsed = parse(inputs_of(request), self.limits)
+            params = self._params(parsed)
+            want_logs = parsed.samples[0].return_log_probs
+            marks = ({"arrival_time_ns": arrival_ns, "first_scheduled_time_ns": time.time_ns()}
+                     if parsed.perf_metrics else None)
+            result = self.llm.generate_async(parsed.prompt, sampling_params=params, streaming=parsed.stream)
+            if parsed.stream:
                 sent = 0
                 async for output in result:
                     if request.is_cancelled():
@@ -101,9 +92,8 @@ class TritonPythonModel:
                     completion = output.outputs[0]
                     new = list(completion.token_ids[sent:])
                     logs = token_log_probs(completion.logprobs, completion.token_ids)[sent:] if want_logs else None
-                    ids = (prefix + new) if sent == 0 else new
                     self._mark(marks)
-                    self._send(sender, ids, logs, completion.cumulative_logprob if want_logs else None, marks,
+                    self._send(sender, new, logs, completion.cumulative_logprob if want_logs else None, marks,
                                FINAL if output.finished else 0)
                     sent = len(completion.token_ids)
                     if output.finished:
@@ -115,14 +105,13 @@ class TritonPythonModel:
                 ids = list(completion.token_ids)
                 logs = token_log_probs(completion.logprobs, ids) if want_logs else None
                 self._mark(marks)
-                self._send(sender, prefix + ids, logs, completion.cumulative_logprob if want_logs else None, marks,
-                           FINAL)
+                self._send(sender, parsed.echoed_prompt + ids, logs,
+                           completion.cumulative_logprob if want_logs else None, marks, FINAL)
         except InvalidInput as error:
-            sender.send(pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
+            sender.send(error_response(str(error), invalid=True), flags=FINAL)
         except Exception as error:  # the server keeps serving everyone else
             self.log.log_error(f"[tensorrt_llm_pytorch] request failed: {error!r}")
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
+            sender.send(error_response(str(error)), flags=FINAL)
 
     @staticmethod
     def _mark(marks: dict | None) -> None:
@@ -135,9 +124,7 @@ class TritonPythonModel:
     @staticmethod
     def _send(sender, ids: list[int], logs: list[float] | None, cum: float | None, marks: dict | None,
               flags: int) -> None:
-        arrays = output_arrays(ids, logs, cum, marks)
-        tensors = [pb_utils.Tensor(name, value) for name, value in arrays.items()]
-        sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+        sender.send(tensors_response(output_arrays(ids, logs, cum, marks)), flags=flags)
 
     def finalize(self) -> None:
         self.llm.shutdown()
