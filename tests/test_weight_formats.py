@@ -2,7 +2,7 @@
 a fixed ~1k-token English text (tests/data/perplexity_text.txt): top-1 agreement with float32's next-token choice
 and perplexity.
 
-Bounds (issue #8): bf16 agreement >= 0.95 and perplexity within 1%; int8 >= 0.93 and 2%; int4 (the GGUF's own
+Bounds: bf16 agreement >= 0.95 and perplexity within 1%; int8 >= 0.93 and 2%; int4 (the GGUF's own
 Q4_1 blocks, re-derived exactly by scalellm/models/quant.py) within 3%.
 """
 
