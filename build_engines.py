@@ -1,8 +1,9 @@
 """Build an engine from a checkpoint and render a relocatable Triton model repository around it.
 
     python build_engines.py --checkpoint PATH --output-dir build/smollm2 [--dtype auto|float32|bfloat16]
-        [--quantize none|int8|int4] [--backend torch] [--max-model-len N] [--model-name ensemble] [--max-batch-size 64]
-        [--decoupled-mode true|false] [--llm-model-name llm]
+        [--quantize none|int8|int4] [--max-model-len N] [--model-name ensemble] [--max-batch-size 64]
+        [--backend torch|tensorrt_llm|tensorrt_llm_pytorch (GPU: docs/gpu.md)] [--decoupled-mode true|false]
+        [--llm-model-name llm]
         [--param name=value ...] [--templates model_repository] [--moe-experts N] [--force]
 
 Writes OUTPUT/engine/ (see scalellm/models/engine_dir.py; weight formats: scalellm/models/formats.py) and

@@ -131,7 +131,7 @@ class EngineConfig:
     # kernels load. A server's cores are shared with Triton's threads, which each streamed token wakes: at
     # nice 19 those threads take a worker's core rather than the engine thread's, and the kernels hand a
     # preempted worker's remaining work to the engine thread (dynamic schedules) instead of waiting for it.
-    # C=64 through Triton on 2 cores: median +5% tokens/s over 7 noisy pairs (docs/benchmarks.md, session 11).
+    # C=64 through Triton on 2 cores: median +5% tokens/s over 7 noisy pairs (docs/benchmarks.md).
     # 0: leave them be.
     worker_nice: int = 19
 

@@ -3,7 +3,7 @@
 Every family is prefixed ``scalellm_`` and labelled with the Triton model and instance, next to Triton's own
 ``nv_inference_*`` families.  Each metric call of the Python backend is a round trip to the server, and at 64
 sequences a step's per-token histogram observations alone were 64 of them: with no metric calls at all, the
-Triton path spent 17% less CPU per streamed token (docs/benchmarks.md, session 11).  So the engine's loop thread only
+Triton path spent 17% less CPU per streamed token (docs/benchmarks.md).  So the engine's loop thread only
 queues each step's summary, and a publisher thread folds everything queued into one update every
 ``PUBLISH_INTERVAL_S``: gauges set to the latest value, counters incremented by the sums, and histograms kept
 as Prometheus' own series (``_bucket{le}``, ``_sum``, ``_count``) on counter families, so that a publish

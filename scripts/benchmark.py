@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/benchmark.py                       # starts its own server on free ports
     .venv/bin/python scripts/benchmark.py --concurrency 1 8 32 64 --targets grpc http engine \\
-        --input-len 32 --output-len 64 --output build/bench.json --plot docs/benchmark.png
+        --input-len 32 --output-len 64 --output build/bench.json --plot build/bench.png
 
 Targets: the ensemble over gRPC streaming, over HTTP ``generate_stream``, and the engine in process (no Triton,
 same engine directory, same token ids, same weight format) as the baseline; ``router``: gRPC streaming through the
@@ -20,7 +20,7 @@ directory's dense weights (target ``vllm``, through ``vllm_cpu_server.sh serve``
 scripts are in ``--peer-tools`` (default ``../shared/tools``):
 
     .venv/bin/python scripts/benchmark.py --peer llamacpp vllm --targets grpc engine --concurrency 1 8 32 64 \\
-        --input-len 128 --output-len 128 --output build/bench-vs-peers.json --plot docs/benchmark-vs-peers.png
+        --input-len 128 --output-len 128 --output build/bench-vs-peers.json --plot build/bench-vs-peers.png
 
 Each level keeps C requests in flight (or, with ``--request-rate``, sends them as a Poisson process capped at C).
 Output lengths are fixed (``end_id=-1``). Per request: TTFT, TPOT = (E2E - TTFT) / (n - 1), ITL, E2E, and the

