@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 or no co
 def ops(request):
     """The kernels built for one instruction set."""
     module = kernels.load(request.param)
-    if module is None:
-        pytest.skip(f"our {request.param} kernels do not build here")
+    if module is None:  # the compiler built the best set (the module is not skipped), so this one must build too
+        pytest.fail(f"our {request.param} kernels did not build on a CPU that runs them (see the log's error)")
     return module
 
 

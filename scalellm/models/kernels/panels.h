@@ -39,6 +39,23 @@ inline vf weights16(const uint8_t* wp, int64_t t, vf d, vf m) {
   return vfma(widen_u8(codes16<Bits>(wp + t * 2 * Bits)), d, m);
 }
 
+// The arguments' checks both kernels share: x [M, K] of ``dtype``; wp uint8 [ceil(N/16), K, 2 * bits]; for coded
+// bits (4, 8) d and m float32 [ceil(N/16), K/32, 16]; ``dense_bits`` is the kernel's dense width (16 or 32).
+inline void check_panel_args(const char* name, const at::Tensor& x, at::ScalarType dtype, const at::Tensor& wp,
+                             const at::Tensor& d, const at::Tensor& m, int64_t n, int64_t bits, int64_t dense_bits) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == dtype, name,
+              ": x must be a contiguous [M, K] matrix of ", dtype);
+  const int64_t k = x.size(1), panels = (n + 15) / 16;
+  TORCH_CHECK(bits == 4 || bits == 8 || bits == dense_bits, name, ": bits must be 4, 8 or ", dense_bits);
+  TORCH_CHECK(k % 32 == 0 && wp.dim() == 3 && wp.size(0) == panels && wp.size(1) == k && wp.size(2) == 2 * bits,
+              name, ": K must be a multiple of 32 and wp [ceil(N/16), K, 2 * bits]");
+  TORCH_CHECK(wp.scalar_type() == at::kByte && wp.is_contiguous(), name, ": wp must be contiguous uint8");
+  TORCH_CHECK(bits == dense_bits || (d.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat &&
+                                     d.is_contiguous() && m.is_contiguous() && d.numel() == panels * k / 2 &&
+                                     m.numel() == d.numel()),
+              name, ": d and m float32 [ceil(N/16), K/32, 16]");
+}
+
 // Panels per dynamic grab: about a million multiply-adds, at least four grabs a thread, so that a worker that
 // Triton's threads preempt does not hold the others up at the barrier.
 inline int64_t panel_grain(int64_t rows, int64_t k, int64_t panels) {

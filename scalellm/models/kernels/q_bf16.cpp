@@ -139,16 +139,8 @@ void q_bf16_mm(const uint16_t* x, const uint8_t* wp, const float* dp, const floa
 // checks the CPU: kernels.has_bf16_dot()).
 at::Tensor q_bf16_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m,
                      int64_t n, int64_t bits) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
-              "q_bf16_mm: x must be a contiguous bfloat16 [M, K] matrix");
-  const int64_t rows = x.size(0), k = x.size(1), panels = (n + 15) / 16;
-  TORCH_CHECK(bits == 4 || bits == 8 || bits == 16, "q_bf16_mm: bits must be 4, 8 or 16");
-  TORCH_CHECK(k % 32 == 0 && wp.dim() == 3 && wp.size(0) == panels && wp.size(1) == k && wp.size(2) == 2 * bits,
-              "q_bf16_mm: K must be a multiple of 32 and wp [ceil(N/16), K, 2 * bits]");
-  TORCH_CHECK(wp.scalar_type() == at::kByte && wp.is_contiguous(), "q_bf16_mm: wp must be contiguous uint8");
-  TORCH_CHECK(bits == 16 || (d.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat && d.is_contiguous() &&
-                             m.is_contiguous() && d.numel() == panels * k / 2 && m.numel() == d.numel()),
-              "q_bf16_mm: d and m float32 [ceil(N/16), K/32, 16]");
+  scalellm::check_panel_args("q_bf16_mm", x, at::kBFloat16, wp, d, m, n, bits, 16);
+  const int64_t rows = x.size(0), k = x.size(1);
 #if defined(__AVX512F__)
   auto out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
