@@ -82,7 +82,7 @@ def _le(bound: float) -> str:
 
 
 class EngineMetrics:
-    def __init__(self, pb_utils: Any, labels: dict[str, str]) -> None:
+    def __init__(self, pb_utils: Any, labels: dict[str, str], kv_blocks_total: int) -> None:
         self.m: dict[str, Any] = {}
         self.histograms: dict[str, CounterHistogram] = {}
         self._families = []  # keep the families alive as long as their metrics
@@ -102,6 +102,8 @@ class EngineMetrics:
                 self._rejected_family = family
             else:
                 self.m[name] = family.Metric(labels=labels)
+        # the pool's size from the start: an idle replica's KV-cache usage then reads 0, not 0/0
+        self.m["scalellm_kv_cache_blocks_total"].set(kv_blocks_total)
         self._last_preemptions = 0
         self._last_prefix_hits = 0
         self._steps: queue.SimpleQueue[StepStats] = queue.SimpleQueue()

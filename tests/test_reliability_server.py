@@ -73,6 +73,8 @@ def launch(tmp_path: Path):
 
 def test_256_streams_against_64_slots_complete_or_get_busy_and_nothing_leaks(launch) -> None:
     server = launch(max_num_seqs=64, max_queue_size=32, kv_cache_blocks=512)
+    # before any request the pool is already published: an idle replica's KV-cache usage is 0/512, not 0/0
+    assert metric(server.metrics_url, "scalellm_kv_cache_blocks_total") == 512
 
     async def run() -> tuple[list[dict], list[dict]]:
         client = grpc_aio.InferenceServerClient(server.grpc_url)

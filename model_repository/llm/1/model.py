@@ -42,7 +42,7 @@ class TritonPythonModel:
         engine = LLMEngine(engine_config(params, engine_dir, EngineMeta.read(engine_dir)))
         labels = {"model": args["model_name"], "version": args["model_version"],
                   "instance": args["model_instance_name"]}
-        metrics = EngineMetrics(pb_utils, labels)
+        metrics = EngineMetrics(pb_utils, labels, kv_blocks_total=engine.blocks.num_blocks)
         engine.on_step = metrics.record
         policy = json.loads(args["model_config"]).get("model_transaction_policy", {})
         self.host = EngineHost(engine, decoupled=bool(policy.get("decoupled", False)),
