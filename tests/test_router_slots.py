@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from scalellm.router import slots as slots_module
 from scalellm.router.config import ReplicaAddress
 from scalellm.router.launch import cpu_list, cpu_sets, parse_cpu_list
 from scalellm.router.metrics import RouterMetrics
@@ -73,6 +74,22 @@ def test_retry_after_grows_with_the_requests_ahead() -> None:
     asyncio.run(run())
 
 
+def test_retry_after_sends_back_no_more_in_one_second_than_the_router_takes_at_once() -> None:
+    async def run() -> None:
+        queue = queue_of(replicas=2, slots=1, queue_size=1)  # room for 3 at once
+        deadline = asyncio.get_running_loop().time() + 60
+        held = [await queue.acquire(str(i), 1, deadline) for i in range(2)]
+        for slot in held:
+            queue.release(slot, completed=True)  # a pace: requests hold their slot for a moment only
+        await queue.acquire("a", 1, deadline)
+        await queue.acquire("b", 1, deadline)
+        waits = [queue.refuse("queue_full", "test").retry_after_s for _ in range(12)]
+        assert waits == sorted(waits), waits
+        assert max(waits.count(second) for second in set(waits)) <= 3, waits
+
+    asyncio.run(run())
+
+
 def test_a_busy_replica_takes_no_more_than_it_runs_for_a_while() -> None:
     async def run() -> None:
         queue = queue_of(replicas=1, slots=4, queue_size=4)
@@ -84,6 +101,46 @@ def test_a_busy_replica_takes_no_more_than_it_runs_for_a_while() -> None:
         assert replica.load.in_flight == 1 and not queue.has_room(replica)  # 1 of 4 slots used, yet full
         queue.release(running, completed=True)
         assert queue.has_room(replica)  # room for what it held when it refused
+
+    asyncio.run(run())
+
+
+class Clock:
+    """Stands in for the time module in scalellm.router.slots: a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_busy_replica_is_probed_with_one_request_then_gets_its_slots_back(monkeypatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(slots_module, "time", clock)
+
+    async def run() -> None:
+        queue = queue_of(replicas=1, slots=8, queue_size=4)
+        replica, deadline = queue.replicas[0], asyncio.get_running_loop().time() + 60
+        running = [await queue.acquire(str(i), 1, deadline) for i in range(2)]
+        refused = await queue.acquire("refused", 1, deadline)
+        queue.full(refused)  # "server busy" with two others running
+        queue.release(refused, completed=False)
+        assert not queue.has_room(replica)
+        clock.now += slots_module.BUSY_HOLD_S / 2
+        assert not queue.has_room(replica)  # no probe before the hold is over
+        clock.now += slots_module.BUSY_HOLD_S / 2
+        probe = await queue.acquire("probe", 1, deadline)  # one more, not all 8 slots at once
+        assert probe.replica is replica and not queue.has_room(replica)
+        queue.full(probe)  # still busy: capped at what it runs again, and the hold starts over
+        queue.release(probe, completed=False)
+        clock.now += slots_module.BUSY_HOLD_S
+        assert queue.has_room(replica) and replica.load.in_flight == 2
+        clock.now += 3 * slots_module.BUSY_HOLD_S  # no "busy" for a while: back to its 8 slots
+        more = [await queue.acquire(f"more-{i}", 1, deadline) for i in range(6)]
+        assert replica.load.in_flight == 8 and not queue.has_room(replica)
+        for slot in running + more:
+            queue.release(slot, completed=True)
 
     asyncio.run(run())
 

@@ -9,11 +9,15 @@ deadline, is refused at once with :class:`Overloaded` (the doors answer 429 or 5
 nothing waits unseen in an engine's own queue and no client waits without an answer.
 
 A replica that answers "server busy" all the same (other clients use it too, or it holds fewer than its slots)
-is taken at its word: for ``BUSY_HOLD_S`` it gets no more than the requests it is running then (``full``).
+is taken at its word: it gets no more than the requests it is running then (``full``); after ``BUSY_HOLD_S``
+without another "busy" one more, then 3, 7, ... more, up to its slots. So while it stays full a single request
+probes it now and then, instead of every waiter being sent back to it at once whenever a fixed hold runs out
+(each refusal costs a request one of its attempts).
 
 ``Retry-After`` is when the refused request could expect a slot if everything ahead of it drains at the
 recent pace: the requests in flight, those queued, and those refused just before it (they come back first),
-at the average time a request has held its slot lately.
+at the average time a request has held its slot lately; and no more requests are told the same second than
+the slots and the queue take at once.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .replicas import Replica
 HOLD_S_INITIAL = 1.0  # assumed slot hold time until a request has finished (then the first one's time)
 HOLD_EWMA_WEIGHT = 0.2  # weight of the latest finished request in the average hold time
 MAX_RETRY_AFTER_S = 60
-BUSY_HOLD_S = 2.0  # how long a replica's "server busy" caps its slots at what it was running then
+BUSY_HOLD_S = 2.0  # a replica's "server busy" caps it at what it runs; the cap starts to grow after this long
 CONFIG_TIMEOUT_S = 5.0
 REFRESH_S = 0.25  # the slot watcher's period: it asks only replicas whose slots are not known yet
 
@@ -102,7 +106,7 @@ class SlotQueue:
         self._waiters: deque[Waiter] = deque()
         self._hold_s: float | None = None  # average time a finished request held its slot; None: none yet
         self._held: set[Slot] = set()
-        self._capped: dict[str, tuple[int, float]] = {}  # replica name -> (slots, until) after a "server busy"
+        self._capped: dict[str, tuple[int, float]] = {}  # replica name -> (requests, since) at its last "busy"
         self._promised: list[float] = []  # when the requests refused lately were told to come back
 
     # ---- slots ----
@@ -114,14 +118,17 @@ class SlotQueue:
         slots = self.slots(replica)
         if not replica.healthy or slots is None:
             return False
-        capped, until = self._capped.get(replica.name, (0, 0.0))
-        if time.monotonic() < until:
-            return replica.load.in_flight < capped
+        if replica.name in self._capped:
+            capped, since = self._capped[replica.name]
+            periods = min(16, int((time.monotonic() - since) / BUSY_HOLD_S))
+            grown = capped + 2**periods - 1  # 1, 3, 7, ... more: back to its slots in a few periods
+            if slots == 0 or grown < slots:
+                return replica.load.in_flight < grown
         return slots == 0 or replica.load.in_flight < slots
 
     def full(self, slot: Slot) -> None:
         """The replica refused ``slot``'s request as busy: it has room for no more than its other requests."""
-        self._capped[slot.replica.name] = (slot.replica.load.in_flight - 1, time.monotonic() + BUSY_HOLD_S)
+        self._capped[slot.replica.name] = (slot.replica.load.in_flight - 1, time.monotonic())
 
     async def refresh(self, session: aiohttp.ClientSession, model: str) -> None:
         """Learn the slots of replicas that became healthy, forget those of replicas that went down (a restarted
@@ -217,6 +224,15 @@ class SlotQueue:
         # requests in flight for longer than the average show it is stale (slower requests now, a busier machine)
         hold_s = max([self._hold_s or HOLD_S_INITIAL, *(now - slot.since for slot in self._held)])
         seconds = min(MAX_RETRY_AFTER_S, max(1, math.ceil(hold_s * ahead / capacity)))
+        # Retry-After is whole seconds: never send back more requests in one second than the router can take at
+        # once (its slots and its queue), or the last of them are refused again (and clients retry only so often)
+        room = capacity + self.queue_size
+        def told(second: int) -> int:  # requests already told to come back within that second from now
+            return (bisect.bisect_right(self._promised, now + second)
+                    - bisect.bisect_right(self._promised, now + second - 1))
+
+        while seconds < MAX_RETRY_AFTER_S and told(seconds) >= room:
+            seconds += 1
         bisect.insort(self._promised, now + seconds)
         return seconds
 
