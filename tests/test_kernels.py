@@ -51,7 +51,7 @@ def test_q_q8_mm_matches_its_definition(ops, bits, dtype, rows):
     # scales as the kernel keeps them (float16), so that the reference multiplies the very same weights
     d, m = (torch.rand(n, k // 32) * 0.01).half().float(), (torch.randn(n, k // 32) * 0.01).half().float()
     x = torch.randn(rows, k).to(dtype)  # a row tail (7 = 4 + 3; 70 = 64 + 4 + 2)
-    out = ops.q_q8_mm(x, *kernels.pack(q, d, m, bits), bits)
+    out = ops.q_q8_mm(x, *kernels.pack(q, d, m, bits), n, bits)
     want = reference_q_q8(x.float(), q, d, m)
     assert out.dtype == dtype
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5

@@ -63,12 +63,12 @@ class Q8:
     """q_q8_mm: the weights (codes, exactly) times activations quantised to int8 per 32-block."""
 
     def __init__(self, codes: Codes, bits: int) -> None:
-        self.wq, self.d, self.m_t = kernels.pack(*codes, bits)
-        self.bits = bits
+        self.wq, self.d, self.m = kernels.pack(*codes, bits)
+        self.n, self.bits = codes[0].shape[0], bits
         self.kernel = kernels.load().q_q8_mm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel(x, self.wq, self.d, self.m_t, self.bits)
+        return self.kernel(x, self.wq, self.d, self.m, self.n, self.bits)
 
 
 class Panels:
@@ -297,7 +297,7 @@ def q8_0_blocks(weight: torch.Tensor) -> Codes | None:
 
 def takes_kernels(linear: QuantizedLinear) -> bool:
     """Whether our kernels build here and take this layer's shape."""
-    shape_fits = not linear.in_features % kernels.PAIR and getattr(linear, "group_size", GROUP_SIZE) == 32
+    shape_fits = not linear.in_features % kernels.BLOCK and getattr(linear, "group_size", GROUP_SIZE) == 32
     return shape_fits and kernels.load() is not None
 
 
@@ -344,7 +344,7 @@ def quantize_model(model: nn.Module, quantize: str, dtype: torch.dtype, stored: 
         if stored is not None:
             buffers = {name.removeprefix(f"{path}."): t for name, t in stored.items() if name.startswith(f"{path}.")}
             linear = cls(*(buffers[name] for name in ("weight", "scales_and_zeros" if kind == "int4" else "scales")))
-        elif on_kernels and kernels.load() is not None and not weight.shape[1] % kernels.PAIR:
+        elif on_kernels and kernels.load() is not None and not weight.shape[1] % kernels.BLOCK:
             linear = cls.shaped(*weight.shape)  # codes straight from the weights: torch's packing is not needed
             codes = cls.codes_of(weight.detach().float())
         else:

@@ -41,12 +41,7 @@ ISAS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
 CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
-PAIR = 64  # weights per VNNI operand: two 32-weight blocks
-
-# Where in a pair's 64 bytes each weight goes (q_q8.cpp's activation layout): 4-byte groups alternate between
-# the two blocks, in the order unpacklo/unpackhi of their eight groups produce.
-_GROUPS = [0, 1, 4, 5, 2, 3, 6, 7]
-PAIR_ORDER = torch.tensor([32 * block + 4 * group + t for group in _GROUPS for block in (0, 1) for t in range(4)])
+BLOCK = 32  # weights per quantisation block: our kernels take K, the input features, a multiple of it
 
 
 def cache_dir() -> Path:
@@ -115,16 +110,21 @@ def fits(head_dim: int, group: int) -> bool:
 
 
 def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """(q int [N, K] in 0..2^bits-1, d and m [N, K/32]: w = q * d + m) to ``q_q8_mm``'s (wq, d, m transposed).
+    """(q int [N, K] in 0..2^bits-1, d and m [N, K/32]: w = q * d + m) to ``q_q8_mm``'s (wq, d, m): chunks of 16
+    columns (N padded with zero columns), each block's weights in 8 groups of 4 as 16 columns x 4 bytes (4 bits:
+    group t in the low nibbles, t + 4 in the high ones), d and m as 16 columns' float16 per block (q_q8.cpp).
 
     d and m in float16, as GGUF's Q4_1 and Q8_0 blocks keep them: at one token the step reads every weight
     byte from memory, and float32 scales would add a third to an int4 layer's bytes.
     """
     n, k = q.shape
-    pairs = q.reshape(n, k // PAIR, PAIR)[..., PAIR_ORDER].to(torch.uint8)
+    chunks, blocks = -(-n // 16), k // BLOCK
+    q, d, m = (torch.nn.functional.pad(t, (0, 0, 0, chunks * 16 - n)) for t in (q.to(torch.uint8), d.half(), m.half()))
+    groups = q.view(chunks, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4)  # [chunk, block, group, column, 4]
     if bits == 4:
-        pairs = pairs[..., :32] | (pairs[..., 32:] << 4)
-    return pairs.reshape(n, -1).contiguous(), d.half().contiguous(), m.float().t().half().contiguous()
+        groups = groups[:, :, :4] | (groups[:, :, 4:] << 4)
+    scales = [t.view(chunks, 16, blocks).transpose(1, 2).contiguous() for t in (d, m)]
+    return groups.contiguous().view(chunks, -1), *scales
 
 
 def pack_panels(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:

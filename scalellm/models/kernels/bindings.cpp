@@ -16,7 +16,7 @@ int64_t nice_workers(int64_t nice) {
   return done;
 }
 
-at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m_t,
+at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m, int64_t n,
                    int64_t bits);
 at::Tensor q_f32_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m, int64_t n,
                     int64_t bits);

@@ -1,17 +1,24 @@
 // int4 / int8 weights x int8 activations on AVX-512 VNNI or AVX2: llama.cpp's Q4_1 (Q8_0) x Q8 dot product.
 //
-// Weights (packed once at load, see scalellm/models/kernels/__init__.py): per output column, per pair of
-// 32-weight blocks, in the order the activations below are laid out in, the weight being q * d + m:
-// 4 bits: 32 bytes whose low nibbles are the pair's first 32 codes and high nibbles its last 32 (q in 0..15);
-// 8 bits: 64 bytes (q in 0..255: a signed int8 code plus 128, m = -128 d).
-// Activations are quantised here, per row and per 32-block: a = round(x / ds), ds = max|x| / 127.
-// Then   y[r, c] = sum_b d[c,b] ds[r,b] sum_i q a  +  sum_b m[c,b] ds[r,b] sum_i a.
+// Activations are quantised here, per row and per 32-block: a = round(x / ds), ds = max|x| / 127, and
+// sa = ds * sum(a). The weight is q * d + m per 32-block (d, m float16). An output is
+//     y[r, c] = sum over blocks b, in order, of  d[c,b] ds[r,b] (sum_i q a)  +  m[c,b] sa[r,b]
+// where sum_i q a, a block's 32 products, is an exact integer. Only the float steps round, and each output takes
+// the same float steps in the same order whatever the number of rows, the row's place in the batch or the
+// number of threads: a row's result never depends on what it is batched with. An int8 tile unit (AMX's
+// TDPBUSD) computes the same exact block sums, so it can give the same bits as these vector kernels.
 //
-// Each output is computed by the same sequence of operations whatever the number of rows, the row's place in
-// the batch or the number of threads: a row's result never depends on what it is batched with.
+// Weights (packed once at load, scalellm/models/kernels/__init__.py ``pack``): 16 columns at a time, and per
+// block 8 groups of 4 consecutive weights, each group as 16 columns x 4 bytes: one 512-bit operand whose 32-bit
+// lane j holds column j's 4 codes. 8 bits: 8 such operands of 64 bytes per block (q in 0..255); 4 bits: 4, the
+// group t in the low nibbles and the group t + 4 in the high ones. d and m: 16 columns' float16 per block.
+// A row's 4 activation bytes are broadcast against an operand, so a 32-bit lane accumulates its column's block
+// sum (VNNI dpbusd); 16 columns then take their block's scales in one float multiply-add each: three float
+// operations per 512 multiply-adds, where column-at-a-time dot products need three per 64.
 #include "simd.h"
 
 #include <cstdint>
+#include <cstring>
 #include <algorithm>
 #include <memory>
 
@@ -21,19 +28,23 @@ namespace {
 
 using namespace scalellm;
 
-constexpr int kPair = 64;  // weights per pair of blocks: one 512-bit VNNI operand, two 256-bit AVX2 ones
+constexpr int kCols = 16;  // columns per chunk (a chunk's scales are 16 float16s per block)
+constexpr int kMaxRows = 8;  // rows per tile: each row holds one accumulator per chunk
 
 // Software prefetch for few rows (memory-bound): a step reads every layer's weights from DRAM once, each call only
-// for tens of microseconds, too short for the hardware prefetchers to ramp up; at one row the step's linears ran
-// at a third of the memory's streaming bandwidth. Prefetching changes no arithmetic.
-constexpr int64_t kWeightsAhead = 2048;  // bytes ahead in a column's weights (a few columns: they are contiguous)
-constexpr int64_t kColumnsAhead = 64;    // m_t: the columns of the chunk four ahead, in each block's row
+// for tens of microseconds, too short for the hardware prefetchers to ramp up. Prefetching changes no arithmetic.
+constexpr int64_t kWeightsAhead = 2048;  // bytes ahead in the weights (a thread's chunks are contiguous)
+constexpr int64_t kScalesAhead = 512;    // float16s ahead in d and m
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
-#if defined(__AVX512F__)
+inline int32_t group_of(const int8_t* a) {  // 4 activation bytes as one 32-bit lane
+  int32_t v;
+  std::memcpy(&v, a, 4);
+  return v;
+}
 
-constexpr int kTileRows = 4, kTileCols = 4;  // 16 accumulators of 32 registers
+#if defined(__AVX512F__)
 
 // One 32-weight block of a row to int8: 32 bytes at out (8 int32 lanes), its scale and its scaled sum.
 template <typename T>
@@ -50,57 +61,53 @@ inline __m256i quantize_block(const T* x, float* ds, float* sa) {
   return _mm256_inserti128_si256(_mm256_castsi128_si256(blo), bhi, 1);
 }
 
-template <int Bits>
-inline __m512i unpack_pair(const uint8_t* w) {
-  if constexpr (Bits == 8) return _mm512_loadu_si512(w);
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
-  return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
-}
-
-inline __m512 pair_scales(const uint16_t* s) {  // float16 (s0, s1) to float32 [s0, s1, s0, s1, ...]
-  return _mm512_cvtph_ps(_mm256_set1_epi32(*reinterpret_cast<const int32_t*>(s)));
-}
-
-inline __m512 pair_scales(const float* s) {  // (s0, s1) to [s0, s1, s0, s1, ...]
-  return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(s)));
-}
-
-// The q*a part of an R x C tile of outputs: y[r][c] for rows r0.., columns c0...
-template <int Bits, int R, int C>
-inline void tile(const uint8_t* wq, const uint16_t* d, const int8_t* aq, const float* ds, const float*, int64_t pairs,
-                 int64_t r0, int64_t c0, float* y) {  // y: row r0's 16 columns, c0 among them
-  __m512 acc[R][C];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) acc[i][j] = _mm512_setzero_ps();
-  const int64_t blocks = 2 * pairs;
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512i w[C];
-    __m512 dw[C];
-    for (int j = 0; j < C; ++j) {
-      if constexpr (R == 1) prefetch(wq + ((c0 + j) * pairs + p) * (8 * Bits) + kWeightsAhead);
-      w[j] = unpack_pair<Bits>(wq + ((c0 + j) * pairs + p) * (8 * Bits));
-      dw[j] = pair_scales(d + (c0 + j) * blocks + 2 * p);
+// Rows r0..r0+R of one chunk (16 columns): y[i * 16 + j] for row r0 + i, column j of the chunk.
+template <int Bits, int R>
+inline void tile(const uint8_t* w, const uint16_t* d, const uint16_t* m, const int8_t* aq, const float* ds,
+                 const float* sa, int64_t blocks, int64_t k, int64_t r0, float* y) {
+  constexpr int kChains = R == 1 ? 4 : R == 2 ? 2 : 1;  // independent integer sums per row: dpbusd's latency
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * (Bits * 64);
+    if constexpr (R <= 2) {
+      for (int line = 0; line < Bits; ++line) prefetch(wb + kWeightsAhead + line * 64);
+      prefetch(d + (b + 1) * kCols + kScalesAhead);
+      prefetch(m + (b + 1) * kCols + kScalesAhead);
     }
-    for (int i = 0; i < R; ++i) {
-      __m512i a = _mm512_loadu_si512(aq + ((r0 + i) * pairs + p) * kPair);
-      __m512 da = pair_scales(ds + (r0 + i) * blocks + 2 * p);
-      for (int j = 0; j < C; ++j) {
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[j], a);
-        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[j], da), acc[i][j]);
+    __m512i wv[8];
+    if constexpr (Bits == 8) {
+      for (int t = 0; t < 8; ++t) wv[t] = _mm512_loadu_si512(wb + 64 * t);
+    } else {
+      const __m512i nibble = _mm512_set1_epi8(0x0F);
+      for (int t = 0; t < 4; ++t) {
+        const __m512i v = _mm512_loadu_si512(wb + 64 * t);
+        wv[t] = _mm512_and_si512(v, nibble);
+        wv[t + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
       }
     }
+    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * kCols)));
+    const __m512 mb = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + b * kCols)));
+    for (int i = 0; i < R; ++i) {
+      const int8_t* a = aq + (r0 + i) * k + b * 32;
+      __m512i s[kChains];
+      for (int c = 0; c < kChains; ++c) s[c] = _mm512_setzero_si512();
+      for (int t = 0; t < 8; ++t)
+        s[t % kChains] = _mm512_dpbusd_epi32(s[t % kChains], wv[t], _mm512_set1_epi32(group_of(a + 4 * t)));
+      for (int c = 1; c < kChains; ++c) s[0] = _mm512_add_epi32(s[0], s[c]);  // integers: exact in any order
+      const int64_t rb = (r0 + i) * blocks + b;
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_mul_ps(db, _mm512_set1_ps(ds[rb])), acc[i]);
+      acc[i] = _mm512_fmadd_ps(mb, _mm512_set1_ps(sa[rb]), acc[i]);
+    }
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) y[i * 16 + j] = _mm512_reduce_add_ps(acc[i][j]);
+  for (int i = 0; i < R; ++i) _mm512_store_ps(y + i * kCols, acc[i]);
 }
 
 #else  // AVX2: VNNI's u8 x s8 dot product of 4 bytes is maddubs (pairs to int16) then madd by ones (to int32),
-       // exact whenever no int16 pair sum overflows. 4-bit weights (0..15) never do. 8-bit weights (0..255) are
-       // taken as signed codes q - 128 times a (|(q - 128) a| <= 128 * 127, a pair <= 32512); the 128 sum(a) this
-       // leaves out is added in float, as 128 d sa per block (sa = the block's scaled sum, already at hand).
-
-constexpr int kTileRows = 4, kTileCols = 1;  // 4 accumulators: at one row, 1 x 1 tiles read the lm_head 1.5-2x faster than 2 x 2
+       // exact whenever no int16 sum overflows. 4 bits: codes 0..15 times |a| <= 127, 16 products to an int16
+       // lane over a block (<= 30480): one madd per block. 8 bits: the codes as signed q - 128 (the weight is
+       // (q - 128) d + (m + 128 d)), whose products pair up to at most 32512: one madd per group of 4.
+       // Each half of a chunk (8 columns, one 256-bit lane per column) is a tile of its own.
 
 template <typename T>
 inline __m256i quantize_block(const T* x, float* ds, float* sa) {  // as on AVX-512, to the same bytes and scales
@@ -125,130 +132,126 @@ inline __m256i quantize_block(const T* x, float* ds, float* sa) {  // as on AVX-
   return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-inline __m256 pair_scales(const uint16_t* s) {  // float16 (s0, s1) to float32 [s0, s1, s0, s1, ...]
-  return _mm256_cvtph_ps(_mm_set1_epi32(*reinterpret_cast<const int32_t*>(s)));
-}
-
-inline __m256 pair_scales(const float* s) {
-  return _mm256_castpd_ps(_mm256_set1_pd(*reinterpret_cast<const double*>(s)));
-}
-
-inline __m256i madd_ones(__m256i pairs16) { return _mm256_madd_epi16(pairs16, _mm256_set1_epi16(1)); }
-
-template <int Bits, int R, int C>
-inline void tile(const uint8_t* wq, const uint16_t* d, const int8_t* aq, const float* ds, const float* sa,
-                 int64_t pairs, int64_t r0, int64_t c0, float* y) {
-  __m256 acc[R][C];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) acc[i][j] = _mm256_setzero_ps();
-  const int64_t blocks = 2 * pairs;
+template <int Bits, int R>
+inline void half_tile(const uint8_t* w, const uint16_t* d, const uint16_t* m, const int8_t* aq, const float* ds,
+                      const float* sa, int64_t blocks, int64_t k, int64_t r0, int half, float* y) {
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
   const __m256i nibble = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m256i w[C][2];  // the pair's first and second 32 bytes, in the activations' order (8 bits: q - 128)
-    __m256i w_abs[C][2];
-    __m256 dw[C];
-    for (int j = 0; j < C; ++j) {
-      const uint8_t* wp = wq + ((c0 + j) * pairs + p) * (8 * Bits);
-      if constexpr (R == 1) prefetch(wp + kWeightsAhead);
-      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
-      if constexpr (Bits == 4) {
-        w[j][0] = _mm256_and_si256(v, nibble);
-        w[j][1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-      } else {
-        w[j][0] = _mm256_xor_si256(v, flip);
-        w[j][1] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32)), flip);
-        w_abs[j][0] = _mm256_sign_epi8(w[j][0], w[j][0]);
-        w_abs[j][1] = _mm256_sign_epi8(w[j][1], w[j][1]);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * (Bits * 64) + 32 * half;
+    if constexpr (R == 1) {
+      if (half == 0) {
+        for (int line = 0; line < Bits; ++line) prefetch(wb + kWeightsAhead + line * 64);
+        prefetch(d + (b + 1) * kCols + kScalesAhead);
+        prefetch(m + (b + 1) * kCols + kScalesAhead);
       }
-      dw[j] = pair_scales(d + (c0 + j) * blocks + 2 * p);
     }
-    for (int i = 0; i < R; ++i) {
-      const __m256i* ap = reinterpret_cast<const __m256i*>(aq + ((r0 + i) * pairs + p) * kPair);
-      const __m256i a0 = _mm256_loadu_si256(ap), a1 = _mm256_loadu_si256(ap + 1);
-      const __m256 da = pair_scales(ds + (r0 + i) * blocks + 2 * p);
-      __m256 shift;  // 8 bits: 128 sa per block, spread over its 4 lanes (32 sa each; times d below)
-      if constexpr (Bits == 8) shift = _mm256_mul_ps(pair_scales(sa + (r0 + i) * blocks + 2 * p), _mm256_set1_ps(32.0f));
-      for (int j = 0; j < C; ++j) {
-        __m256i dot;
-        if constexpr (Bits == 4) {  // |pair| <= 2 * 15 * 127: the two halves add up in int16
-          dot = madd_ones(_mm256_add_epi16(_mm256_maddubs_epi16(w[j][0], a0), _mm256_maddubs_epi16(w[j][1], a1)));
-        } else {
-          dot = _mm256_add_epi32(madd_ones(_mm256_maddubs_epi16(w_abs[j][0], _mm256_sign_epi8(a0, w[j][0]))),
-                                 madd_ones(_mm256_maddubs_epi16(w_abs[j][1], _mm256_sign_epi8(a1, w[j][1]))));
+    __m256i s[R];
+    if constexpr (Bits == 4) {
+      __m256i s16[R];
+      for (int i = 0; i < R; ++i) s16[i] = _mm256_setzero_si256();
+      for (int t = 0; t < 4; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * t));
+        const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        for (int i = 0; i < R; ++i) {
+          const int8_t* a = aq + (r0 + i) * k + b * 32;
+          s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(group_of(a + 4 * t))));
+          s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(group_of(a + 16 + 4 * t))));
         }
-        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[j], da), acc[i][j]);
-        if constexpr (Bits == 8) acc[i][j] = _mm256_fmadd_ps(dw[j], shift, acc[i][j]);
       }
+      for (int i = 0; i < R; ++i) s[i] = _mm256_madd_epi16(s16[i], ones);
+    } else {
+      for (int i = 0; i < R; ++i) s[i] = _mm256_setzero_si256();
+      for (int t = 0; t < 8; ++t) {
+        const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * t)), flip);
+        const __m256i mag = _mm256_sign_epi8(v, v);
+        for (int i = 0; i < R; ++i) {
+          const __m256i a = _mm256_set1_epi32(group_of(aq + (r0 + i) * k + b * 32 + 4 * t));
+          s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(a, v)), ones));
+        }
+      }
+    }
+    const __m256 db = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + b * kCols + 8 * half)));
+    __m256 mb = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b * kCols + 8 * half)));
+    if constexpr (Bits == 8) mb = _mm256_fmadd_ps(db, _mm256_set1_ps(128.0f), mb);
+    for (int i = 0; i < R; ++i) {
+      const int64_t rb = (r0 + i) * blocks + b;
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_mul_ps(db, _mm256_set1_ps(ds[rb])), acc[i]);
+      acc[i] = _mm256_fmadd_ps(mb, _mm256_set1_ps(sa[rb]), acc[i]);
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) y[i * 16 + j] = hsum8(acc[i][j]);
+  for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + i * kCols + 8 * half, acc[i]);
+}
+
+template <int Bits, int R>
+inline void tile(const uint8_t* w, const uint16_t* d, const uint16_t* m, const int8_t* aq, const float* ds,
+                 const float* sa, int64_t blocks, int64_t k, int64_t r0, float* y) {
+  half_tile<Bits, R>(w, d, m, aq, ds, sa, blocks, k, r0, 0, y);
+  half_tile<Bits, R>(w, d, m, aq, ds, sa, blocks, k, r0, 1, y);
 }
 
 #endif
 
-// One row to int8 pairs: per pair, int32 lanes alternate block 0 / block 1 (unpacklo then unpackhi of the two
-// blocks' 4-byte groups), so that lane parity picks the block and a broadcast pair of scales lines up.
+// One row to int8 codes in k order, with each block's scale ds and scaled sum sa.
 template <typename T>
 inline void quantize_row(const T* x, int64_t k, int8_t* aq, float* ds, float* sa) {
-  for (int64_t p = 0; p < k / kPair; ++p) {
-    __m256i b0 = quantize_block(x + p * kPair, ds + 2 * p, sa + 2 * p);
-    __m256i b1 = quantize_block(x + p * kPair + 32, ds + 2 * p + 1, sa + 2 * p + 1);
-    __m256i* to = reinterpret_cast<__m256i*>(aq + p * kPair);
-    _mm256_storeu_si256(to, _mm256_unpacklo_epi32(b0, b1));
-    _mm256_storeu_si256(to + 1, _mm256_unpackhi_epi32(b0, b1));
+  for (int64_t b = 0; b < k / 32; ++b)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(aq + b * 32), quantize_block(x + b * 32, ds + b, sa + b));
+}
+
+#if defined(__AVX512F__)
+constexpr int kTileRows = kMaxRows;
+#else
+constexpr int kTileRows = 4;  // 16 registers: R int16/int32 sums and R accumulators, the group's two operands
+#endif
+
+template <int Bits>  // rows r0..r0+rows (at most kTileRows) of one chunk into y
+inline void tile_rows(int64_t rows, const uint8_t* w, const uint16_t* d, const uint16_t* m, const int8_t* aq,
+                      const float* ds, const float* sa, int64_t blocks, int64_t k, int64_t r0, float* y) {
+  switch (rows) {
+    case 1: return tile<Bits, 1>(w, d, m, aq, ds, sa, blocks, k, r0, y);
+    case 2: return tile<Bits, 2>(w, d, m, aq, ds, sa, blocks, k, r0, y);
+    case 3: return tile<Bits, 3>(w, d, m, aq, ds, sa, blocks, k, r0, y);
+#if defined(__AVX512F__)
+    case 4: return tile<Bits, 4>(w, d, m, aq, ds, sa, blocks, k, r0, y);
+    case 5: return tile<Bits, 5>(w, d, m, aq, ds, sa, blocks, k, r0, y);
+    case 6: return tile<Bits, 6>(w, d, m, aq, ds, sa, blocks, k, r0, y);
+    case 7: return tile<Bits, 7>(w, d, m, aq, ds, sa, blocks, k, r0, y);
+#endif
+    default: return tile<Bits, kTileRows>(w, d, m, aq, ds, sa, blocks, k, r0, y);
   }
 }
 
-template <int Bits, int R>  // rows r0.. of columns c0..c1 (at most 16) into y, whose first row is rb
-inline void tile_rows(const uint8_t* wq, const uint16_t* d, const int8_t* aq, const float* ds, const float* sa,
-                      int64_t pairs, int64_t r0, int64_t rb, int64_t c0, int64_t c1, float* y) {
-  float* yr = y + (r0 - rb) * 16;
-  int64_t c = c0;
-  for (; c + kTileCols <= c1; c += kTileCols) tile<Bits, R, kTileCols>(wq, d, aq, ds, sa, pairs, r0, c, yr + (c - c0));
-  for (; c < c1; ++c) tile<Bits, R, 1>(wq, d, aq, ds, sa, pairs, r0, c, yr + (c - c0));
-}
-
 template <int Bits, typename T>
-void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m_t, int64_t m, int64_t k,
-              int64_t n, T* out) {
-  const int64_t pairs = k / kPair, blocks = k / 32;
+void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* mq, int64_t m, int64_t k,
+             int64_t n, T* out) {
+  const int64_t blocks = k / 32, chunks = (n + kCols - 1) / kCols;
+  const int64_t chunk_bytes = blocks * Bits * 64, chunk_scales = blocks * kCols;
   std::unique_ptr<int8_t[]> aq(new int8_t[m * k]);
   std::unique_ptr<float[]> ds(new float[m * blocks]), sa(new float[m * blocks]);
-  const int64_t chunks = (n + 15) / 16;
-  // From 16 rows on, columns are handed out a few chunks at a time (about a million multiply-adds a grab, at
-  // least four grabs a thread), not split evenly up front: a serving process shares its cores with Triton's
-  // threads, and with an even split the thread they preempt holds the other up at the barrier; here the other
-  // takes its columns. Fewer rows (memory-bound, a few microseconds a call): one even grab per thread, as the
-  // finer grabs cost 15% at one row.
+  // From 16 rows on, chunks are handed out a few at a time (about a million multiply-adds a grab, at least four
+  // grabs a thread), not split evenly up front: a serving process shares its cores with Triton's threads, and
+  // with an even split the thread they preempt holds the other up at the barrier; here the other takes its
+  // chunks. Fewer rows (memory-bound, a few microseconds a call): one even grab per thread.
   const int64_t threads = omp_get_max_threads();
   const int64_t grain = m < 16 ? (chunks + threads - 1) / threads
                                : std::clamp<int64_t>((int64_t{1} << 16) / (m * k), 1,
                                                      std::max<int64_t>(1, chunks / (4 * threads)));
 #pragma omp parallel
   {
-    // Rows to int8, then (after the barrier) columns in chunks of 16: a chunk's weights stay in L1 while every
-    // row passes over them; the m-term and the store run 16 columns at a time.
 #pragma omp for schedule(dynamic, 8)
     for (int64_t r = 0; r < m; ++r) quantize_row(x + r * k, k, aq.get() + r * k, ds.get() + r * blocks, sa.get() + r * blocks);
-    constexpr int64_t kRows = 64;
-    alignas(64) float y[kRows * 16];
+    alignas(64) float y[kTileRows * kCols];
 #pragma omp for schedule(dynamic, grain)
     for (int64_t g = 0; g < chunks; ++g) {
-      const int64_t c0 = g * 16, c1 = std::min(n, c0 + 16);
-      if (m < 16 && c0 + kColumnsAhead < n)
-        for (int64_t b = 0; b < blocks; ++b) prefetch(m_t + b * n + c0 + kColumnsAhead);
-      for (int64_t rb = 0; rb < m; rb += kRows) {
-        const int64_t re = std::min(m, rb + kRows);
-        int64_t r = rb;
-        for (; r + kTileRows <= re; r += kTileRows) tile_rows<Bits, kTileRows>(wq, d, aq.get(), ds.get(), sa.get(), pairs, r, rb, c0, c1, y);
-        for (; r < re; ++r) tile_rows<Bits, 1>(wq, d, aq.get(), ds.get(), sa.get(), pairs, r, rb, c0, c1, y);
-        for (r = rb; r < re; ++r) {
-          const float* sar = sa.get() + r * blocks;
-          vf acc = vzero();
-          for (int64_t b = 0; b < blocks; ++b) acc = vfma(vset(sar[b]), load16_half(m_t + b * n + c0, c1 - c0), acc);
-          store16(out + r * n + c0, vadd(load16(y + (r - rb) * 16), acc), c1 - c0);
-        }
+      const int64_t c0 = g * kCols, cols = std::min<int64_t>(kCols, n - c0);
+      for (int64_t r = 0; r < m; r += kTileRows) {
+        const int64_t rows = std::min<int64_t>(kTileRows, m - r);
+        tile_rows<Bits>(rows, wq + g * chunk_bytes, d + g * chunk_scales, mq + g * chunk_scales, aq.get(), ds.get(),
+                        sa.get(), blocks, k, r, y);
+        for (int64_t i = 0; i < rows; ++i) store16(out + (r + i) * n + c0, load16(y + i * kCols), cols);
       }
     }
   }
@@ -256,23 +259,27 @@ void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m
 
 }  // namespace
 
-// x [M, K] float32 or bfloat16; wq uint8 [N, K * bits / 8] (bits 4: q in 0..15 as nibbles; 8: q in 0..255);
-// d float16 [N, K/32]; m_t float16 [K/32, N]: the weight is q * d + m. Returns [M, N] in x's dtype.
-at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m_t,
+// x [M, K] float32 or bfloat16 (K a multiple of 32); wq uint8 [P, K/32 * bits * 64] and d, m float16 [P, K/32, 16]:
+// the weights of N columns in P = ceil(N / 16) chunks as ``pack`` lays them out (top of this file), the weight
+// q * d + m. Returns [M, N] in x's dtype.
+at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m, int64_t n,
                    int64_t bits) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "q_q8_mm: x must be a contiguous [M, K] matrix");
-  const int64_t m = x.size(0), k = x.size(1), n = wq.size(0);
+  const int64_t rows = x.size(0), k = x.size(1), chunks = (n + kCols - 1) / kCols;
   TORCH_CHECK(bits == 4 || bits == 8, "q_q8_mm: bits must be 4 or 8");
-  TORCH_CHECK(k % kPair == 0 && wq.size(1) * 8 == k * bits, "q_q8_mm: K must be a multiple of 64 and match wq");
-  TORCH_CHECK(wq.scalar_type() == at::kByte && d.scalar_type() == at::kHalf && m_t.scalar_type() == at::kHalf &&
-              wq.is_contiguous() && d.is_contiguous() && m_t.is_contiguous(), "q_q8_mm: wq uint8, d and m_t float16");
-  auto out = at::empty({m, n}, x.options());
-  if (m == 0) return out;
+  TORCH_CHECK(k % 32 == 0 && wq.dim() == 2 && wq.size(0) == chunks && wq.size(1) == k / 32 * bits * 64,
+              "q_q8_mm: K must be a multiple of 32, and wq [ceil(N/16), K/32 * bits * 64]");
+  TORCH_CHECK(d.dim() == 3 && d.size(0) == chunks && d.size(1) == k / 32 && d.size(2) == kCols && m.sizes() == d.sizes(),
+              "q_q8_mm: d and m must be [ceil(N/16), K/32, 16]");
+  TORCH_CHECK(wq.scalar_type() == at::kByte && d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf &&
+              wq.is_contiguous() && d.is_contiguous() && m.is_contiguous(), "q_q8_mm: wq uint8, d and m float16");
+  auto out = at::empty({rows, n}, x.options());
+  if (rows == 0) return out;
   auto run = [&](auto* xp, auto* op) {
     auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
-    auto* mp = reinterpret_cast<const uint16_t*>(m_t.data_ptr<at::Half>());
-    if (bits == 4) q_q8_mm<4>(xp, wq.data_ptr<uint8_t>(), dp, mp, m, k, n, op);
-    else q_q8_mm<8>(xp, wq.data_ptr<uint8_t>(), dp, mp, m, k, n, op);
+    auto* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
+    if (bits == 4) q_q8_mm<4>(xp, wq.data_ptr<uint8_t>(), dp, mp, rows, k, n, op);
+    else q_q8_mm<8>(xp, wq.data_ptr<uint8_t>(), dp, mp, rows, k, n, op);
   };
   if (x.scalar_type() == at::kBFloat16) {
     run(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
