@@ -16,9 +16,14 @@ from scalellm.triton.tensors import Get, InvalidInput
 
 
 def inputs_of(request) -> Get:
-    """``get(name)``: the request's input ``name`` as an array, None when the request does not carry it."""
+    """``get(name)``: the request's input ``name`` as an array, None when the request does not carry it.
+
+    The inputs are listed once per request: ``pb_utils.get_input_tensor_by_name`` wraps every input anew on each
+    call, and postprocessing asks for some twenty names per streamed token."""
+    by_name = {tensor.name(): tensor for tensor in request.inputs()}
+
     def get(name: str) -> np.ndarray | None:
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        tensor = by_name.get(name)
         return None if tensor is None else tensor.as_numpy()
 
     return get
