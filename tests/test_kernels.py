@@ -138,13 +138,15 @@ def test_codes_come_back_out_of_torchs_packing_as_from_the_weights(cls):
         assert torch.equal(cls.codes_of(weight)[0], q)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (16, 2, 128), (10, 2, 48)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"),
+                         [(9, 3, 64), (4, 4, 32), (16, 2, 128), (32, 8, 128), (10, 2, 48)])
 @pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                     (torch.float32, torch.float16)])
 def test_paged_decode_matches_gathered_attention(ops, dtype, cache_dtype, heads, kv_heads, dim):
     """Keys scattered over the cache in blocks, contexts of different lengths (tails of 16 included); SmolLM2's
-    heads, and other query heads per KV head and head sizes (the AVX2 body's register tiles depend on both); a
-    float16 cache under float32 queries (CacheConfig.kv_cache_dtype)."""
+    heads, Llama's and Mixtral's (32, 8, 128), and other query heads per KV head and head sizes (the AVX-512 body
+    unrolls the served models' shapes, the AVX2 body's register tiles depend on both); a float16 cache under
+    float32 queries (CacheConfig.kv_cache_dtype)."""
     torch.manual_seed(3)
     batch, block = 5, 16
     cache = torch.randn(2, kv_heads, 80 * block, dim).to(cache_dtype)

@@ -100,11 +100,15 @@ inline void weigh_values(const float* scores, const TC* v_head, const int64_t* s
 }
 #endif
 
-template <typename T, typename TC>  // TC: the cache's element type (T, or float16 under float32 activations)
+// TC: the cache's element type (T, or float16 under float32 activations). kGroup, kChunks: the query heads per KV
+// head and head_dim / 16 as compile-time constants (0: read at run time), so that the AVX-512 loops over them unroll
+// and their query, score and output vectors stay in registers instead of going through the stack on every
+// multiply-add; the operations and their order are the same either way.
+template <typename T, typename TC, int kGroup = 0, int kChunks = 0>
 void decode(const T* q, const TC* cache, const int64_t* blocks, const int64_t* lengths, int64_t batch,
             int64_t heads, int64_t kv_heads, int64_t slots, int64_t dim, int64_t width, int64_t block_size,
             float scale, T* out) {
-  const int64_t group = heads / kv_heads, chunks = dim / 16;
+  const int64_t group = kGroup ? kGroup : heads / kv_heads, chunks = kChunks ? kChunks : dim / 16;
 #pragma omp parallel
   {
     std::vector<float> scores;
@@ -213,6 +217,21 @@ void decode(const T* q, const TC* cache, const int64_t* blocks, const int64_t* l
   }
 }
 
+// The shapes of the models we serve get their own unrolled build: SmolLM2 (3 query heads per KV head, head_dim
+// 64), Llama / Mistral / Mixtral (4 and 128, or 8 and 128).
+template <typename T, typename TC>
+void decode_any(const T* q, const TC* cache, const int64_t* blocks, const int64_t* lengths, int64_t batch,
+                int64_t heads, int64_t kv_heads, int64_t slots, int64_t dim, int64_t width, int64_t block_size,
+                float scale, T* out) {
+  const int64_t shape = (heads / kv_heads) * 1000 + dim;
+  switch (shape) {
+    case 3064: return decode<T, TC, 3, 4>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, out);
+    case 4128: return decode<T, TC, 4, 8>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, out);
+    case 8128: return decode<T, TC, 8, 8>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, out);
+    default: return decode<T, TC>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, out);
+  }
+}
+
 }  // namespace
 
 // q [B, H, D]; cache [2, KVH, slots, D] of q's dtype (float32 or bfloat16); blocks [B, W] int64 (each
@@ -231,16 +250,16 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::
               blocks.size(0) == batch && lengths.size(0) == batch, "paged_decode: blocks [B, W], lengths [B] int64");
   auto out = at::empty_like(q);
   if (q.scalar_type() == at::kBFloat16) {
-    decode(q.data_ptr<at::BFloat16>(), cache.data_ptr<at::BFloat16>(), blocks.data_ptr<int64_t>(),
+    decode_any(q.data_ptr<at::BFloat16>(), cache.data_ptr<at::BFloat16>(), blocks.data_ptr<int64_t>(),
            lengths.data_ptr<int64_t>(), batch, heads, kv_heads, cache.size(2), dim, blocks.size(1), block_size,
            static_cast<float>(scale), out.data_ptr<at::BFloat16>());
   } else if (half_cache) {
-    decode(q.data_ptr<float>(), cache.data_ptr<at::Half>(), blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+    decode_any(q.data_ptr<float>(), cache.data_ptr<at::Half>(), blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
            batch, heads, kv_heads, cache.size(2), dim, blocks.size(1), block_size, static_cast<float>(scale),
            out.data_ptr<float>());
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: float32 or bfloat16");
-    decode(q.data_ptr<float>(), cache.data_ptr<float>(), blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+    decode_any(q.data_ptr<float>(), cache.data_ptr<float>(), blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
            batch, heads, kv_heads, cache.size(2), dim, blocks.size(1), block_size, static_cast<float>(scale),
            out.data_ptr<float>());
   }
