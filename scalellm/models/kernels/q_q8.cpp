@@ -6,15 +6,16 @@
 // where sum_i q a, a block's 32 products, is an exact integer. Only the float steps round, and each output takes
 // the same float steps in the same order whatever the number of rows, the row's place in the batch or the
 // number of threads: a row's result never depends on what it is batched with. An int8 tile unit (AMX's
-// TDPBUSD) computes the same exact block sums, so it can give the same bits as these vector kernels.
+// TDPBSUD, the activations as its signed A tile and a block of this layout as its unsigned B tile) computes the
+// same exact block sums, so a tile kernel with the same float steps would give the same bits as these.
 //
 // Weights (packed once at load, scalellm/models/kernels/__init__.py ``pack``): 16 columns at a time, and per
 // block 8 groups of 4 consecutive weights, each group as 16 columns x 4 bytes: one 512-bit operand whose 32-bit
 // lane j holds column j's 4 codes. 8 bits: 8 such operands of 64 bytes per block (q in 0..255); 4 bits: 4, the
 // group t in the low nibbles and the group t + 4 in the high ones. d and m: 16 columns' float16 per block.
 // A row's 4 activation bytes are broadcast against an operand, so a 32-bit lane accumulates its column's block
-// sum (VNNI dpbusd); 16 columns then take their block's scales in one float multiply-add each: three float
-// operations per 512 multiply-adds, where column-at-a-time dot products need three per 64.
+// sum (VNNI dpbusd); the 16 columns then take their block's scales together: three float operations (convert,
+// scale, multiply-add) per 512 multiply-adds, where column-at-a-time dot products need three per 64.
 #include "simd.h"
 
 #include <cstdint>
