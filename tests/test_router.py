@@ -510,9 +510,10 @@ def test_request_timeout_ends_the_answer_and_stops_the_engine(stack: Stack) -> N
         sdk = openai.OpenAI(base_url=f"{router.http_url}/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S,
                             max_retries=0)
         chunks = list(sdk.completions.create(model=stack.model, prompt="Tell me a long story.", max_tokens=HOLDING,
-                                             stream=True, extra_body={"ignore_eos": True}))
-        assert chunks[-1].choices[0].finish_reason == "length"  # however many tokens came by then
-        assert len("".join(c.choices[0].text for c in chunks)) < HOLDING
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True}))
+        assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "length"  # however many came by then
+        assert 0 < chunks[-1].usage.completion_tokens < HOLDING  # the timeout, not max_tokens, ended it
         status, _, body = post(router, "/v2/models/ensemble/generate_stream",
                                {"text_input": "Tell me a long story.", "max_tokens": HOLDING, "end_id": -1,
                                 "stream": True})
