@@ -2,7 +2,7 @@
 
 Levels, best first (the CPU flags each needs, as /proc/cpuinfo names them):
 
-* ``amx``: AMX tiles with bf16, and everything below (Intel Xeon from Sapphire Rapids);
+* ``amx``: AMX tiles (int8 and bf16), and everything below (Intel Xeon from Sapphire Rapids);
 * ``avx512_bf16``: AVX-512 with VNNI and bf16 dot products (AMD EPYC from Zen 4, Intel Cooper Lake);
 * ``avx512``: AVX-512 with VNNI (Intel Cascade Lake, Ice Lake);
 * ``avx2``: AVX2 + FMA + F16C (AMD EPYC Zen 2/3, Intel Haswell and later);
@@ -22,7 +22,7 @@ from pathlib import Path
 
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c")
 LEVELS: dict[str, tuple[str, ...]] = {
-    "amx": ("amx_tile", "amx_bf16", "avx512_bf16", *_AVX512),
+    "amx": ("amx_tile", "amx_int8", "amx_bf16", "avx512_bf16", *_AVX512),
     "avx512_bf16": ("avx512_bf16", *_AVX512),
     "avx512": _AVX512,
     "avx2": ("avx2", "fma", "f16c"),

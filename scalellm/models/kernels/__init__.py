@@ -11,9 +11,10 @@
 * layer_ops.cpp: a decoder layer's elementwise parts fused (RMSNorm + residual add, RoPE + K/V cache write,
   silu * mul): at one token a step's time is mostly the dispatch of ~1500 small torch ops.
 
-The same sources build for two instruction sets (simd.h): AVX-512 with VNNI, and AVX2 + FMA + F16C, where the
-int8 dot products take two instructions instead of one; q_bf16.cpp's bf16 dot products run only where the level
-has them (scalellm/models/cpu.py). ``load()`` builds the set of the level we run at (``SCALELLM_ISA=avx2`` takes
+The same sources build for three instruction sets (simd.h): AVX-512 with VNNI, the same with AMX's int8 tiles
+(q_q8.cpp takes them from 16 rows on, tiles.h), and AVX2 + FMA + F16C, where the int8 dot products take two
+instructions instead of one; q_bf16.cpp's bf16 dot products run only where the level has them
+(scalellm/models/cpu.py). ``load()`` builds the set of the level we run at (``SCALELLM_ISA=avx2`` takes
 the AVX2 path on an AVX-512 machine). It returns None where neither can run (no compiler, SCALELLM_NO_KERNELS=1,
 a CPU without AVX2): callers keep torch's kernels. Numbers in docs/benchmarks.md.
 """
@@ -37,6 +38,8 @@ SOURCES = [str(Path(__file__).with_name(name))
            for name in ("bindings.cpp", "q_q8.cpp", "q_f32.cpp", "q_bf16.cpp", "paged_decode.cpp", "layer_ops.cpp")]
 # Instruction set -> its compiler flags, best first (the CPU flags each needs: scalellm/models/cpu.py's levels).
 ISAS = {
+    "amx": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c", "-mamx-tile",
+            "-mamx-int8"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
@@ -52,7 +55,7 @@ def cache_dir() -> Path:
 
 
 # The instruction set of ISAS each level of scalellm/models/cpu.py runs.
-LEVEL_ISA = {"amx": "avx512", "avx512_bf16": "avx512", "avx512": "avx512", "avx2": "avx2", "baseline": None}
+LEVEL_ISA = {"amx": "amx", "avx512_bf16": "avx512", "avx512": "avx512", "avx2": "avx2", "baseline": None}
 
 
 def runnable_isas() -> list[str]:
@@ -158,5 +161,5 @@ def pack_dense_panels(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def has_bf16_dot() -> bool:
-    """Whether ``q_bf16_mm`` runs here: the AVX-512 build at a level with bf16 dot products (every AMX CPU has them)."""
-    return cpu.native_bf16() and best_isa() == "avx512" and load() is not None
+    """Whether ``q_bf16_mm`` runs here: an AVX-512 build at a level with bf16 dot products (every AMX CPU has them)."""
+    return cpu.native_bf16() and best_isa() in ("amx", "avx512") and load() is not None

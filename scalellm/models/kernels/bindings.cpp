@@ -18,6 +18,9 @@ int64_t nice_workers(int64_t nice) {
 
 at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m, int64_t n,
                    int64_t bits);
+at::Tensor q_q8_mm_tiles(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m,
+                         int64_t n, int64_t bits);
+std::string tile_unit();
 at::Tensor q_f32_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m, int64_t n,
                     int64_t bits);
 at::Tensor q_bf16_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m, int64_t n,
@@ -35,6 +38,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   module.def("q_q8_mm", &q_q8_mm, release(), "int4/int8 weights x activations quantised to int8 per 32-block");
+  module.def("q_q8_mm_tiles", &q_q8_mm_tiles, release(), "q_q8_mm with every 16 rows on tiles (AMX or its model)");
+  module.def("tile_unit", &tile_unit, "the tile unit q_q8_mm_tiles runs on here: amx, model or none");
   module.def("q_f32_mm", &q_f32_mm, release(), "panel weights x float32 activations, in float32 (prompt rows)");
   module.def("q_bf16_mm", &q_bf16_mm, release(), "panel weights x bfloat16 activations, bf16 dot products (prompt rows)");
   module.def("rms_norm", &rms_norm, release(), "RMSNorm of each row (after x += delta in place, with delta)");

@@ -7,7 +7,8 @@
 // the same float steps in the same order whatever the number of rows, the row's place in the batch or the
 // number of threads: a row's result never depends on what it is batched with. An int8 tile unit (AMX's
 // TDPBSUD, the activations as its signed A tile and a block of this layout as its unsigned B tile) computes the
-// same exact block sums, so a tile kernel with the same float steps would give the same bits as these.
+// same exact block sums, and ``tile16`` applies the same float steps (``add_block``): from 16 rows on, where the
+// build and the CPU have AMX, rows go in groups of 16 on the tiles and come out the same bits.
 //
 // Weights (packed once at load, scalellm/models/kernels/__init__.py ``pack``): 16 columns at a time, and per
 // block 8 groups of 4 consecutive weights, each group as 16 columns x 4 bytes: one 512-bit operand whose 32-bit
@@ -17,11 +18,14 @@
 // sum (VNNI dpbusd); the 16 columns then take their block's scales together: three float operations (convert,
 // scale, multiply-add) per 512 multiply-adds, where column-at-a-time dot products need three per 64.
 #include "simd.h"
+#include "tiles.h"
 
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include <omp.h>
 
@@ -46,6 +50,12 @@ inline int32_t group_of(const int8_t* a) {  // 4 activation bytes as one 32-bit 
 }
 
 #if defined(__AVX512F__)
+
+// A block's float steps for one row and 16 columns: acc + sums * (d * ds) + m * sa, two roundings each.
+inline __m512 add_block(__m512 acc, __m512i sums, __m512 db, __m512 mb, float ds, float sa) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(db, _mm512_set1_ps(ds)), acc);
+  return _mm512_fmadd_ps(mb, _mm512_set1_ps(sa), acc);
+}
 
 // One 32-weight block of a row to int8: 32 bytes at out (8 int32 lanes), its scale and its scaled sum.
 template <typename T>
@@ -97,11 +107,69 @@ inline void tile(const uint8_t* w, const uint16_t* d, const uint16_t* m, const i
         s[t % kChains] = _mm512_dpbusd_epi32(s[t % kChains], wv[t], _mm512_set1_epi32(group_of(a + 4 * t)));
       for (int c = 1; c < kChains; ++c) s[0] = _mm512_add_epi32(s[0], s[c]);  // integers: exact in any order
       const int64_t rb = (r0 + i) * blocks + b;
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_mul_ps(db, _mm512_set1_ps(ds[rb])), acc[i]);
-      acc[i] = _mm512_fmadd_ps(mb, _mm512_set1_ps(sa[rb]), acc[i]);
+      acc[i] = add_block(acc[i], s[0], db, mb, ds[rb], sa[rb]);
     }
   }
   for (int i = 0; i < R; ++i) _mm512_store_ps(y + i * kCols, acc[i]);
+}
+
+// ---- 16-row groups on the int8 tile unit (tiles.h) ---------------------------------------------------------------
+// Per block, C = A B holds the 16 rows x 16 columns of exact block sums that the dpbusd lanes above hold, and
+// add_block takes them through the same float steps in the same order: a row comes out the same bits whichever
+// unit computed it, so a batch moves onto tiles at 16 rows without changing any answer.
+
+inline void unpack_nibbles(const uint8_t* w, int64_t blocks, uint8_t* out) {  // a 4-bit chunk as B tiles of bytes
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int t = 0; t < 4; ++t) {
+      const __m512i v = _mm512_loadu_si512(w + b * 256 + 64 * t);
+      _mm512_storeu_si512(out + b * 512 + 64 * t, _mm512_and_si512(v, nibble));
+      _mm512_storeu_si512(out + b * 512 + 64 * (t + 4), _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+    }
+  }
+}
+
+// Rows r0..r0+16 of one chunk: w the chunk's blocks as B tiles (512 bytes each), y[i * 16 + j] as ``tile``'s.
+template <class Unit>
+inline void tile16(const uint8_t* w, const uint16_t* d, const uint16_t* m, const int8_t* aq, const float* ds,
+                   const float* sa, int64_t blocks, int64_t k, int64_t r0, float* y) {
+  using namespace tiles;
+  __m512 acc[kRows];
+  for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
+  alignas(64) int32_t sums[2][kRows * kCols];
+  const int8_t* a = aq + r0 * k;
+  auto add = [&](int64_t b, const int32_t* s) {
+    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * kCols)));
+    const __m512 mb = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + b * kCols)));
+    for (int i = 0; i < kRows; ++i) {
+      const int64_t rb = (r0 + i) * blocks + b;
+      acc[i] = add_block(acc[i], _mm512_load_si512(s + i * kCols), db, mb, ds[rb], sa[rb]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + 1 < blocks; b += 2) {  // two blocks in flight: the second's product overlaps the first's store
+    Unit::template load<A0>(a + b * kBlockBytes, k);
+    Unit::template load<B0>(w + b * 512, kLineBytes);
+    Unit::template zero<C0>();
+    Unit::template dot<C0, A0, B0>();
+    Unit::template load<A1>(a + (b + 1) * kBlockBytes, k);
+    Unit::template load<B1>(w + (b + 1) * 512, kLineBytes);
+    Unit::template zero<C1>();
+    Unit::template dot<C1, A1, B1>();
+    Unit::template store<C0>(sums[0], kLineBytes);
+    Unit::template store<C1>(sums[1], kLineBytes);
+    add(b, sums[0]);
+    add(b + 1, sums[1]);
+  }
+  if (b < blocks) {
+    Unit::template load<A0>(a + b * kBlockBytes, k);
+    Unit::template load<B0>(w + b * 512, kLineBytes);
+    Unit::template zero<C0>();
+    Unit::template dot<C0, A0, B0>();
+    Unit::template store<C0>(sums[0], kLineBytes);
+    add(b, sums[0]);
+  }
+  for (int i = 0; i < kRows; ++i) _mm512_store_ps(y + i * kCols, acc[i]);
 }
 
 #else  // AVX2: VNNI's u8 x s8 dot product of 4 bytes is maddubs (pairs to int16) then madd by ones (to int32),
@@ -225,11 +293,22 @@ inline void tile_rows(int64_t rows, const uint8_t* w, const uint16_t* d, const u
   }
 }
 
-template <int Bits, typename T>
+#if defined(__AVX512F__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+using HardwareTiles = tiles::Amx;
+#else
+using HardwareTiles = tiles::Model;  // never run: tiles::amx_usable() is false in a build without AMX
+#endif
+#endif
+
+// Rows in full groups of 16 go on Unit's tiles when ``on_tiles`` (AVX-512 builds), the rest (all rows otherwise)
+// on the dot-product tiles above.
+template <int Bits, class Unit, typename T>
 void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* mq, int64_t m, int64_t k,
-             int64_t n, T* out) {
+             int64_t n, T* out, bool on_tiles) {
   const int64_t blocks = k / 32, chunks = (n + kCols - 1) / kCols;
   const int64_t chunk_bytes = blocks * Bits * 64, chunk_scales = blocks * kCols;
+  const int64_t tiled = on_tiles ? m / 16 * 16 : 0;
   std::unique_ptr<int8_t[]> aq(new int8_t[m * k]);
   std::unique_ptr<float[]> ds(new float[m * blocks]), sa(new float[m * blocks]);
   // From 16 rows on, chunks are handed out a few at a time (about a million multiply-adds a grab, at least four
@@ -244,27 +323,51 @@ void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m
   {
 #pragma omp for schedule(dynamic, 8)
     for (int64_t r = 0; r < m; ++r) quantize_row(x + r * k, k, aq.get() + r * k, ds.get() + r * blocks, sa.get() + r * blocks);
-    alignas(64) float y[kTileRows * kCols];
+    alignas(64) float y[16 * kCols];
+#if defined(__AVX512F__)
+    thread_local std::vector<uint8_t> unpacked;  // a 4-bit chunk's codes a byte each, as B tiles take them
+    if (tiled) {
+      Unit::configure(tiles::kernel_config());
+      if constexpr (Bits == 4) unpacked.resize(blocks * 512);
+    }
+#endif
 #pragma omp for schedule(dynamic, grain)
     for (int64_t g = 0; g < chunks; ++g) {
       const int64_t c0 = g * kCols, cols = std::min<int64_t>(kCols, n - c0);
-      for (int64_t r = 0; r < m; r += kTileRows) {
+#if defined(__AVX512F__)
+      if (tiled) {
+        const uint8_t* wb = wq + g * chunk_bytes;
+        if constexpr (Bits == 4) {
+          unpack_nibbles(wb, blocks, unpacked.data());
+          wb = unpacked.data();
+        }
+        for (int64_t r = 0; r < tiled; r += 16) {
+          tile16<Unit>(wb, d + g * chunk_scales, mq + g * chunk_scales, aq.get(), ds.get(), sa.get(), blocks, k, r, y);
+          for (int64_t i = 0; i < 16; ++i) store16(out + (r + i) * n + c0, load16(y + i * kCols), cols);
+        }
+      }
+#endif
+      for (int64_t r = tiled; r < m; r += kTileRows) {
         const int64_t rows = std::min<int64_t>(kTileRows, m - r);
         tile_rows<Bits>(rows, wq + g * chunk_bytes, d + g * chunk_scales, mq + g * chunk_scales, aq.get(), ds.get(),
                         sa.get(), blocks, k, r, y);
         for (int64_t i = 0; i < rows; ++i) store16(out + (r + i) * n + c0, load16(y + i * kCols), cols);
       }
     }
+#if defined(__AVX512F__)
+    if (tiled) Unit::release();
+#endif
   }
 }
 
-}  // namespace
+enum class Tiles { none, hardware, model };
+template <class U>
+struct UnitTag {
+  using type = U;
+};
 
-// x [M, K] float32 or bfloat16 (K a multiple of 32); wq uint8 [P, K/32 * bits * 64] and d, m float16 [P, K/32, 16]:
-// the weights of N columns in P = ceil(N / 16) chunks as ``pack`` lays them out (top of this file), the weight
-// q * d + m. Returns [M, N] in x's dtype.
-at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m, int64_t n,
-                   int64_t bits) {
+at::Tensor run_q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m, int64_t n,
+                       int64_t bits, Tiles unit) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "q_q8_mm: x must be a contiguous [M, K] matrix");
   const int64_t rows = x.size(0), k = x.size(1), chunks = (n + kCols - 1) / kCols;
   TORCH_CHECK(bits == 4 || bits == 8, "q_q8_mm: bits must be 4 or 8");
@@ -279,8 +382,21 @@ at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& 
   auto run = [&](auto* xp, auto* op) {
     auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
     auto* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
-    if (bits == 4) q_q8_mm<4>(xp, wq.data_ptr<uint8_t>(), dp, mp, rows, k, n, op);
-    else q_q8_mm<8>(xp, wq.data_ptr<uint8_t>(), dp, mp, rows, k, n, op);
+    auto go = [&](auto bits_tag, auto unit_tag, bool on_tiles) {
+      constexpr int kBits = decltype(bits_tag)::value;
+      using Unit = typename decltype(unit_tag)::type;
+      q_q8_mm<kBits, Unit>(xp, wq.data_ptr<uint8_t>(), dp, mp, rows, k, n, op, on_tiles);
+    };
+    auto with_unit = [&](auto bits_tag) {
+#if defined(__AVX512F__)
+      if (unit == Tiles::model) return go(bits_tag, UnitTag<tiles::Model>{}, true);
+      return go(bits_tag, UnitTag<HardwareTiles>{}, unit == Tiles::hardware);
+#else
+      return go(bits_tag, UnitTag<void>{}, false);
+#endif
+    };
+    if (bits == 4) with_unit(std::integral_constant<int, 4>{});
+    else with_unit(std::integral_constant<int, 8>{});
   };
   if (x.scalar_type() == at::kBFloat16) {
     run(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
@@ -289,4 +405,35 @@ at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& 
     run(x.data_ptr<float>(), out.data_ptr<float>());
   }
   return out;
+}
+
+}  // namespace
+
+// x [M, K] float32 or bfloat16 (K a multiple of 32); wq uint8 [P, K/32 * bits * 64] and d, m float16 [P, K/32, 16]:
+// the weights of N columns in P = ceil(N / 16) chunks as ``pack`` lays them out (top of this file), the weight
+// q * d + m. Returns [M, N] in x's dtype. From 16 rows on, rows go in groups of 16 on AMX's int8 tiles where this
+// build, the CPU and the OS allow it (the same bits as on dot products).
+at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m, int64_t n,
+                   int64_t bits) {
+  return run_q_q8_mm(x, wq, d, m, n, bits, tiles::amx_usable() ? Tiles::hardware : Tiles::none);
+}
+
+// The same, every full group of 16 rows on a tile unit: AMX where q_q8_mm would take it, its software model
+// elsewhere (tiles.h). For the tests: the tile kernel's bits against the dot-product kernel's on any AVX-512 CPU.
+at::Tensor q_q8_mm_tiles(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m,
+                         int64_t n, int64_t bits) {
+#if defined(__AVX512F__)
+  return run_q_q8_mm(x, wq, d, m, n, bits, tiles::amx_usable() ? Tiles::hardware : Tiles::model);
+#else
+  TORCH_CHECK(false, "q_q8_mm_tiles: the tile kernel is in the AVX-512 builds only");
+#endif
+}
+
+// Which tile unit q_q8_mm_tiles runs on in this build and process: "amx", "model", or "none" (AVX2).
+std::string tile_unit() {
+#if defined(__AVX512F__)
+  return tiles::amx_usable() ? "amx" : "model";
+#else
+  return "none";
+#endif
 }
