@@ -9,6 +9,8 @@ What a user would notice if they broke: wrong logits, or a request's text changi
 from __future__ import annotations
 
 import os
+import subprocess
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -74,6 +76,58 @@ def assert_rows_alone(mm, x: torch.Tensor, out: torch.Tensor) -> None:
     for rows in ROW_COUNTS:
         assert torch.equal(mm(x[:rows].contiguous()), out[:rows]), f"{rows} rows"
     assert torch.equal(mm(x[17:40].contiguous()), out[17:40])
+
+
+@pytest.mark.isa_path
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_q_q8_mm_rows_on_int8_tiles_are_the_bits_of_each_row_alone(ops, bits, dtype):
+    """From 16 rows on, an AMX CPU computes rows in groups of 16 on int8 tiles (TDPBSUD): the same exact block sums
+    as the dot products, the same float steps, so a batch of 64 gives each row the bits it has alone (one row is
+    always on dot products). Where the CPU has no AMX, the tiles are their software model (tiles.h), which runs
+    the kernel's layout, tile shapes and float steps; the hardware unit itself is then not run."""
+    unit = ops.tile_unit()
+    if unit == "none":
+        pytest.skip("not run: the tile kernel is in the AVX-512 builds (this is the AVX2 one)")
+    q, d, m, _ = coded_weights(bits)
+    n, k = q.shape
+    packed = kernels.pack(q, d, m, bits)
+    x = torch.randn(70, k).to(dtype)
+    alone = torch.cat([ops.q_q8_mm(x[i : i + 1].contiguous(), *packed, n, bits) for i in range(70)])
+    for rows in (16, 17, 33, 70):  # one group; a group and a row on dot products; groups and a tail
+        assert torch.equal(ops.q_q8_mm_tiles(x[:rows].contiguous(), *packed, n, bits), alone[:rows]), f"{rows} rows"
+    if unit == "amx":  # and q_q8_mm itself takes the tiles there
+        assert torch.equal(ops.q_q8_mm(x, *packed, n, bits), alone)
+    want = reference_q_q8(x.float(), q, d.half().float(), m.half().float())  # the scales as pack keeps them
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(alone.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_amx_cpus_run_the_tile_kernel_on_amx():
+    """On a CPU with AMX, the engine's kernels are the amx build and Linux grants this process the tile state."""
+    if cpu.missing_flags("amx"):
+        pytest.skip(f"not run: this CPU lacks {', '.join(cpu.missing_flags('amx'))}: no AMX tiles to run here")
+    assert kernels.best_isa() == "amx"
+    assert kernels.load().tile_unit() == "amx"
+
+
+def test_the_amx_kernel_compiles_to_tile_instructions(tmp_path):
+    """The AMX path compiles on any machine with the compiler: q_q8.cpp with the amx set's flags, in which
+    the tile unit is AMX's instructions (LDTILECFG, TILELOADD, TDPBSUD, TILESTORED), not the model."""
+    from torch.utils import cpp_extension
+
+    source = Path(kernels.__file__).with_name("q_q8.cpp")
+    obj = tmp_path / "q_q8.o"
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    python = [f"-I{sysconfig.get_paths()['include']}"]
+    build = subprocess.run(["c++", "-std=c++20", "-fPIC", *kernels.CFLAGS, *kernels.ISAS["amx"], *includes,
+                            *python, "-c", str(source), "-o", str(obj)], capture_output=True, text=True)
+    if build.returncode != 0 and "unrecognized command-line option" in build.stderr:
+        pytest.skip(f"not run: this compiler has no AMX flags: {build.stderr.strip()[:300]}")
+    assert build.returncode == 0, build.stderr[-3000:]
+    listing = subprocess.run(["objdump", "-d", str(obj)], capture_output=True, text=True, check=True).stdout
+    for instruction in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease"):
+        assert instruction in listing, instruction
 
 
 @pytest.mark.isa_path
@@ -187,7 +241,7 @@ def test_engine_rows_are_the_same_bits_alone_chunked_cached_and_batched():
         prompts = [text.ids[start : start + length] for start, length in ((0, 70), (100, 45), (200, 90))]
         params = SamplingParams(max_tokens=12, stop_token_ids=(0,), return_log_probs=True)
         alone = [engine.generate([ids], params)[0] for ids in prompts]
-        crowd = engine.generate([prompts[i % len(prompts)] for i in range(12)], params)
+        crowd = engine.generate([prompts[i % len(prompts)] for i in range(18)], params)  # 16 rows on AMX's tiles
     finally:
         engine.stop()
     assert any(out.num_cached_tokens > 0 for out in crowd)  # some prompts did come from the prefix cache
