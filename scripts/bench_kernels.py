@@ -110,14 +110,15 @@ def main() -> None:
         raise SystemExit("our kernels do not run here (no AVX2, or no compiler)")
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    print(f"{kernels.best_isa()} kernels at level {cpu.level()}, {dtype} activations", flush=True)
+    tiles = module.tile_unit()  # "amx": q_q8_mm takes AMX tiles from 16 rows on
+    print(f"{kernels.best_isa()} kernels at level {cpu.level()}, {dtype} activations, tile unit {tiles}", flush=True)
     results = bench_matmuls(args.rows, dtype) + bench_attention(args.sequences, module, dtype)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), "unknown")
         args.output.write_text(json.dumps({"cpu": model, "isa": kernels.best_isa(), "level": cpu.level(),
-                                           "dtype": str(dtype),
+                                           "tile_unit": tiles, "dtype": str(dtype),
                                            "threads": args.threads, "torch": torch.__version__,
                                            "results": results}, indent=2))
 
