@@ -96,6 +96,7 @@ def test_q_q8_mm_rows_on_int8_tiles_are_the_bits_of_each_row_alone(ops, bits, dt
     alone = torch.cat([ops.q_q8_mm(x[i : i + 1].contiguous(), *packed, n, bits) for i in range(70)])
     for rows in (16, 17, 33, 70):  # one group; a group and a row on dot products; groups and a tail
         assert torch.equal(ops.q_q8_mm_tiles(x[:rows].contiguous(), *packed, n, bits), alone[:rows]), f"{rows} rows"
+    assert ops.tile_checks() == (True, True)  # what the hardware must pass before q_q8_mm and q_bf16_mm take it
     if unit == "amx":  # and q_q8_mm itself takes the tiles there
         assert torch.equal(ops.q_q8_mm(x, *packed, n, bits), alone)
     want = reference_q_q8(x.float(), q, d.half().float(), m.half().float())  # the scales as pack keeps them
@@ -111,22 +112,23 @@ def test_amx_cpus_run_the_tile_kernel_on_amx():
     assert kernels.load().tile_unit() == "amx"
 
 
-def test_the_amx_kernel_compiles_to_tile_instructions(tmp_path):
-    """The AMX path compiles on any machine with the compiler: q_q8.cpp with the amx set's flags, in which
-    the tile unit is AMX's instructions (LDTILECFG, TILELOADD, TDPBSUD, TILESTORED), not the model."""
+@pytest.mark.parametrize(("source", "product"), [("q_q8.cpp", "tdpbsud"), ("q_bf16.cpp", "tdpbf16ps")])
+def test_the_amx_kernels_compile_to_tile_instructions(tmp_path, source, product):
+    """The AMX paths compile on any machine with the compiler: each tile kernel's source with the amx set's flags,
+    in which the tile unit is AMX's instructions (LDTILECFG, TILELOADD, the product, TILESTORED), not the model."""
     from torch.utils import cpp_extension
 
-    source = Path(kernels.__file__).with_name("q_q8.cpp")
-    obj = tmp_path / "q_q8.o"
+    obj = tmp_path / "kernel.o"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     python = [f"-I{sysconfig.get_paths()['include']}"]
-    build = subprocess.run(["c++", "-std=c++20", "-fPIC", *kernels.CFLAGS, *kernels.ISAS["amx"], *includes,
-                            *python, "-c", str(source), "-o", str(obj)], capture_output=True, text=True)
+    build = subprocess.run(["c++", "-std=c++20", "-fPIC", *kernels.CFLAGS, *kernels.ISAS["amx"], *includes, *python,
+                            "-c", str(Path(kernels.__file__).with_name(source)), "-o", str(obj)],
+                           capture_output=True, text=True)
     if build.returncode != 0 and "unrecognized command-line option" in build.stderr:
         pytest.skip(f"not run: this compiler has no AMX flags: {build.stderr.strip()[:300]}")
     assert build.returncode == 0, build.stderr[-3000:]
     listing = subprocess.run(["objdump", "-d", str(obj)], capture_output=True, text=True, check=True).stdout
-    for instruction in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease"):
+    for instruction in ("ldtilecfg", "tileloadd", product, "tilestored", "tilerelease"):
         assert instruction in listing, instruction
 
 
@@ -151,7 +153,7 @@ def test_q_bf16_mm_is_bf16_products_on_the_weights_and_batch_invariant(ops, bits
     """Prompt rows on bfloat16 activations: the weights rounded to bfloat16 times x, summed in float32, rounded
     once; each row the same bits whatever the rows around it (1-4 rows widen in registers, more on a panel)."""
     if ops is not kernels.load() or not kernels.has_bf16_dot():
-        pytest.skip(f"not run: q_bf16_mm needs the avx512 build at a level with bf16 dot products (here: "
+        pytest.skip(f"not run: q_bf16_mm runs in the build the engine loads, at a level with bf16 dot products (here: "
                     f"{cpu.level()}; the CPU lacks {cpu.missing_flags('avx512_bf16') or 'nothing'})")
     q, d, m, w = coded_weights(4 if bits == 16 else bits)
     w16 = w.float().bfloat16()  # what the kernel widens coded weights to: w in float32, rounded once
@@ -162,6 +164,28 @@ def test_q_bf16_mm_is_bf16_products_on_the_weights_and_batch_invariant(ops, bits
     assert out.dtype == torch.bfloat16 and out.shape == (70, q.shape[0])
     assert torch.allclose(out.double(), want, rtol=2**-8, atol=1e-5 * want.abs().max().item())
     assert_rows_alone(lambda rows: ops.q_bf16_mm(rows, *packed, q.shape[0], bits), x, out)
+
+
+@pytest.mark.isa_path
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_q_bf16_mm_on_bf16_tiles_is_bf16_products_and_batch_invariant(ops, bits):
+    """On an AMX CPU every bfloat16 panel row (prompt rows; every row of a dense bf16 engine) goes on bf16 tiles
+    (TDPBF16PS), one row included, 16 rows per tile: a row's sums keep one order whatever the batch. Where the CPU
+    has no AMX, the tiles are their software model (tiles.h), which needs no bf16 instructions."""
+    unit = ops.tile_unit()
+    if unit == "none":
+        pytest.skip("not run: the tile kernels are in the AVX-512 builds (this is the AVX2 one)")
+    q, d, m, w = coded_weights(4 if bits == 16 else bits)
+    w16 = w.float().bfloat16()
+    packed = kernels.pack_dense_panels(w16) if bits == 16 else kernels.pack_panels(q, d, m, bits)
+    x = torch.randn(70, q.shape[1]).bfloat16()
+    out = ops.q_bf16_mm_tiles(x, *packed, q.shape[0], bits)
+    want = x.double() @ w16.double().t()
+    assert out.dtype == torch.bfloat16 and out.shape == (70, q.shape[0])
+    assert torch.allclose(out.double(), want, rtol=2**-8, atol=1e-5 * want.abs().max().item())
+    assert_rows_alone(lambda rows: ops.q_bf16_mm_tiles(rows, *packed, q.shape[0], bits), x, out)
+    if unit == "amx":  # and q_bf16_mm itself takes the tiles there
+        assert torch.equal(ops.q_bf16_mm(x, *packed, q.shape[0], bits), out)
 
 
 @pytest.mark.isa_path

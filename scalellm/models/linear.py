@@ -13,11 +13,12 @@ matmuls, and a row takes one by its token (``RowSplit``), never by what it is ba
 
 * a generated token's row: ``Q8`` (q_q8_mm): the weights times activations quantised to int8 per 32-block,
   llama.cpp's Q4_1 / Q8_0 x Q8 dot product (at one token the step is memory-bound: the weights' bytes are what it
-  reads); without our kernels torch's packed int8 / int4 matmuls (bf16 activations only);
-* a prompt token's row: ``Panels`` (q_bf16_mm where the CPU has bf16 dot products, q_f32_mm in float32
-  elsewhere): the same weights, exactly, times the activations unquantised, so the prompt's first token is picked
-  without int8 activation noise (it moved "The capital of France is Paris" to another answer); no dense copy of the
-  weights is kept. Without our kernels, a dense copy through torch's matmul.
+  reads; on AMX, batches of 16 rows and more on int8 tiles, the same bits); without our kernels torch's packed
+  int8 / int4 matmuls (bf16 activations only);
+* a prompt token's row: ``Panels`` (q_bf16_mm where the CPU has bf16 dot products, on AMX's bf16 tiles where it
+  has them; q_f32_mm in float32 elsewhere): the same weights, exactly, times the activations unquantised, so the
+  prompt's first token is picked without int8 activation noise (it moved "The capital of France is Paris" to
+  another answer); no dense copy of the weights is kept. Without our kernels, a dense copy through torch's matmul.
 
 The one class and the one function a generated token's row passes through, per format (our kernels / torch's):
 

@@ -11,12 +11,12 @@
 * layer_ops.cpp: a decoder layer's elementwise parts fused (RMSNorm + residual add, RoPE + K/V cache write,
   silu * mul): at one token a step's time is mostly the dispatch of ~1500 small torch ops.
 
-The same sources build for three instruction sets (simd.h): AVX-512 with VNNI, the same with AMX's int8 tiles
-(q_q8.cpp takes them from 16 rows on, tiles.h), and AVX2 + FMA + F16C, where the int8 dot products take two
-instructions instead of one; q_bf16.cpp's bf16 dot products run only where the level has them
-(scalellm/models/cpu.py). ``load()`` builds the set of the level we run at (``SCALELLM_ISA=avx2`` takes
-the AVX2 path on an AVX-512 machine). It returns None where neither can run (no compiler, SCALELLM_NO_KERNELS=1,
-a CPU without AVX2): callers keep torch's kernels. Numbers in docs/benchmarks.md.
+The same sources build for three instruction sets (simd.h): AVX-512 with VNNI; the same with AMX's tiles
+(tiles.h: q_q8.cpp takes the int8 ones from 16 rows on, q_bf16.cpp the bf16 ones for every row); and AVX2 + FMA +
+F16C, where the int8 dot products take two instructions instead of one. q_bf16.cpp's bf16 dot products run only
+where the level has them (scalellm/models/cpu.py). ``load()`` builds the set of the level we run at
+(``SCALELLM_ISA=avx2`` takes the AVX2 path on an AVX-512 machine). It returns None where none can run (no compiler,
+SCALELLM_NO_KERNELS=1, a CPU without AVX2): callers keep torch's kernels. Numbers in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ SOURCES = [str(Path(__file__).with_name(name))
 # Instruction set -> its compiler flags, best first (the CPU flags each needs: scalellm/models/cpu.py's levels).
 ISAS = {
     "amx": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c", "-mamx-tile",
-            "-mamx-int8"],
+            "-mamx-int8", "-mamx-bf16"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }

@@ -21,10 +21,14 @@ at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& 
 at::Tensor q_q8_mm_tiles(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m,
                          int64_t n, int64_t bits);
 std::string tile_unit();
+bool q8_tile_check();
+bool bf16_tile_check();
 at::Tensor q_f32_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m, int64_t n,
                     int64_t bits);
 at::Tensor q_bf16_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m, int64_t n,
                      int64_t bits);
+at::Tensor q_bf16_mm_tiles(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m,
+                           int64_t n, int64_t bits);
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& blocks,
                         const at::Tensor& lengths, int64_t block_size, double scale);
 
@@ -39,9 +43,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   module.def("q_q8_mm", &q_q8_mm, release(), "int4/int8 weights x activations quantised to int8 per 32-block");
   module.def("q_q8_mm_tiles", &q_q8_mm_tiles, release(), "q_q8_mm with every 16 rows on tiles (AMX or its model)");
-  module.def("tile_unit", &tile_unit, "the tile unit q_q8_mm_tiles runs on here: amx, model or none");
+  module.def("tile_unit", &tile_unit, "the tile unit the *_tiles functions run on here: amx, model or none");
+  module.def("tile_checks", [] { return std::make_pair(q8_tile_check(), bf16_tile_check()); },
+             release(), "the first-use checks of the tile unit (int8, bf16): whether it agrees with the reference");
   module.def("q_f32_mm", &q_f32_mm, release(), "panel weights x float32 activations, in float32 (prompt rows)");
   module.def("q_bf16_mm", &q_bf16_mm, release(), "panel weights x bfloat16 activations, bf16 dot products (prompt rows)");
+  module.def("q_bf16_mm_tiles", &q_bf16_mm_tiles, release(), "q_bf16_mm with every row on tiles (AMX or its model)");
   module.def("rms_norm", &rms_norm, release(), "RMSNorm of each row (after x += delta in place, with delta)");
   module.def("rope_kv", &rope_kv, release(), "RoPE on q and k, K and V written into the paged cache; returns q");
   module.def("silu_mul", &silu_mul, release(), "silu(gate) * up");

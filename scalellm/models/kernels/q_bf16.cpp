@@ -7,9 +7,17 @@
 // row's 16 float32 accumulators, k-pairs in order; the sums are rounded to bfloat16 once at the end. That order
 // is fixed whatever the number of rows (oneDNN's matmul takes AMX tiles for some row counts and AVX-512 for others
 // on the same CPU, and their sums round differently).
+//
+// Where the build and the CPU have AMX, every row takes its bf16 tiles instead (TDPBF16PS, tiles.h), one row
+// included: a row's sums then keep the tile unit's one order (k in steps of 32, a step's pairs as the unit adds
+// them) whatever the batch. A panel as widen_panel leaves it, or a dense bfloat16 panel, is the B operand as it
+// lies: per 32 k, 16 rows of k-pairs x 16 columns x 2 bfloat16.
 #include "panels.h"
+#include "tiles.h"
 
+#include <cstring>
 #include <memory>
+#include <vector>
 
 #if defined(__AVX512F__)
 
@@ -102,32 +110,126 @@ void direct_rows(const uint16_t* x, const uint8_t* wp, const float* dp, const fl
   }
 }
 
-template <int Bits>
+// Rows [0, m) of one panel on the tile unit, two groups of 16 rows at a time on the same weights; the last group,
+// when short, from ``tail`` (its rows padded with zero rows to 16).
+template <class Unit>
+void tile_rows(const uint16_t* x, const uint16_t* tail, const uint8_t* panel, int64_t m, int64_t k, at::BFloat16* y,
+               int64_t n, int64_t cols) {
+  using tiles::A0, tiles::A1, tiles::B0, tiles::C0, tiles::C1, tiles::kLineBytes;
+  constexpr int64_t kTileRows = tiles::kRows;  // (kRows above is the dot-product kernel's)
+  const int64_t groups = (m + kTileRows - 1) / kTileRows, full = m / kTileRows;
+  alignas(64) float sums[2][kTileRows * 16];
+  auto rows_of = [&](int64_t g) { return g < full ? x + g * kTileRows * k : tail; };
+  for (int64_t g = 0; g < groups; g += 2) {
+    const bool two = g + 1 < groups;
+    const uint16_t *a0 = rows_of(g), *a1 = two ? rows_of(g + 1) : nullptr;
+    Unit::template zero<C0>();
+    if (two) Unit::template zero<C1>();
+    for (int64_t s = 0; s < k / 32; ++s) {
+      Unit::template load<B0>(panel + s * 1024, kLineBytes);
+      Unit::template load<A0>(a0 + s * 32, k * 2);
+      Unit::template dot_bf16<C0, A0, B0>();
+      if (two) {
+        Unit::template load<A1>(a1 + s * 32, k * 2);
+        Unit::template dot_bf16<C1, A1, B0>();
+      }
+    }
+    Unit::template store<C0>(sums[0], kLineBytes);
+    if (two) Unit::template store<C1>(sums[1], kLineBytes);
+    for (int h = 0; h < (two ? 2 : 1); ++h) {
+      const int64_t r0 = (g + h) * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
+      for (int64_t i = 0; i < rows; ++i) store16(y + (r0 + i) * n, load16(sums[h] + i * 16), cols);
+    }
+  }
+}
+
+template <int Bits, class Unit>
 void q_bf16_mm(const uint16_t* x, const uint8_t* wp, const float* dp, const float* mp, int64_t m, int64_t k,
-               int64_t n, at::BFloat16* out) {
+               int64_t n, at::BFloat16* out, bool on_tiles) {
   const int64_t panels = (n + 15) / 16, blocks = k / 32;
   const int64_t grain = panel_grain(m, k, panels);
   constexpr bool kCoded = Bits <= 8;
+  std::vector<uint16_t> tail;
+  if (on_tiles && m % tiles::kRows) {
+    tail.assign(tiles::kRows * k, 0);
+    std::memcpy(tail.data(), x + m / tiles::kRows * tiles::kRows * k, (m % tiles::kRows) * k * sizeof(uint16_t));
+  }
 #pragma omp parallel
   {
-    std::unique_ptr<__m512i[]> buffer(new __m512i[kCoded && m > kDirectRows ? k / 2 : 1]);
+    std::unique_ptr<__m512i[]> buffer(new __m512i[kCoded && (on_tiles || m > kDirectRows) ? k / 2 : 1]);
+    if (on_tiles) Unit::configure(tiles::config_for(64));  // A: 32 k of bf16
 #pragma omp for schedule(dynamic, grain)
     for (int64_t g = 0; g < panels; ++g) {
       const uint8_t* wg = wp + g * k * 2 * Bits;
       const int64_t c0 = g * 16, cols = std::min<int64_t>(16, n - c0);
+      const __m512i* panel = reinterpret_cast<const __m512i*>(wg);
       if constexpr (kCoded) {
         const float *dg = dp + g * blocks * 16, *mg = mp + g * blocks * 16;
-        if (m <= kDirectRows) {
+        if (!on_tiles && m <= kDirectRows) {
           direct_rows<Bits>(x, wg, dg, mg, m, k, out + c0, n, cols);
           continue;
         }
         widen_panel<Bits>(wg, dg, mg, k, buffer.get());
-        all_rows(x, buffer.get(), m, k, out + c0, n, cols);
-      } else {
-        all_rows(x, reinterpret_cast<const __m512i*>(wg), m, k, out + c0, n, cols);
+        panel = buffer.get();
       }
+      if (on_tiles) tile_rows<Unit>(x, tail.data(), reinterpret_cast<const uint8_t*>(panel), m, k, out + c0, n, cols);
+      else all_rows(x, panel, m, k, out + c0, n, cols);
     }
+    if (on_tiles) Unit::release();
   }
+}
+
+at::Tensor run_q_bf16_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m,
+                         int64_t n, int64_t bits, tiles::Use unit) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  auto out = at::empty({rows, n}, x.options());
+  if (rows == 0) return out;
+  const float* dp = bits == 16 ? nullptr : d.data_ptr<float>();
+  const float* mp = bits == 16 ? nullptr : m.data_ptr<float>();
+  auto run = [&](auto kernel) {
+    kernel(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), wp.data_ptr<uint8_t>(), dp, mp, rows, k,
+           n, out.data_ptr<at::BFloat16>(), unit != tiles::Use::none);
+  };
+  if (unit == tiles::Use::model) {
+    if (bits == 4) run(q_bf16_mm<4, tiles::Model>);
+    else if (bits == 8) run(q_bf16_mm<8, tiles::Model>);
+    else run(q_bf16_mm<16, tiles::Model>);
+  } else {
+    if (bits == 4) run(q_bf16_mm<4, tiles::Hardware>);
+    else if (bits == 8) run(q_bf16_mm<8, tiles::Hardware>);
+    else run(q_bf16_mm<16, tiles::Hardware>);
+  }
+  return out;
+}
+
+// Whether ``unit`` gives 33 rows of coded and dense panels what the tile unit's model gives, to bfloat16's
+// rounding (the hardware may round a last bit otherwise than the model, never sum in another order).
+bool bf16_tiles_agree(tiles::Use unit) {
+  const int64_t n = 40, k = 96, panels = (n + 15) / 16;
+  const at::Tensor x = tiles::check_values({33, k}, at::kBFloat16, 4);
+  const at::Tensor d = tiles::check_values({panels, k / 32, 16}, at::kFloat, 5) * 0.01;
+  const at::Tensor m = tiles::check_values({panels, k / 32, 16}, at::kFloat, 6) * 0.01;
+  bool close = true;
+  for (int64_t bits : {4, 8, 16}) {
+    const at::Tensor wp = bits == 16 ? tiles::check_values({panels, k, 16}, at::kBFloat16, 7).view(at::kByte)
+                                     : tiles::check_codes({panels, k, 2 * bits}, 255);
+    const at::Tensor got = run_q_bf16_mm(x, wp, d, m, n, bits, unit).to(at::kFloat);
+    const at::Tensor want = run_q_bf16_mm(x, wp, d, m, n, bits, tiles::Use::model).to(at::kFloat);
+    close = close && at::allclose(got, want, 1.0 / 128, 1e-3 * want.abs().max().item<float>());
+  }
+  return close;
+}
+
+// The hardware tiles serve q_bf16_mm once they agree on that first-use check; otherwise a warning, and the dot
+// products.
+tiles::Use bf16_tiles() {
+  static const tiles::Use use = [] {
+    if (!tiles::amx_usable()) return tiles::Use::none;
+    if (bf16_tiles_agree(tiles::Use::hardware)) return tiles::Use::hardware;
+    TORCH_WARN("q_bf16_mm: AMX's bf16 tiles gave other sums than their model on a check; not used");
+    return tiles::Use::none;
+  }();
+  return use;
 }
 
 }  // namespace
@@ -136,25 +238,33 @@ void q_bf16_mm(const uint16_t* x, const uint8_t* wp, const float* dp, const floa
 
 // x [M, K] bfloat16; wp uint8 [P, K, 2 * bits] (P = ceil(N / 16) panels, panels.h); for bits 4 and 8, d and m
 // float32 [P, K/32, 16] (for bits 16 they are not read). Returns [M, N] bfloat16. Needs AVX-512 BF16 (the caller
-// checks the CPU: kernels.has_bf16_dot()).
+// checks the CPU: kernels.has_bf16_dot()); takes AMX's bf16 tiles for every row where the build and CPU have them.
 at::Tensor q_bf16_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m,
                      int64_t n, int64_t bits) {
   scalellm::check_panel_args("q_bf16_mm", x, at::kBFloat16, wp, d, m, n, bits, 16);
-  const int64_t rows = x.size(0), k = x.size(1);
 #if defined(__AVX512F__)
-  auto out = at::empty({rows, n}, x.options());
-  if (rows == 0) return out;
-  const float* dp = bits == 16 ? nullptr : d.data_ptr<float>();
-  const float* mp = bits == 16 ? nullptr : m.data_ptr<float>();
-  auto run = [&](auto kernel) {
-    kernel(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), wp.data_ptr<uint8_t>(), dp, mp, rows, k,
-           n, out.data_ptr<at::BFloat16>());
-  };
-  if (bits == 4) run(q_bf16_mm<4>);
-  else if (bits == 8) run(q_bf16_mm<8>);
-  else run(q_bf16_mm<16>);
-  return out;
+  return run_q_bf16_mm(x, wp, d, m, n, bits, bf16_tiles());
 #else
   TORCH_CHECK(false, "q_bf16_mm needs the AVX-512 build of our kernels and a CPU with avx512_bf16");
+#endif
+}
+
+// The same, every row on a tile unit: AMX where q_bf16_mm would take it, its software model elsewhere (tiles.h;
+// the model needs no bf16 instructions). For the tests.
+at::Tensor q_bf16_mm_tiles(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m,
+                           int64_t n, int64_t bits) {
+  scalellm::check_panel_args("q_bf16_mm_tiles", x, at::kBFloat16, wp, d, m, n, bits, 16);
+#if defined(__AVX512F__)
+  return run_q_bf16_mm(x, wp, d, m, n, bits, scalellm::tiles::hardware_or_model());
+#else
+  TORCH_CHECK(false, "q_bf16_mm_tiles: the tile kernels are in the AVX-512 builds only");
+#endif
+}
+
+bool bf16_tile_check() {  // the first-use check of the tile unit q_bf16_mm_tiles runs on
+#if defined(__AVX512F__)
+  return bf16_tiles_agree(scalellm::tiles::hardware_or_model());
+#else
+  return false;
 #endif
 }

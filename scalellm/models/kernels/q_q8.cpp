@@ -148,11 +148,11 @@ inline void tile16(const uint8_t* w, const uint16_t* d, const uint16_t* m, const
   };
   int64_t b = 0;
   for (; b + 1 < blocks; b += 2) {  // two blocks in flight: the second's product overlaps the first's store
-    Unit::template load<A0>(a + b * kBlockBytes, k);
+    Unit::template load<A0>(a + b * 32, k);
     Unit::template load<B0>(w + b * 512, kLineBytes);
     Unit::template zero<C0>();
     Unit::template dot<C0, A0, B0>();
-    Unit::template load<A1>(a + (b + 1) * kBlockBytes, k);
+    Unit::template load<A1>(a + (b + 1) * 32, k);
     Unit::template load<B1>(w + (b + 1) * 512, kLineBytes);
     Unit::template zero<C1>();
     Unit::template dot<C1, A1, B1>();
@@ -162,7 +162,7 @@ inline void tile16(const uint8_t* w, const uint16_t* d, const uint16_t* m, const
     add(b + 1, sums[1]);
   }
   if (b < blocks) {
-    Unit::template load<A0>(a + b * kBlockBytes, k);
+    Unit::template load<A0>(a + b * 32, k);
     Unit::template load<B0>(w + b * 512, kLineBytes);
     Unit::template zero<C0>();
     Unit::template dot<C0, A0, B0>();
@@ -293,14 +293,6 @@ inline void tile_rows(int64_t rows, const uint8_t* w, const uint16_t* d, const u
   }
 }
 
-#if defined(__AVX512F__)
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
-using HardwareTiles = tiles::Amx;
-#else
-using HardwareTiles = tiles::Model;  // never run: tiles::amx_usable() is false in a build without AMX
-#endif
-#endif
-
 // Rows in full groups of 16 go on Unit's tiles when ``on_tiles`` (AVX-512 builds), the rest (all rows otherwise)
 // on the dot-product tiles above.
 template <int Bits, class Unit, typename T>
@@ -327,7 +319,7 @@ void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m
 #if defined(__AVX512F__)
     thread_local std::vector<uint8_t> unpacked;  // a 4-bit chunk's codes a byte each, as B tiles take them
     if (tiled) {
-      Unit::configure(tiles::kernel_config());
+      Unit::configure(tiles::config_for(32));  // A: a block's 32 bytes
       if constexpr (Bits == 4) unpacked.resize(blocks * 512);
     }
 #endif
@@ -360,14 +352,13 @@ void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m
   }
 }
 
-enum class Tiles { none, hardware, model };
 template <class U>
 struct UnitTag {
   using type = U;
 };
 
 at::Tensor run_q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m, int64_t n,
-                       int64_t bits, Tiles unit) {
+                       int64_t bits, tiles::Use unit) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "q_q8_mm: x must be a contiguous [M, K] matrix");
   const int64_t rows = x.size(0), k = x.size(1), chunks = (n + kCols - 1) / kCols;
   TORCH_CHECK(bits == 4 || bits == 8, "q_q8_mm: bits must be 4 or 8");
@@ -389,8 +380,8 @@ at::Tensor run_q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tens
     };
     auto with_unit = [&](auto bits_tag) {
 #if defined(__AVX512F__)
-      if (unit == Tiles::model) return go(bits_tag, UnitTag<tiles::Model>{}, true);
-      return go(bits_tag, UnitTag<HardwareTiles>{}, unit == Tiles::hardware);
+      if (unit == tiles::Use::model) return go(bits_tag, UnitTag<tiles::Model>{}, true);
+      return go(bits_tag, UnitTag<tiles::Hardware>{}, unit == tiles::Use::hardware);
 #else
       return go(bits_tag, UnitTag<void>{}, false);
 #endif
@@ -407,6 +398,33 @@ at::Tensor run_q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tens
   return out;
 }
 
+
+// Whether ``unit`` gives 33 rows of int4 and int8 weights the dot-product kernel's very bits.
+bool q8_tiles_agree(tiles::Use unit) {
+  const int64_t n = 40, k = 96, chunks = (n + kCols - 1) / kCols;  // a column tail, an odd number of blocks
+  const at::Tensor x = tiles::check_values({33, k}, at::kFloat, 1);
+  const at::Tensor d = (tiles::check_values({chunks, k / 32, kCols}, at::kFloat, 2) * 0.01).to(at::kHalf);
+  const at::Tensor m = (tiles::check_values({chunks, k / 32, kCols}, at::kFloat, 3) * 0.01).to(at::kHalf);
+  bool same = true;
+  for (int64_t bits : {4, 8}) {
+    const at::Tensor wq = tiles::check_codes({chunks, k / 32 * bits * 64}, 255);
+    same = same && at::equal(run_q_q8_mm(x, wq, d, m, n, bits, unit), run_q_q8_mm(x, wq, d, m, n, bits, tiles::Use::none));
+  }
+  return same;
+}
+
+// The hardware tiles serve q_q8_mm once they agree on that first-use check (a millisecond once per process);
+// otherwise a warning, and the dot products.
+tiles::Use q8_tiles() {
+  static const tiles::Use use = [] {
+    if (!tiles::amx_usable()) return tiles::Use::none;
+    if (q8_tiles_agree(tiles::Use::hardware)) return tiles::Use::hardware;
+    TORCH_WARN("q_q8_mm: AMX's int8 tiles gave other bits than the dot products on a check; not used");
+    return tiles::Use::none;
+  }();
+  return use;
+}
+
 }  // namespace
 
 // x [M, K] float32 or bfloat16 (K a multiple of 32); wq uint8 [P, K/32 * bits * 64] and d, m float16 [P, K/32, 16]:
@@ -415,7 +433,7 @@ at::Tensor run_q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tens
 // build, the CPU and the OS allow it (the same bits as on dot products).
 at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m, int64_t n,
                    int64_t bits) {
-  return run_q_q8_mm(x, wq, d, m, n, bits, tiles::amx_usable() ? Tiles::hardware : Tiles::none);
+  return run_q_q8_mm(x, wq, d, m, n, bits, q8_tiles());
 }
 
 // The same, every full group of 16 rows on a tile unit: AMX where q_q8_mm would take it, its software model
@@ -423,13 +441,22 @@ at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& 
 at::Tensor q_q8_mm_tiles(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m,
                          int64_t n, int64_t bits) {
 #if defined(__AVX512F__)
-  return run_q_q8_mm(x, wq, d, m, n, bits, tiles::amx_usable() ? Tiles::hardware : Tiles::model);
+  return run_q_q8_mm(x, wq, d, m, n, bits, tiles::hardware_or_model());
 #else
   TORCH_CHECK(false, "q_q8_mm_tiles: the tile kernel is in the AVX-512 builds only");
 #endif
 }
 
-// Which tile unit q_q8_mm_tiles runs on in this build and process: "amx", "model", or "none" (AVX2).
+// The first-use check of the tile unit the *_tiles functions run on (the hardware's, or the model's here).
+bool q8_tile_check() {
+#if defined(__AVX512F__)
+  return q8_tiles_agree(tiles::hardware_or_model());
+#else
+  return false;
+#endif
+}
+
+// Which tile unit the *_tiles functions run on in this build and process: "amx", "model", or "none" (AVX2).
 std::string tile_unit() {
 #if defined(__AVX512F__)
   return tiles::amx_usable() ? "amx" : "model";

@@ -1,13 +1,14 @@
-// The int8 tile unit q_q8.cpp's tile kernel runs on: Intel AMX (LDTILECFG, TILELOADD, TILEZERO, TDPBSUD,
-// TILESTORED) where the build has it (the "amx" set of kernels/__init__.py) and the CPU and Linux let this process
-// use it, and otherwise a software model of the same five instructions, written from Intel's pseudocode for them.
-// The model lets every AVX-512 machine run the tile kernel's layout, configuration and float steps against the
-// VNNI kernel; on an AMX machine the hardware unit runs the same kernel and the same tests.
+// The tile unit our kernels' AMX paths run on: Intel AMX (LDTILECFG, TILELOADD, TILEZERO, TILESTORED, and the
+// products TDPBSUD for q_q8.cpp, TDPBF16PS for q_bf16.cpp) where the build has it (the "amx" set of
+// kernels/__init__.py) and the CPU and Linux let this process use it; elsewhere a software model of the same
+// instructions, written from Intel's pseudocode for them. The model runs the tile kernels' layouts, tile shapes
+// and float steps on every AVX-512 machine, against the dot-product kernels; on an AMX machine the hardware unit
+// runs the same kernels and the same tests.
 //
-// The kernel's six tiles, fixed (an AMX instruction names its tiles in its encoding): per 32-weight block, A holds
-// 16 rows' activation bytes (16 rows x 32 bytes), B the block's 8 groups of a 16-column chunk (8 rows x 64 bytes:
-// q_q8.cpp's weight layout as it lies in memory), and C the 16 x 16 exact int32 block sums. Two of each, so that
-// two blocks are in flight.
+// Tiles are fixed per role (an AMX instruction names its tiles in its encoding): C0, C1 the products (16 rows x 16
+// columns of int32 or float32), A0, A1 16 rows of activations, B0, B1 a 16-column block of weights.
+// q_q8.cpp: C0 = A0 B0 and C1 = A1 B1 (two 32-weight blocks in flight, int8: A 16 x 32 bytes, B 8 x 64);
+// q_bf16.cpp: C0 = A0 B0 and C1 = A1 B0 (two groups of 16 rows on one panel step, bf16: A and B 16 x 64 bytes).
 #pragma once
 #include <ATen/ATen.h>
 #include <cpuid.h>
@@ -22,9 +23,7 @@ namespace scalellm::tiles {
 
 enum Tile : int { C0 = 0, C1 = 1, A0 = 2, A1 = 3, B0 = 4, B1 = 5 };
 constexpr int kRows = 16;       // activation rows per tile (A and C rows)
-constexpr int kBlockBytes = 32;  // A's bytes per row: one block of int8 activations
-constexpr int kGroupRows = 8;    // B's rows: a block's 8 groups of 4 weights
-constexpr int kLineBytes = 64;   // B's and C's bytes per row: 16 columns x 4 bytes (codes, or int32 sums)
+constexpr int kLineBytes = 64;  // a full tile row; B's and C's rows: 16 columns x 4 bytes
 
 struct alignas(64) Config {  // palette 1, as LDTILECFG reads it: 64 bytes
   uint8_t palette = 1;
@@ -35,12 +34,20 @@ struct alignas(64) Config {  // palette 1, as LDTILECFG reads it: 64 bytes
 };
 static_assert(sizeof(Config) == 64);
 
-inline Config kernel_config() {
+// A and B shapes for the products C (16 x 64 bytes) = A (16 rows x a_bytes) B (a_bytes / 4 rows x 64 bytes).
+inline Config config_for(int a_bytes) {
   Config config;
   for (int t : {C0, C1}) config.rows[t] = kRows, config.colsb[t] = kLineBytes;
-  for (int t : {A0, A1}) config.rows[t] = kRows, config.colsb[t] = kBlockBytes;
-  for (int t : {B0, B1}) config.rows[t] = kGroupRows, config.colsb[t] = kLineBytes;
+  for (int t : {A0, A1}) config.rows[t] = kRows, config.colsb[t] = static_cast<uint16_t>(a_bytes);
+  for (int t : {B0, B1}) config.rows[t] = static_cast<uint8_t>(a_bytes / 4), config.colsb[t] = kLineBytes;
   return config;
+}
+
+inline float bf16_value(uint16_t bits) {
+  uint32_t u = uint32_t{bits} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
 // The software model: a thread's eight 1 KiB tiles and its configuration, as the hardware keeps them per thread.
@@ -87,15 +94,21 @@ struct Model {
       std::memcpy(static_cast<uint8_t*>(base) + r * stride, s.data[T] + r * 64, s.config.colsb[T]);
   }
 
-  // TDPBSUD: C[m][n] += sum over k < colsb(A) / 4, i < 4 of int8 A[m][4k + i] * uint8 B[k][4n + i], in int32.
-  // The shapes must agree as the hardware requires (it faults otherwise).
   template <int C, int A, int B>
-  static void dot() {
-    State& s = state();
+  static void check_shapes(const char* instruction) {  // as the hardware requires (it faults otherwise)
+    const State& s = state();
     const Config& c = s.config;
     TORCH_CHECK(s.configured && c.rows[C] == c.rows[A] && c.colsb[C] == c.colsb[B] && c.rows[B] * 4 == c.colsb[A] &&
                     c.colsb[A] % 4 == 0 && c.colsb[C] % 4 == 0,
-                "tile model: TDPBSUD on tiles whose shapes do not agree");
+                "tile model: ", instruction, " on tiles whose shapes do not agree");
+  }
+
+  // TDPBSUD: C[m][n] += sum over k < colsb(A) / 4, i < 4 of int8 A[m][4k + i] * uint8 B[k][4n + i], in int32.
+  template <int C, int A, int B>
+  static void dot() {
+    check_shapes<C, A, B>("TDPBSUD");
+    State& s = state();
+    const Config& c = s.config;
     for (int m = 0; m < c.rows[C]; ++m) {
       auto* out = reinterpret_cast<int32_t*>(s.data[C] + m * 64);
       const auto* a = reinterpret_cast<const int8_t*>(s.data[A] + m * 64);
@@ -109,9 +122,30 @@ struct Model {
       }
     }
   }
+
+  // TDPBF16PS: C[m][n] += A[m][2k] B[k][2n] + A[m][2k + 1] B[k][2n + 1] over k < colsb(A) / 4, bf16 operands,
+  // float32 sums, k in order. (The hardware rounds within a pair its own way and flushes denormals: the model's
+  // bits may differ from it in the last place, never its order over k.)
+  template <int C, int A, int B>
+  static void dot_bf16() {
+    check_shapes<C, A, B>("TDPBF16PS");
+    State& s = state();
+    const Config& c = s.config;
+    for (int m = 0; m < c.rows[C]; ++m) {
+      auto* out = reinterpret_cast<float*>(s.data[C] + m * 64);
+      const auto* a = reinterpret_cast<const uint16_t*>(s.data[A] + m * 64);
+      for (int k = 0; k < c.colsb[A] / 4; ++k) {
+        const auto* b = reinterpret_cast<const uint16_t*>(s.data[B] + k * 64);
+        for (int n = 0; n < c.colsb[C] / 4; ++n) {
+          out[n] += bf16_value(a[2 * k]) * bf16_value(b[2 * n]);
+          out[n] += bf16_value(a[2 * k + 1]) * bf16_value(b[2 * n + 1]);
+        }
+      }
+    }
+  }
 };
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
 
 // The hardware unit. Its intrinsics take tile numbers as literals, hence one branch per tile.
 struct Amx {
@@ -122,7 +156,7 @@ struct Amx {
 
   template <int T>
   static void load(const void* base, int64_t stride) {
-    static_assert(T == A0 || T == A1 || T == B0 || T == B1, "the kernel loads A and B tiles");
+    static_assert(T == A0 || T == A1 || T == B0 || T == B1, "the kernels load A and B tiles");
     if constexpr (T == A0) _tile_loadd(2, base, stride);
     else if constexpr (T == A1) _tile_loadd(3, base, stride);
     else if constexpr (T == B0) _tile_loadd(4, base, stride);
@@ -131,14 +165,14 @@ struct Amx {
 
   template <int T>
   static void zero() {
-    static_assert(T == C0 || T == C1, "the kernel zeroes C tiles");
+    static_assert(T == C0 || T == C1, "the kernels zero C tiles");
     if constexpr (T == C0) _tile_zero(0);
     else _tile_zero(1);
   }
 
   template <int T>
   static void store(void* base, int64_t stride) {
-    static_assert(T == C0 || T == C1, "the kernel stores C tiles");
+    static_assert(T == C0 || T == C1, "the kernels store C tiles");
     if constexpr (T == C0) _tile_stored(0, base, stride);
     else _tile_stored(1, base, stride);
   }
@@ -149,26 +183,56 @@ struct Amx {
     if constexpr (C == C0) _tile_dpbsud(0, 2, 4);
     else _tile_dpbsud(1, 3, 5);
   }
+
+  template <int C, int A, int B>
+  static void dot_bf16() {
+    static_assert((C == C0 && A == A0 && B == B0) || (C == C1 && A == A1 && B == B0), "C0 = A0 B0, C1 = A1 B0");
+    if constexpr (C == C0) _tile_dpbf16ps(0, 2, 4);
+    else _tile_dpbf16ps(1, 3, 4);
+  }
 };
 
-// Whether this process may run Amx: the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 24 and 25), and
+// Whether this process may run Amx: the CPU has AMX-BF16, AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 22, 24
+// and 25; every AMX CPU so far has all three), and
 // Linux grants the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, Linux 5.16 and later; asked
 // once, it holds for every thread of the process).
 inline bool amx_usable() {
   static const bool usable = [] {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    if (!(edx & (1u << 24)) || !(edx & (1u << 25))) return false;
+    if (!(edx & (1u << 22)) || !(edx & (1u << 24)) || !(edx & (1u << 25))) return false;
     constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
   }();
   return usable;
 }
 
+using Hardware = Amx;
+
 #else
 
 inline bool amx_usable() { return false; }  // a build without AMX's instructions
+using Hardware = Model;  // never run there: amx_usable() is false
 
 #endif
+
+// Where a call's rows go: not on tiles, on the hardware unit, or on its model (tests).
+enum class Use { none, hardware, model };
+
+inline Use hardware_or_model() { return amx_usable() ? Use::hardware : Use::model; }
+
+// Deterministic test data for the kernels' first-use checks (the global random generator is left alone):
+// values in [-1, 1) of the given shape and dtype, and codes 0..max of uint8.
+inline at::Tensor check_values(at::IntArrayRef shape, at::ScalarType dtype, int64_t salt) {
+  int64_t count = 1;
+  for (int64_t size : shape) count *= size;
+  return ((at::arange(count, at::kLong) * (2 * salt + 7919) % 2003).to(at::kFloat) / 1001.5 - 1.0)
+      .view(shape).to(dtype);
+}
+inline at::Tensor check_codes(at::IntArrayRef shape, int64_t max) {
+  int64_t count = 1;
+  for (int64_t size : shape) count *= size;
+  return (at::arange(count, at::kLong) * 7877 % (max + 1)).view(shape).to(at::kByte);
+}
 
 }  // namespace scalellm::tiles
