@@ -398,7 +398,6 @@ at::Tensor run_q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tens
   return out;
 }
 
-
 // Whether ``unit`` gives 33 rows of int4 and int8 weights the dot-product kernel's very bits.
 bool q8_tiles_agree(tiles::Use unit) {
   const int64_t n = 40, k = 96, chunks = (n + kCols - 1) / kCols;  // a column tail, an odd number of blocks
@@ -408,7 +407,8 @@ bool q8_tiles_agree(tiles::Use unit) {
   bool same = true;
   for (int64_t bits : {4, 8}) {
     const at::Tensor wq = tiles::check_codes({chunks, k / 32 * bits * 64}, 255);
-    same = same && at::equal(run_q_q8_mm(x, wq, d, m, n, bits, unit), run_q_q8_mm(x, wq, d, m, n, bits, tiles::Use::none));
+    same = same && at::equal(run_q_q8_mm(x, wq, d, m, n, bits, unit),
+                             run_q_q8_mm(x, wq, d, m, n, bits, tiles::Use::none));
   }
   return same;
 }
