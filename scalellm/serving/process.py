@@ -225,8 +225,21 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
+    def metrics_listening(self) -> bool:
+        """Whether the metrics port takes connections (or metrics are off). Triton opens it a moment after HTTP
+        reports ready: a router or a scrape that came at once would find it closed."""
+        words = " ".join(self.extra_args).replace("=", " ").lower().split()
+        if any(words[i : i + 2] in (["--allow-metrics", "false"], ["--allow-metrics", "0"]) for i in range(len(words))):
+            return True
+        try:
+            with socket.create_connection((_connect_host(self.host), self.metrics_port), timeout=2.0):
+                return True
+        except OSError:
+            return False
+
     def wait_ready(self, timeout_s: float | None = None) -> None:
-        """Poll ``/v2/health/ready``; raise ServerNotReady if the server exits first or time runs out."""
+        """Poll ``/v2/health/ready`` (and the metrics port); raise ServerNotReady if the server exits first or time
+        runs out."""
         if self._process is None:
             raise RuntimeError("tritonserver not started")
         timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
@@ -235,7 +248,7 @@ class TritonServer:
             code = self._process.poll()
             if code is not None:
                 raise ServerNotReady(f"tritonserver exited ({code}) before it was ready{self.log_tail()}")
-            if self.is_ready():
+            if self.is_ready() and self.metrics_listening():
                 return
             if time.monotonic() > deadline:
                 raise ServerNotReady(f"tritonserver not ready after {timeout_s:.0f} s{self.log_tail()}")
