@@ -99,7 +99,9 @@ def test_ensemble_text_output_is_one_string_per_request(server: RunningServer) -
     output = result.as_numpy("text_output")
     assert output.shape == (1,)
     assert "Paris" in output[0].decode("utf-8")  # what NVIDIA's clients do
-    assert result.as_numpy("sequence_index")[0][0] == 0 and result.as_numpy("batch_index")[0][0] == 0
+    # One sequence of an unbatched request: no sequence_index nor batch_index, as TensorRT-LLM's backend sends
+    # them (NVIDIA's clients read a missing one as 0).
+    assert result.as_numpy("sequence_index") is None and result.as_numpy("batch_index") is None
     echoed = stream_infer(server, "ensemble", {"text_input": text(PARIS), "max_tokens": i32(16)})[0]
     echoed_text = echoed.as_numpy("text_output")[0].decode()  # the prompt first: TensorRT-LLM's default
     assert echoed_text.startswith("system\nYou are") and echoed_text.endswith("\nassistant\n" + output[0].decode())
@@ -132,6 +134,22 @@ def test_greedy_unless_top_k_or_top_p_asks_for_sampling(server: RunningServer) -
         assert [answer(**extra) for _ in range(2)] == [reference] * 2
     streamed = answer(**{**default, "stream": flag(True)})
     assert streamed == answer(temperature=f32(0.0), exclude_input_in_output=flag(True)) and reference.endswith(streamed)
+
+
+def test_streamed_responses_repeat_no_constant(server: RunningServer) -> None:
+    """Each streamed response carries its text, the count so far and the finish reason; what cannot change
+    (the prompt tokens served from the prefix cache) comes once, in the first. Every tensor costs a response a
+    trip through postprocessing and the frontend."""
+    inputs = {"text_input": text(PARIS), "max_tokens": i32(6), "stream": flag(True),
+              "exclude_input_in_output": flag(True)}
+    responses = stream_infer(server, "ensemble", inputs)
+    assert len(responses) >= 2
+    names = [{o.name for o in r.get_response().outputs} for r in responses]
+    assert all({"text_output", "num_output_tokens", "finish_reason"} <= n for n in names)
+    assert "num_cached_tokens" in names[0] and not any("num_cached_tokens" in n for n in names[1:])
+    assert not any({"batch_index", "sequence_index"} & n for n in names)
+    counts = [int(r.as_numpy("num_output_tokens")[0][0]) for r in responses]
+    assert counts == sorted(counts) and counts[-1] == 6
 
 
 # ---- num_return_sequences -------------------------------------------------------------------------------

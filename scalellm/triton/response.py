@@ -5,7 +5,10 @@ engine outputs go into one response is ``pacing.py``'s call.
 Not streaming: one response with every output token, the prompt first unless ``exclude_input_in_output``.
 ``context_ids`` (ours) carries the tokens shown just before, so postprocessing can detokenise byte-exactly.
 Optional outputs appear only when asked for (``return_log_probs``, ``return_perf_metrics``,
-``return_num_input_tokens``).
+``return_num_input_tokens``) or when they say something: ``sequence_index`` with ``num_return_sequences`` > 1
+and never ``batch_index`` (a request is one batch row), as TensorRT-LLM's backend sends them; ``num_cached_tokens``
+in a sequence's first response. Every tensor costs each streamed response a trip through postprocessing and
+the frontend, so constants are not repeated.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class SequenceProgress:
     pacer: Pacer  # the output not yet sent
     cum_log_prob: float = 0.0
     done: bool = False
+    started: bool = False  # a response was sent
 
 
 def start(request: LLMRequest, index: int, stream_interval: int) -> SequenceProgress:
@@ -65,10 +69,12 @@ def tensors(request: LLMRequest, seq: SequenceProgress, out: RequestOutput,
         "context_ids": np.asarray([[context]], dtype=np.int32).reshape(1, 1, len(context)),
         "finish_reason": np.asarray([[(out.finish_reason or "").encode()]], dtype=object),
         "num_output_tokens": _i32(out.num_output_tokens),
-        "num_cached_tokens": _i32(out.num_cached_tokens),
-        "batch_index": _i32(0),
-        "sequence_index": _i32(seq.index),
     }
+    if not seq.started:
+        seq.started = True
+        result["num_cached_tokens"] = _i32(out.num_cached_tokens)
+    if len(request.samples) > 1:
+        result["sequence_index"] = _i32(seq.index)
     if request.num_input_tokens:
         result["num_input_tokens"] = _i32(len(request.prompt))
     if out.new_log_probs is not None:
