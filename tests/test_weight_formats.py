@@ -138,10 +138,12 @@ def test_mixed_step_computes_each_row_as_alone(kind, dtype, on_kernels):
     torch.manual_seed(0)
     linear = quantized_layer(kind, torch.randn(96, 64) * 0.05, dtype, on_kernels)
     x = torch.randn(7, 64).to(dtype)
-    is_prompt = [True, False, False, True, True, False, True]
-    mixed = linear(x, RowSplit.of(is_prompt))
-    for i, prompt in enumerate(is_prompt):
-        assert torch.equal(mixed[i], linear(x[i : i + 1], RowSplit.of([prompt]))[0])
+    for is_prompt in ([True, False, False, True, True, False, True],  # interleaved: rows gathered
+                      [False, False, False, True, True, True, True]):  # decodes first: two slices
+        assert (RowSplit.of(is_prompt).first_prompt is None) == is_prompt[0]
+        mixed = linear(x, RowSplit.of(is_prompt))
+        for i, prompt in enumerate(is_prompt):
+            assert torch.equal(mixed[i], linear(x[i : i + 1], RowSplit.of([prompt]))[0])
     # the two kinds of rows really take different kernels
     assert not torch.equal(linear(x, RowSplit.of([False] * 7)), linear(x, RowSplit.of([True] * 7)))
 

@@ -180,7 +180,9 @@ class QuantizedLinear(nn.Module):
             out = self.generated(x2)
         elif rows.all_prompt:
             out = self.prompt(x2)
-        else:  # a step mixing prompt and generated tokens: each row on its own path
+        elif rows.first_prompt is not None:  # generated rows, then prompt rows: each kind on its own path
+            out = torch.cat([self.generated(x2[: rows.first_prompt]), self.prompt(x2[rows.first_prompt :])])
+        else:  # prompt and generated rows interleaved
             out = x2.new_empty(x2.shape[0], self.out_features)
             out.index_copy_(0, rows.generated, self.generated(x2.index_select(0, rows.generated)))
             out.index_copy_(0, rows.prompt, self.prompt(x2.index_select(0, rows.prompt)))

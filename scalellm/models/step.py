@@ -16,19 +16,25 @@ import torch
 @dataclass(frozen=True)
 class RowSplit:
     """Which rows of a matmul's input are prompt tokens. ``prompt`` / ``generated``: their indices, only when the
-    rows mix both kinds (otherwise ``all_prompt`` says which kind they all are)."""
+    rows mix both kinds (otherwise ``all_prompt`` says which kind they all are). ``first_prompt``: in a mixed
+    split whose prompt rows are all the rows from there on (the scheduler's usual order: decodes, then prompt
+    chunks), so a matmul takes the two kinds as two slices instead of gathering and scattering rows."""
 
     all_prompt: bool = False
     flags: torch.Tensor | None = None  # bool per row, in a mixed split only
     prompt: torch.Tensor | None = None
     generated: torch.Tensor | None = None
+    first_prompt: int | None = None
 
     @staticmethod
     def of(flags: torch.Tensor | list[bool]) -> RowSplit:
         flags = torch.as_tensor(flags, dtype=torch.bool)
         num_prompt = int(flags.sum())
         if 0 < num_prompt < len(flags):
-            return RowSplit(False, flags, flags.nonzero().flatten(), (~flags).nonzero().flatten())
+            first = len(flags) - num_prompt
+            tail = bool(flags[first:].all())
+            return RowSplit(False, flags, flags.nonzero().flatten(), (~flags).nonzero().flatten(),
+                            first if tail else None)
         return RowSplit(num_prompt == len(flags) and num_prompt > 0)
 
     @property
