@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import tritonclient.grpc.aio as grpc_aio
 from conftest import ENGINE_DIR, MODEL_DIR, NO_PROXY
 from routerstack import LocalEndpoints
 
-from scalellm.serving import free_ports
+from scalellm.serving import free_ports, port_open
 
 STREAM_TIMEOUT_S = 300.0  # a hung server fails the test instead of hanging the suite
 
@@ -72,16 +71,10 @@ class Launcher(LocalEndpoints):
         except (urllib.error.URLError, OSError):
             return False
 
-    def metrics_listening(self) -> bool:  # Triton opens the metrics port a moment after HTTP reports ready
-        try:
-            with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=2.0):
-                return True
-        except OSError:
-            return False
-
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while not (self.is_ready() and self.metrics_listening()):
+        # Triton opens the metrics port a moment after HTTP reports ready
+        while not (self.is_ready() and port_open("127.0.0.1", self.metrics_port)):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"launcher not ready (exit {self.process.poll()}):\n{self.transcript()}")
             time.sleep(0.5)

@@ -7,7 +7,14 @@ into a non-zero exit; ``cli`` is ``python -m scalellm.serving``.
 
 from scalellm.serving.cli import main
 from scalellm.serving.install import TritonInstall, locate_tritonserver, prepare_backend_dir, server_env
-from scalellm.serving.process import DEFAULT_HOST, DEFAULT_READY_TIMEOUT_S, ServerNotReady, TritonServer, free_ports
+from scalellm.serving.process import (
+    DEFAULT_HOST,
+    DEFAULT_READY_TIMEOUT_S,
+    ServerNotReady,
+    TritonServer,
+    free_ports,
+    port_open,
+)
 
 __all__ = [
     "DEFAULT_HOST",
@@ -18,6 +25,7 @@ __all__ = [
     "free_ports",
     "locate_tritonserver",
     "main",
+    "port_open",
     "prepare_backend_dir",
     "server_env",
 ]

@@ -13,6 +13,7 @@ the ensemble requests still streaming then never complete. So the launcher, not 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import signal
 import socket
@@ -40,6 +41,21 @@ PR_SET_PDEATHSIG = 1
 
 class ServerNotReady(RuntimeError):
     """tritonserver exited, or did not report ready in time; the message carries the tail of its log."""
+
+
+def port_open(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _metrics_allowed(args: Sequence[str]) -> bool:
+    """False when the extra arguments turn Triton's metrics off (``--allow-metrics=false`` or ``... false``)."""
+    words = " ".join(args).replace("=", " ").lower().split()
+    return not any(a == "--allow-metrics" and v in ("false", "0") for a, v in itertools.pairwise(words))
 
 
 def _connect_host(host: str) -> str:
@@ -133,6 +149,7 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.log_file = Path(log_file) if log_file is not None else None
         self.extra_args = tuple(extra_args)
+        self.metrics_allowed = _metrics_allowed(self.extra_args)
         self.ready_timeout_s = ready_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._drain_dir = tempfile.TemporaryDirectory(prefix="scalellm-drain-")
@@ -228,14 +245,7 @@ class TritonServer:
     def metrics_listening(self) -> bool:
         """Whether the metrics port takes connections (or metrics are off). Triton opens it a moment after HTTP
         reports ready: a router or a scrape that came at once would find it closed."""
-        words = " ".join(self.extra_args).replace("=", " ").lower().split()
-        if any(words[i : i + 2] in (["--allow-metrics", "false"], ["--allow-metrics", "0"]) for i in range(len(words))):
-            return True
-        try:
-            with socket.create_connection((_connect_host(self.host), self.metrics_port), timeout=2.0):
-                return True
-        except OSError:
-            return False
+        return not self.metrics_allowed or port_open(_connect_host(self.host).strip("[]"), self.metrics_port)
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Poll ``/v2/health/ready`` (and the metrics port); raise ServerNotReady if the server exits first or time
