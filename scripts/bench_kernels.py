@@ -12,7 +12,8 @@
   stay in cache here: in the engine, one token streams every layer's weights from memory, so the 1-row ratios
   are the kernels' compute, not what a step gains;
 * attention for 64 / 8 / 1 sequences of 100-400 keys scattered over the cache in blocks: ``paged_decode``
-  against the gather + matmuls path (scalellm/models/attention.py), in the same activations' dtype.
+  against the gather + matmuls path (scalellm/models/attention.py), in the same activations' dtype; with a bf16
+  cache on a CPU with bf16 dot products, also ``paged_decode``'s float32 scores (``ours_fma_us``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def bench_matmuls(rows_list: list[int], dtype: torch.dtype) -> list[dict]:
 
 def bench_attention(batches: list[int], module, dtype: torch.dtype) -> list[dict]:
     results = []
+    bf16_dot = dtype == torch.bfloat16 and kernels.has_bf16_dot()  # what the engine's attention takes
     heads, kv_heads, dim, block, num_blocks = 9, 3, 64, 16, 2048
     for batch in batches:
         torch.manual_seed(0)
@@ -89,12 +91,19 @@ def bench_attention(batches: list[int], module, dtype: torch.dtype) -> list[dict
             kv = by_block.index_select(2, tables.flatten()).view(2, kv_heads, batch, width * block, dim)  # noqa: B023
             return decode_attention(q, kv[0], kv[1], bias, dim**-0.5)  # noqa: B023
 
-        torch_us = best_us(gathered, 20)
-        ours_us = best_us(lambda: module.paged_decode(q, cache, tables, lengths, block, dim**-0.5), 20)  # noqa: B023
-        results.append({"kind": "attention", "sequences": batch, "keys": int(lengths.sum()), "torch_us": torch_us,
-                        "ours_us": ours_us, "speedup": torch_us / ours_us})
-        print(f"attention {batch:3d} sequences: gather+matmuls {torch_us:8.1f} us  ours {ours_us:8.1f} us  "
-              f"x{torch_us / ours_us:.2f}", flush=True)
+        def ours(bf16_dot: bool) -> float:
+            return best_us(lambda: module.paged_decode(q, cache, tables, lengths, block, dim**-0.5, bf16_dot), 20)  # noqa: B023
+
+        torch_us, ours_us = best_us(gathered, 20), ours(bf16_dot)
+        result = {"kind": "attention", "sequences": batch, "keys": int(lengths.sum()), "torch_us": torch_us,
+                  "ours_us": ours_us, "speedup": torch_us / ours_us, "bf16_dot": bf16_dot}
+        line = (f"attention {batch:3d} sequences: gather+matmuls {torch_us:8.1f} us  ours {ours_us:8.1f} us  "
+                f"x{torch_us / ours_us:.2f}")
+        if bf16_dot:  # the float32 multiply-adds it replaces, in the same run
+            result["ours_fma_us"] = ours(False)
+            line += f"  (scores on float32 multiply-adds: {result['ours_fma_us']:8.1f} us)"
+        results.append(result)
+        print(line, flush=True)
     return results
 
 

@@ -223,11 +223,14 @@ def test_codes_come_back_out_of_torchs_packing_as_from_the_weights(cls):
                          [(9, 3, 64), (4, 4, 32), (16, 2, 128), (32, 8, 128), (10, 2, 48)])
 @pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                     (torch.float32, torch.float16)])
-def test_paged_decode_matches_gathered_attention(ops, dtype, cache_dtype, heads, kv_heads, dim):
+@pytest.mark.parametrize("bf16_dot", [False, True], ids=["fma", "bf16-dot"])
+def test_paged_decode_matches_gathered_attention(ops, dtype, cache_dtype, heads, kv_heads, dim, bf16_dot):
     """Keys scattered over the cache in blocks, contexts of different lengths (tails of 16 included); SmolLM2's
     heads, Llama's and Mixtral's (32, 8, 128), and other query heads per KV head and head sizes (the AVX-512 body
     unrolls the served models' shapes, the AVX2 body's register tiles depend on both); a float16 cache under
-    float32 queries (CacheConfig.kv_cache_dtype)."""
+    float32 queries (CacheConfig.kv_cache_dtype); scores on bf16 dot products where the engine takes them."""
+    if bf16_dot and (ops is not kernels.load() or not kernels.has_bf16_dot()):
+        pytest.skip("bf16 dot products: the AVX-512 build on a CPU with avx512_bf16 or AMX")
     torch.manual_seed(3)
     batch, block = 5, 16
     cache = torch.randn(2, kv_heads, 80 * block, dim).to(cache_dtype)
@@ -235,7 +238,7 @@ def test_paged_decode_matches_gathered_attention(ops, dtype, cache_dtype, heads,
     width = 13
     tables = torch.randperm(80)[: batch * width].view(batch, width)
     q = torch.randn(batch, heads, dim).to(dtype)
-    out = ops.paged_decode(q, cache, tables, lengths, block, dim**-0.5)
+    out = ops.paged_decode(q, cache, tables, lengths, block, dim**-0.5, bf16_dot)
     kv = cache.view(2, kv_heads, -1, block * dim).index_select(2, tables.flatten())
     kv = kv.view(2, kv_heads, batch, width * block, dim).double()
     want = decode_attention(q.double(), kv[0], kv[1], decode_bias(lengths, width * block).double(), dim**-0.5)
@@ -244,7 +247,7 @@ def test_paged_decode_matches_gathered_attention(ops, dtype, cache_dtype, heads,
     assert torch.allclose(out.double(), want, atol=tol)
     for i in range(batch):  # each sequence alone gives the same bits
         alone = ops.paged_decode(q[i : i + 1].contiguous(), cache, tables[i : i + 1].contiguous(),
-                                 lengths[i : i + 1].contiguous(), block, dim**-0.5)
+                                 lengths[i : i + 1].contiguous(), block, dim**-0.5, bf16_dot)
         assert torch.equal(alone[0], out[i])
 
 

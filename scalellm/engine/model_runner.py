@@ -57,7 +57,7 @@ def on_kernels(config: EngineConfig) -> bool:
 def layer_ops(config: EngineConfig, cfg: ModelConfig) -> LayerOps:
     """Our kernels for the layers' other operations where they build and take the model's heads, else torch's."""
     if on_kernels(config) and kernels.fits(cfg.head_dim, cfg.num_heads // cfg.num_kv_heads):
-        return KernelOps(kernels.load())
+        return KernelOps(kernels.load(), bf16_dot=kernels.has_bf16_dot())
     if on_kernels(config):
         log.info("head_dim %d with %d query heads per KV head: torch's attention and layer code serve",
                  cfg.head_dim, cfg.num_heads // cfg.num_kv_heads)

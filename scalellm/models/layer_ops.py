@@ -68,8 +68,9 @@ class KernelOps:
 
     in_place = True  # every row of a step is one query over its own sequence's keys, read in place
 
-    def __init__(self, module: Any) -> None:
+    def __init__(self, module: Any, bf16_dot: bool = False) -> None:
         self.ops = module
+        self.bf16_dot = bf16_dot  # attention scores on bf16 dot products (a bf16 cache, AVX-512 BF16 or AMX)
 
     def rope_inputs(self, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> Any:
         return cos, sin, positions  # rope_kv reads the float32 tables itself
@@ -84,7 +85,7 @@ class KernelOps:
                   scale: float) -> torch.Tensor:
         q = self.ops.rope_kv(qkv, *rope, kv_cache, step.slot_mapping, heads, kv_heads)
         (rows,) = step.queries  # the model runner lays an in-place step out as one group
-        o = self.ops.paged_decode(q, kv_cache, rows.blocks, rows.lengths, step.block_size, scale)
+        o = self.ops.paged_decode(q, kv_cache, rows.blocks, rows.lengths, step.block_size, scale, self.bf16_dot)
         return o.view(qkv.shape[0], -1)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ at::Tensor q_bf16_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor
 at::Tensor q_bf16_mm_tiles(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m,
                            int64_t n, int64_t bits);
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& blocks,
-                        const at::Tensor& lengths, int64_t block_size, double scale);
+                        const at::Tensor& lengths, int64_t block_size, double scale, bool bf16_dot);
 
 at::Tensor rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps);
 at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
@@ -53,5 +53,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("rope_kv", &rope_kv, release(), "RoPE on q and k, K and V written into the paged cache; returns q");
   module.def("silu_mul", &silu_mul, release(), "silu(gate) * up");
   module.def("nice_workers", &nice_workers, "the calling thread's OpenMP workers at this nice value");
-  module.def("paged_decode", &paged_decode, release(), "attention over the paged KV cache, one query per row");
+  module.def("paged_decode", &paged_decode, release(), "attention over the paged KV cache, one query per row",
+             pybind11::arg("q"), pybind11::arg("cache"), pybind11::arg("blocks"), pybind11::arg("lengths"),
+             pybind11::arg("block_size"), pybind11::arg("scale"), pybind11::arg("bf16_dot") = false);
 }

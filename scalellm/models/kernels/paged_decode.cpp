@@ -3,12 +3,15 @@
 // The cache of one layer is [2, KVH, slots, D] (scalellm/models/attention.py); a sequence's key j sits at slot
 // blocks[j / block_size] * block_size + j % block_size. Each (sequence, KV head) is one task: the G query heads
 // of that KV head score its keys in float32, a float32 softmax, then the weighted sum of its values. A task
-// reads only its own sequence, so a row's result never depends on what it is batched with.
+// reads only its own sequence, so a row's result never depends on what it is batched with. With ``bf16_dot``
+// (a bfloat16 cache on a CPU with AVX-512 BF16) the scores are bf16 dot products of q and K as stored: exact
+// products, float32 sums, and no widening of K: fewer instructions for the same float32 accuracy.
 #include "simd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -100,6 +103,35 @@ inline void weigh_values(const float* scores, const TC* v_head, const int64_t* s
 }
 #endif
 
+#if defined(__AVX512F__)
+// A task's scores on AVX-512 BF16 dot products (bf16_dot): per key and query head, head_dim / 32 VDPBF16PS on q
+// and the key as they lie (bf16 pairs: exact products, float32 sums), the 16 lanes summed by one transposed
+// reduction per 16 keys, then the scale. q: the task's G query heads' rows; head_dim a multiple of 32.
+__attribute__((target("avx512bf16"))) inline void score_bf16(const at::BFloat16* q, const at::BFloat16* k_head,
+                                                            const int64_t* slot, int64_t len, int64_t group,
+                                                            int64_t dim, float scale, int64_t padded, float* scores) {
+  const int64_t pairs = dim / 32;
+  __m512i qs[kMaxGroup][kMaxChunks / 2];
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < pairs; ++c) qs[g][c] = _mm512_loadu_si512(q + g * dim + c * 32);
+  for (int64_t j0 = 0; j0 < len; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, len - j0);
+    for (int64_t j = j0 + 16; j < std::min(len, j0 + 32); ++j) prefetch_row(k_head + slot[j] * dim, dim);
+    for (int64_t g = 0; g < group; ++g) {
+      vf acc[16];
+      for (int64_t t = 0; t < 16; ++t) {
+        acc[t] = vzero();
+        if (t < n)
+          for (int64_t c = 0; c < pairs; ++c)
+            acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)qs[g][c],
+                                      (__m512bh)_mm512_loadu_si512(k_head + slot[j0 + t] * dim + c * 32));
+      }
+      store16(scores + g * padded + j0, vmul(sum16(acc), vset(scale)));
+    }
+  }
+}
+#endif
+
 // TC: the cache's element type (T, or float16 under float32 activations). kGroup, kChunks: the query heads per KV
 // head and head_dim / 16 as compile-time constants (0: read at run time), so that the AVX-512 loops over them unroll
 // and their query, score and output vectors stay in registers instead of going through the stack on every
@@ -107,7 +139,7 @@ inline void weigh_values(const float* scores, const TC* v_head, const int64_t* s
 template <typename T, typename TC, int kGroup = 0, int kChunks = 0>
 void decode(const T* q, const TC* cache, const int64_t* blocks, const int64_t* lengths, int64_t batch,
             int64_t heads, int64_t kv_heads, int64_t slots, int64_t dim, int64_t width, int64_t block_size,
-            float scale, T* out) {
+            float scale, bool bf16_dot, T* out) {
   const int64_t group = kGroup ? kGroup : heads / kv_heads, chunks = kChunks ? kChunks : dim / 16;
 #pragma omp parallel
   {
@@ -136,10 +168,14 @@ void decode(const T* q, const TC* cache, const int64_t* blocks, const int64_t* l
       for (int64_t j = 0, i = 0; j < len; ++i)
         for (int64_t off = 0; off < block_size && j < len; ++off, ++j) slot[j] = table[i] * block_size + off;
 #if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, at::BFloat16>) {
+        if (bf16_dot) score_bf16(q + (b * heads + h * group) * dim, k_head, slot, len, group, dim, scale, padded,
+                                 scores.data());
+      }
       // Scores 16 keys at a time: the keys as float32 rows, then per query head 16 dot products whose sums
       // one transposed reduction gathers into one vector (key t in lane t).
       alignas(64) float keys[16 * kMaxChunks * 16];
-      for (int64_t j0 = 0; j0 < len; j0 += 16) {
+      for (int64_t j0 = 0; j0 < len && !bf16_dot; j0 += 16) {
         const int64_t n = std::min<int64_t>(16, len - j0);
         for (int64_t j = j0 + 16; j < std::min(len, j0 + 32); ++j)  // the next 16 keys: DRAM latency hides
           prefetch_row(k_head + slot[j] * dim, dim);
@@ -222,22 +258,24 @@ void decode(const T* q, const TC* cache, const int64_t* blocks, const int64_t* l
 template <typename T, typename TC>
 void decode_any(const T* q, const TC* cache, const int64_t* blocks, const int64_t* lengths, int64_t batch,
                 int64_t heads, int64_t kv_heads, int64_t slots, int64_t dim, int64_t width, int64_t block_size,
-                float scale, T* out) {
+                float scale, bool bf16_dot, T* out) {
   const int64_t shape = (heads / kv_heads) * 1000 + dim;
   switch (shape) {
-    case 3064: return decode<T, TC, 3, 4>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, out);
-    case 4128: return decode<T, TC, 4, 8>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, out);
-    case 8128: return decode<T, TC, 8, 8>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, out);
-    default: return decode<T, TC>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, out);
+    case 3064: return decode<T, TC, 3, 4>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, bf16_dot, out);
+    case 4128: return decode<T, TC, 4, 8>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, bf16_dot, out);
+    case 8128: return decode<T, TC, 8, 8>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, bf16_dot, out);
+    default: return decode<T, TC>(q, cache, blocks, lengths, batch, heads, kv_heads, slots, dim, width, block_size, scale, bf16_dot, out);
   }
 }
 
 }  // namespace
 
 // q [B, H, D]; cache [2, KVH, slots, D] of q's dtype (float32 or bfloat16); blocks [B, W] int64 (each
-// sequence's block table, padded); lengths [B] int64 (keys per sequence, >= 1). Returns [B, H, D].
+// sequence's block table, padded); lengths [B] int64 (keys per sequence, >= 1). Returns [B, H, D]. bf16_dot:
+// the scores of a bfloat16 q and cache on bf16 dot products (the caller checks the CPU has them: AVX-512 BF16);
+// taken where head_dim is a multiple of 32, ignored for float32.
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& blocks,
-                        const at::Tensor& lengths, int64_t block_size, double scale) {
+                        const at::Tensor& lengths, int64_t block_size, double scale, bool bf16_dot) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && cache.dim() == 4 && cache.is_contiguous(),
               "paged_decode: q [B, H, D] and the cache [2, KVH, slots, D] must be contiguous");
   const bool half_cache = cache.scalar_type() == at::kHalf && q.scalar_type() == at::kFloat;
@@ -248,20 +286,25 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::
               "paged_decode: head_dim must be a multiple of 16 up to 256, at most 8 query heads per KV head");
   TORCH_CHECK(blocks.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && blocks.is_contiguous() &&
               blocks.size(0) == batch && lengths.size(0) == batch, "paged_decode: blocks [B, W], lengths [B] int64");
+#if defined(__AVX512F__)
+  bf16_dot = bf16_dot && q.scalar_type() == at::kBFloat16 && dim % 32 == 0;
+#else
+  TORCH_CHECK(!bf16_dot, "paged_decode: bf16 dot products need the AVX-512 build");
+#endif
   auto out = at::empty_like(q);
   if (q.scalar_type() == at::kBFloat16) {
     decode_any(q.data_ptr<at::BFloat16>(), cache.data_ptr<at::BFloat16>(), blocks.data_ptr<int64_t>(),
            lengths.data_ptr<int64_t>(), batch, heads, kv_heads, cache.size(2), dim, blocks.size(1), block_size,
-           static_cast<float>(scale), out.data_ptr<at::BFloat16>());
+           static_cast<float>(scale), bf16_dot, out.data_ptr<at::BFloat16>());
   } else if (half_cache) {
     decode_any(q.data_ptr<float>(), cache.data_ptr<at::Half>(), blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
            batch, heads, kv_heads, cache.size(2), dim, blocks.size(1), block_size, static_cast<float>(scale),
-           out.data_ptr<float>());
+           false, out.data_ptr<float>());
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: float32 or bfloat16");
     decode_any(q.data_ptr<float>(), cache.data_ptr<float>(), blocks.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
            batch, heads, kv_heads, cache.size(2), dim, blocks.size(1), block_size, static_cast<float>(scale),
-           out.data_ptr<float>());
+           false, out.data_ptr<float>());
   }
   return out;
 }
