@@ -141,6 +141,8 @@ void decode(const T* q, const TC* cache, const int64_t* blocks, const int64_t* l
             int64_t heads, int64_t kv_heads, int64_t slots, int64_t dim, int64_t width, int64_t block_size,
             float scale, bool bf16_dot, T* out) {
   const int64_t group = kGroup ? kGroup : heads / kv_heads, chunks = kChunks ? kChunks : dim / 16;
+  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, at::BFloat16>;
+  const bool dot = kBf16 && bf16_dot;  // scores on bf16 dot products (score_bf16)
 #pragma omp parallel
   {
     std::vector<float> scores;
@@ -151,51 +153,49 @@ void decode(const T* q, const TC* cache, const int64_t* blocks, const int64_t* l
       const TC* k_head = cache + h * slots * dim;
       const TC* v_head = cache + (kv_heads + h) * slots * dim;
       const int64_t* table = blocks + b * width;
-#if defined(__AVX512F__)
-      vf qs[kMaxGroup][kMaxChunks];
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t c = 0; c < chunks; ++c)
-          qs[g][c] = vmul(load16(q + (b * heads + h * group + g) * dim + c * 16), vset(scale));
-#else
-      alignas(32) float qbuf[kMaxGroup * kMaxChunks * 16];
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t c = 0; c < chunks; ++c)
-          store16(qbuf + (g * chunks + c) * 16, vmul(load16(q + (b * heads + h * group + g) * dim + c * 16), vset(scale)));
-#endif
       scores.resize(group * padded);
       context.resize(len);  // the context's cache slots, from its block table
       int64_t* slot = context.data();
       for (int64_t j = 0, i = 0; j < len; ++i)
         for (int64_t off = 0; off < block_size && j < len; ++off, ++j) slot[j] = table[i] * block_size + off;
 #if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, at::BFloat16>) {
-        if (bf16_dot) score_bf16(q + (b * heads + h * group) * dim, k_head, slot, len, group, dim, scale, padded,
-                                 scores.data());
-      }
-      // Scores 16 keys at a time: the keys as float32 rows, then per query head 16 dot products whose sums
-      // one transposed reduction gathers into one vector (key t in lane t).
-      alignas(64) float keys[16 * kMaxChunks * 16];
-      for (int64_t j0 = 0; j0 < len && !bf16_dot; j0 += 16) {
-        const int64_t n = std::min<int64_t>(16, len - j0);
-        for (int64_t j = j0 + 16; j < std::min(len, j0 + 32); ++j)  // the next 16 keys: DRAM latency hides
-          prefetch_row(k_head + slot[j] * dim, dim);
-        for (int64_t t = 0; t < n; ++t) {
-          const int64_t j = j0 + t;
-          const TC* k = k_head + slot[j] * dim;
-          for (int64_t c = 0; c < chunks; ++c) store16(keys + (t * chunks + c) * 16, load16(k + c * 16));
-        }
-        for (int64_t g = 0; g < group; ++g) {
-          vf acc[16];
-          for (int64_t t = 0; t < 16; ++t) {
-            acc[t] = vzero();
-            if (t < n)
-              for (int64_t c = 0; c < chunks; ++c)
-                acc[t] = vfma(qs[g][c], load16(keys + (t * chunks + c) * 16), acc[t]);
+      if (dot) {
+        if constexpr (kBf16) score_bf16(q + (b * heads + h * group) * dim, k_head, slot, len, group, dim, scale,
+                                        padded, scores.data());
+      } else {
+        // Scores 16 keys at a time: the keys as float32 rows, then per query head 16 dot products whose sums
+        // one transposed reduction gathers into one vector (key t in lane t).
+        vf qs[kMaxGroup][kMaxChunks];
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t c = 0; c < chunks; ++c)
+            qs[g][c] = vmul(load16(q + (b * heads + h * group + g) * dim + c * 16), vset(scale));
+        alignas(64) float keys[16 * kMaxChunks * 16];
+        for (int64_t j0 = 0; j0 < len; j0 += 16) {
+          const int64_t n = std::min<int64_t>(16, len - j0);
+          for (int64_t j = j0 + 16; j < std::min(len, j0 + 32); ++j)  // the next 16 keys: DRAM latency hides
+            prefetch_row(k_head + slot[j] * dim, dim);
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t j = j0 + t;
+            const TC* k = k_head + slot[j] * dim;
+            for (int64_t c = 0; c < chunks; ++c) store16(keys + (t * chunks + c) * 16, load16(k + c * 16));
           }
-          store16(scores.data() + g * padded + j0, sum16(acc));
+          for (int64_t g = 0; g < group; ++g) {
+            vf acc[16];
+            for (int64_t t = 0; t < 16; ++t) {
+              acc[t] = vzero();
+              if (t < n)
+                for (int64_t c = 0; c < chunks; ++c)
+                  acc[t] = vfma(qs[g][c], load16(keys + (t * chunks + c) * 16), acc[t]);
+            }
+            store16(scores.data() + g * padded + j0, sum16(acc));
+          }
         }
       }
 #else
+      alignas(32) float qbuf[kMaxGroup * kMaxChunks * 16];
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t c = 0; c < chunks; ++c)
+          store16(qbuf + (g * chunks + c) * 16, vmul(load16(q + (b * heads + h * group + g) * dim + c * 16), vset(scale)));
       switch (group) {
         case 1: score_keys<TC, 1>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
         case 2: score_keys<TC, 2>(qbuf, k_head, slot, len, dim, padded, scores.data()); break;
