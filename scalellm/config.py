@@ -127,12 +127,11 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
-    # Nice value of the engine thread's OpenMP workers (the engine thread itself keeps its own), where our CPU
-    # kernels load. A server's cores are shared with Triton's threads, which each streamed token wakes: at
-    # nice 19 those threads take a worker's core rather than the engine thread's, and the kernels hand a
-    # preempted worker's remaining work to the engine thread (dynamic schedules) instead of waiting for it.
-    # C=64 through Triton on 2 cores: median +5% tokens/s over 7 noisy pairs (docs/benchmarks.md).
-    # 0: leave them be.
+    # Nice value of the engine's worker threads (our kernels' team, scalellm/models/kernels/team.h, and torch's
+    # OpenMP workers; the engine thread itself keeps its own), where our CPU kernels load. A server's cores are
+    # shared with Triton's threads, which each streamed token wakes: at nice 19 those threads take a worker's
+    # core rather than the engine thread's, and the engine thread computes whatever work the preempted worker
+    # has not taken, never waiting for a worker that has not started. 0: leave them be.
     worker_nice: int = 19
 
 

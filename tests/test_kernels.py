@@ -340,22 +340,75 @@ def test_models_the_kernels_cannot_take_keep_torchs_code():
 
 
 def test_nice_workers_lowers_the_workers_not_the_caller(ops):
-    """EngineConfig.worker_nice: Triton's threads should preempt the engine's OpenMP workers, never the engine
-    thread itself (which would then hold every parallel region up)."""
+    """EngineConfig.worker_nice: Triton's threads should preempt the engine's workers (our kernels' team and
+    torch's OpenMP pool), never the engine thread itself, which computes whatever a preempted worker leaves."""
 
     def nice_of(tid: int) -> int:
         return int(Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+    def team_tids() -> list[int]:
+        return [int(t) for t in os.listdir("/proc/self/task")
+                if Path(f"/proc/self/task/{t}/comm").read_text().strip() == "scalellm-team"]
 
     seen: dict[str, object] = {}
 
     def engine_thread() -> None:  # a fresh thread gets its own OpenMP pool, as the engine's loop thread does
         torch.set_num_threads(2)
+        x = torch.randn(64, 4096)
+        ops.silu_mul(x)  # starts the team's worker if no kernel has yet
         seen["set"] = ops.nice_workers(7)
         seen["caller"] = nice_of(threading.get_native_id())
+        seen["team"] = [nice_of(tid) for tid in team_tids()]
         seen["all"] = sorted(nice_of(int(t)) for t in os.listdir("/proc/self/task"))
+        ops.nice_workers(0)
 
     thread = threading.Thread(target=engine_thread)
     thread.start()
     thread.join()
-    assert seen["set"] == 1 and seen["caller"] == 0
-    assert 7 in seen["all"]
+    assert seen["caller"] == 0
+    assert 7 in seen["team"]  # this build's worker (each build loaded has its own team)
+    assert seen["set"] == 2 and seen["all"].count(7) == 2  # and torch's one OpenMP worker
+
+
+def test_kernels_give_the_same_bits_on_any_number_of_threads_and_callers(ops):
+    """How work is shared between the caller and the team's workers (team.h) never changes a bit: one thread,
+    two, more threads than cores, and two engines' threads calling at once (the second runs its calls alone)."""
+    torch.manual_seed(5)
+    q, d, m, _ = coded_weights(4, n=293, k=576)
+    packed = kernels.pack(q, d, m, 4)
+    x = torch.randn(70, 576).to(torch.bfloat16)  # 70 rows: grabs of columns from 16 rows on
+    heads, kv_heads, dim, block = 9, 3, 64, 16
+    cache = torch.randn(2, kv_heads, 64 * block, dim).to(torch.bfloat16)
+    tables, lengths = torch.randperm(64)[: 6 * 8].view(6, 8), torch.tensor([1, 16, 17, 70, 100, 128])
+    query = torch.randn(6, heads, dim).to(torch.bfloat16)
+    gate_up = torch.randn(300, 2 * 1536).to(torch.bfloat16)
+
+    def compute() -> list[torch.Tensor]:
+        return [ops.q_q8_mm(x, *packed, 293, 4), ops.q_q8_mm(x[:3].contiguous(), *packed, 293, 4),
+                ops.paged_decode(query, cache, tables, lengths, block, dim**-0.5), ops.silu_mul(gate_up)]
+
+    def on_threads(threads: int, calls: int = 1) -> list[list[torch.Tensor]]:
+        got: list[list[torch.Tensor]] = []
+
+        def engine_thread() -> None:  # each engine's loop thread sets its own thread count
+            torch.set_num_threads(threads)
+            got.extend(compute() for _ in range(calls))
+
+        thread = threading.Thread(target=engine_thread)
+        thread.start()
+        thread.join()
+        return got
+
+    [alone] = on_threads(1)
+    for threads in (2, 4):
+        for i, out in enumerate(on_threads(threads)[0]):
+            assert torch.equal(out, alone[i]), f"output {i} on {threads} threads"
+    results: list[list[list[torch.Tensor]]] = []
+    callers = [threading.Thread(target=lambda: results.append(on_threads(2, calls=20))) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(results) == 2
+    for outs in (outs for got in results for outs in got):
+        assert all(torch.equal(out, want) for out, want in zip(outs, alone, strict=True))

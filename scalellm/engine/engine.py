@@ -162,7 +162,8 @@ class LLMEngine:
 
     def _loop(self) -> None:
         try:
-            self.runner.nice_workers(self.config.worker_nice)  # this thread's OpenMP pool
+            self.runner.own_threads()
+            self.runner.nice_workers(self.config.worker_nice)
             self._serve()
         except BaseException as exc:  # the thread is dying: fail every request, admit none (see _die)
             self._die(exc)
@@ -211,7 +212,8 @@ class LLMEngine:
             self.blocks.commit_full_blocks(w.seq)
         ttft, itl = [], []
         if samplers:
-            result = sample(logits, samplers)
+            with self.runner.sampler_threads(samplers):
+                result = sample(logits, samplers)
             now_ns = time.time_ns()
             for i, seq in enumerate(samplers):
                 if seq.first_token_ns:

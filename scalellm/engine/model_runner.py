@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
 from scalellm.config import CacheConfig, EngineConfig, ModelConfig
+from scalellm.engine.sampler import wide_passes
 from scalellm.engine.scheduler import ScheduledWork
+from scalellm.engine.sequence import Sequence
 from scalellm.models import kernels
 from scalellm.models.attention import decode_bias, kv_cache_shape, length_groups, prefill_mask
 from scalellm.models.engine_dir import load_engine_state, load_packed_weights
@@ -19,6 +23,7 @@ from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
 from scalellm.models.step import PROMPT_ROWS, PrefillChunk, QueryGroup, RowSplit, Step
 
 log = logging.getLogger(__name__)
+WIDE_SAMPLER_ELEMENTS = 1 << 20  # rows x vocabulary from which the sampler's torch ops get every engine thread
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -72,6 +77,7 @@ class ModelRunner:
         hf_config, state = load_engine_state(config.engine_dir)
         self.model_config = c = ModelConfig.from_hf(hf_config)
         self.ops = layer_ops(config, c)
+        self.threads = 1  # torch's threads for the sampler's wide passes (own_threads)
         with torch.device("meta"):
             model = LlamaForCausalLM(c, self.ops)
         state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
@@ -107,9 +113,31 @@ class ModelRunner:
         if half_cache:
             log.info("KV cache: float16 (kv_cache_dtype auto: quantised weights on float32 activations)")
 
+    def own_threads(self) -> None:
+        """On the engine's loop thread, where our kernels serve: they run on a team of torch's thread count
+        (kernels/team.h), torch's own ops on this thread alone. An OpenMP worker of torch's spins for ~9 ms
+        after each parallel op, on the core the team's worker needs (a step at one sequence takes ~8 ms)."""
+        if isinstance(self.ops, KernelOps):
+            self.threads = torch.get_num_threads()
+            self.ops.ops.engine_threads(self.threads)
+
+    @contextlib.contextmanager
+    def sampler_threads(self, seqs: list[Sequence]) -> Iterator[None]:
+        """torch's ops on all of own_threads' threads inside, for a sampler that makes vocabulary-wide passes
+        (sampling, log-probs) over many rows: at 64 rows, temperature sampling takes 6 ms on 2 threads, 17 on one."""
+        wide = len(seqs) * self.model_config.vocab_size >= WIDE_SAMPLER_ELEMENTS and wide_passes(seqs)
+        if not wide or self.threads < 2:
+            yield
+            return
+        self.ops.ops.torch_threads(self.threads)
+        try:
+            yield
+        finally:
+            self.ops.ops.torch_threads(1)
+
     def nice_workers(self, nice: int) -> None:
-        """The calling thread's OpenMP workers at ``nice`` where our kernels serve (EngineConfig.worker_nice):
-        their dynamic schedules let the caller take over a preempted worker's share; torch's static ones don't."""
+        """Our kernels' workers and the calling thread's OpenMP workers at ``nice`` where our kernels serve
+        (EngineConfig.worker_nice): the caller computes whatever work a preempted worker has not taken."""
         if nice and isinstance(self.ops, KernelOps):
             self.ops.ops.nice_workers(nice)
 

@@ -89,6 +89,11 @@ def _edits_logits(seq: Sequence) -> bool:
             or bool(p.bad_sequences) or len(seq.output_ids) < p.min_tokens)
 
 
+def wide_passes(seqs: list[Sequence]) -> bool:
+    """Whether ``sample`` makes passes over whole rows beyond the argmax (sampling, log-probs, edits)."""
+    return any(not s.params.greedy or s.params.return_log_probs or _edits_logits(s) for s in seqs)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """logits: [B, V] float32 for the B sequences that sample this step."""
     want_log_probs = any(s.params.return_log_probs for s in seqs)

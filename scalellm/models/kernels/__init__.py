@@ -10,6 +10,8 @@
 * paged_decode.cpp: attention reading K/V where they sit in the paged cache (no gathered copy).
 * layer_ops.cpp: a decoder layer's elementwise parts fused (RMSNorm + residual add, RoPE + K/V cache write,
   silu * mul): at one token a step's time is mostly the dispatch of ~1500 small torch ops.
+* team.cpp: the threads they all run on: the caller and workers of our own instead of OpenMP regions, so that a
+  worker Triton's threads preempt never holds the engine up (team.h).
 
 The same sources build for three instruction sets (simd.h): AVX-512 with VNNI; the same with AMX's tiles
 (tiles.h: q_q8.cpp takes the int8 ones from 16 rows on, q_bf16.cpp the bf16 ones for every row); and AVX2 + FMA +
@@ -35,7 +37,8 @@ from scalellm.models import cpu
 log = logging.getLogger(__name__)
 
 SOURCES = [str(Path(__file__).with_name(name))
-           for name in ("bindings.cpp", "q_q8.cpp", "q_f32.cpp", "q_bf16.cpp", "paged_decode.cpp", "layer_ops.cpp")]
+           for name in ("bindings.cpp", "q_q8.cpp", "q_f32.cpp", "q_bf16.cpp", "paged_decode.cpp", "layer_ops.cpp",
+                         "team.cpp")]
 # Instruction set -> its compiler flags, best first (the CPU flags each needs: scalellm/models/cpu.py's levels).
 ISAS = {
     "amx": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c", "-mamx-tile",

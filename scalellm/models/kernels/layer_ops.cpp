@@ -6,6 +6,7 @@
 // rather than bf16 cos/sin turned a "Paris" into another answer). Every row is computed on its own, the same
 // way whatever the number of rows (rows are only split across threads).
 #include "simd.h"
+#include "team.h"
 
 #include <cmath>
 
@@ -21,8 +22,7 @@ void for_rows(int64_t rows, int64_t cost_per_row, F&& body) {
     for (int64_t r = 0; r < rows; ++r) body(r);
     return;
   }
-#pragma omp parallel for schedule(dynamic, kRowsPerThread / 2)  // a preempted thread's rows go to the other
-  for (int64_t r = 0; r < rows; ++r) body(r);
+  team::parallel_for(rows, kRowsPerThread / 2, body);  // a preempted thread's rows go to the other
 }
 
 template <typename T>

@@ -7,6 +7,7 @@
 // (a bfloat16 cache on a CPU with AVX-512 BF16) the scores are bf16 dot products of q and K as stored: exact
 // products, float32 sums, and no widening of K: fewer instructions for the same float32 accuracy.
 #include "simd.h"
+#include "team.h"
 
 #include <algorithm>
 #include <cmath>
@@ -143,12 +144,11 @@ void decode(const T* q, const TC* cache, const int64_t* blocks, const int64_t* l
   const int64_t group = kGroup ? kGroup : heads / kv_heads, chunks = kChunks ? kChunks : dim / 16;
   constexpr bool kBf16 = std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, at::BFloat16>;
   const bool dot = kBf16 && bf16_dot;  // scores on bf16 dot products (score_bf16)
-#pragma omp parallel
-  {
+  team::Grabs grabs(batch * kv_heads, 1);
+  team::run([&] {
     std::vector<float> scores;
     std::vector<int64_t> context;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < batch * kv_heads; ++task) {
+    for (int64_t task, end; grabs.next(task, end);) {
       const int64_t b = task / kv_heads, h = task % kv_heads, len = lengths[b], padded = (len + 15) / 16 * 16;
       const TC* k_head = cache + h * slots * dim;
       const TC* v_head = cache + (kv_heads + h) * slots * dim;
@@ -250,7 +250,7 @@ void decode(const T* q, const TC* cache, const int64_t* blocks, const int64_t* l
       }
 #endif
     }
-  }
+  });
 }
 
 // The shapes of the models we serve get their own unrolled build: SmolLM2 (3 query heads per KV head, head_dim

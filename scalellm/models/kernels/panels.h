@@ -9,11 +9,11 @@
 // and MKL pick other kernels, and other summation orders, for other row counts).
 #pragma once
 #include "simd.h"
+#include "team.h"
 
 #include <algorithm>
 #include <cstdint>
 
-#include <omp.h>
 
 namespace scalellm {
 
@@ -59,7 +59,7 @@ inline void check_panel_args(const char* name, const at::Tensor& x, at::ScalarTy
 // Panels per dynamic grab: about a million multiply-adds, at least four grabs a thread, so that a worker that
 // Triton's threads preempt does not hold the others up at the barrier.
 inline int64_t panel_grain(int64_t rows, int64_t k, int64_t panels) {
-  const int64_t threads = omp_get_max_threads();
+  const int64_t threads = team::size();
   return std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(1, rows * k), 1,
                              std::max<int64_t>(1, panels / (4 * threads)));
 }

@@ -154,12 +154,12 @@ void q_bf16_mm(const uint16_t* x, const uint8_t* wp, const float* dp, const floa
     tail.assign(tiles::kRows * k, 0);
     std::memcpy(tail.data(), x + m / tiles::kRows * tiles::kRows * k, (m % tiles::kRows) * k * sizeof(uint16_t));
   }
-#pragma omp parallel
-  {
+  team::Grabs grabs(panels, grain);
+  team::run([&] {
     std::unique_ptr<__m512i[]> buffer(new __m512i[kCoded && (on_tiles || m > kDirectRows) ? k / 2 : 1]);
     if (on_tiles) Unit::configure(tiles::config_for(64));  // A: 32 k of bf16
-#pragma omp for schedule(dynamic, grain)
-    for (int64_t g = 0; g < panels; ++g) {
+    for (int64_t begin, end; grabs.next(begin, end);)
+    for (int64_t g = begin; g < end; ++g) {
       const uint8_t* wg = wp + g * k * 2 * Bits;
       const int64_t c0 = g * 16, cols = std::min<int64_t>(16, n - c0);
       const __m512i* panel = reinterpret_cast<const __m512i*>(wg);
@@ -176,7 +176,7 @@ void q_bf16_mm(const uint16_t* x, const uint8_t* wp, const float* dp, const floa
       else all_rows(x, panel, m, k, out + c0, n, cols);
     }
     if (on_tiles) Unit::release();
-  }
+  });
 }
 
 at::Tensor run_q_bf16_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m,

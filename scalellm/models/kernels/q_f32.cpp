@@ -67,11 +67,11 @@ void q_f32_mm(const float* x, const uint8_t* wp, const float* dp, const float* m
   const int64_t panels = (n + 15) / 16, blocks = k / 32;
   const int64_t grain = panel_grain(m, k, panels);
   constexpr bool kCoded = Bits <= 8;
-#pragma omp parallel
-  {
+  team::Grabs grabs(panels, grain);
+  team::run([&] {
     std::unique_ptr<float[]> buffer(new float[kCoded && m > kRows ? k * 16 : 1]);
-#pragma omp for schedule(dynamic, grain)
-    for (int64_t g = 0; g < panels; ++g) {
+    for (int64_t begin, end; grabs.next(begin, end);)
+    for (int64_t g = begin; g < end; ++g) {
       const uint8_t* wg = wp + g * k * 2 * Bits;
       const float *dg = dp + g * blocks * 16, *mg = mp + g * blocks * 16;
       const int64_t c0 = g * 16, cols = std::min<int64_t>(16, n - c0);
@@ -102,7 +102,7 @@ void q_f32_mm(const float* x, const uint8_t* wp, const float* dp, const float* m
         default: break;
       }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 // sum (VNNI dpbusd); the 16 columns then take their block's scales together: three float operations (convert,
 // scale, multiply-add) per 512 multiply-adds, where column-at-a-time dot products need three per 64.
 #include "simd.h"
+#include "team.h"
 #include "tiles.h"
 
 #include <cstdint>
@@ -27,7 +28,6 @@
 #include <string>
 #include <vector>
 
-#include <omp.h>
 
 namespace {
 
@@ -307,14 +307,20 @@ void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m
   // grabs a thread), not split evenly up front: a serving process shares its cores with Triton's threads, and
   // with an even split the thread they preempt holds the other up at the barrier; here the other takes its
   // chunks. Fewer rows (memory-bound, a few microseconds a call): one even grab per thread.
-  const int64_t threads = omp_get_max_threads();
+  const int64_t threads = team::size();
   const int64_t grain = m < 16 ? (chunks + threads - 1) / threads
                                : std::clamp<int64_t>((int64_t{1} << 16) / (m * k), 1,
                                                      std::max<int64_t>(1, chunks / (4 * threads)));
-#pragma omp parallel
-  {
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t r = 0; r < m; ++r) quantize_row(x + r * k, k, aq.get() + r * k, ds.get() + r * blocks, sa.get() + r * blocks);
+  auto quantize = [&](int64_t r) {
+    quantize_row(x + r * k, k, aq.get() + r * k, ds.get() + r * blocks, sa.get() + r * blocks);
+  };
+  if (m < 16) {
+    for (int64_t r = 0; r < m; ++r) quantize(r);
+  } else {
+    team::parallel_for(m, 8, quantize);
+  }
+  team::Grabs grabs(chunks, grain);
+  team::run([&] {
     alignas(64) float y[16 * kCols];
 #if defined(__AVX512F__)
     thread_local std::vector<uint8_t> unpacked;  // a 4-bit chunk's codes a byte each, as B tiles take them
@@ -323,8 +329,8 @@ void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m
       if constexpr (Bits == 4) unpacked.resize(blocks * 512);
     }
 #endif
-#pragma omp for schedule(dynamic, grain)
-    for (int64_t g = 0; g < chunks; ++g) {
+    for (int64_t begin, end; grabs.next(begin, end);)
+    for (int64_t g = begin; g < end; ++g) {
       const int64_t c0 = g * kCols, cols = std::min<int64_t>(kCols, n - c0);
 #if defined(__AVX512F__)
       if (tiled) {
@@ -349,7 +355,7 @@ void q_q8_mm(const T* x, const uint8_t* wq, const uint16_t* d, const uint16_t* m
 #if defined(__AVX512F__)
     if (tiled) Unit::release();
 #endif
-  }
+  });
 }
 
 template <class U>
