@@ -353,9 +353,9 @@ def test_nice_workers_lowers_the_workers_not_the_caller(ops):
     seen: dict[str, object] = {}
 
     def engine_thread() -> None:  # a fresh thread gets its own OpenMP pool, as the engine's loop thread does
-        torch.set_num_threads(2)
-        x = torch.randn(64, 4096)
-        ops.silu_mul(x)  # starts the team's worker if no kernel has yet
+        ops.engine_threads(2)  # this thread's kernels on the team, as on the engine's loop thread
+        ops.silu_mul(torch.randn(64, 4096))  # starts the team's worker if no kernel has yet
+        ops.torch_threads(2)  # and torch's ops on an OpenMP pool of two
         seen["set"] = ops.nice_workers(7)
         seen["caller"] = nice_of(threading.get_native_id())
         seen["team"] = [nice_of(tid) for tid in team_tids()]
@@ -371,8 +371,9 @@ def test_nice_workers_lowers_the_workers_not_the_caller(ops):
 
 
 def test_kernels_give_the_same_bits_on_any_number_of_threads_and_callers(ops):
-    """How work is shared between the caller and the team's workers (team.h) never changes a bit: one thread,
-    two, more threads than cores, and two engines' threads calling at once (the second runs its calls alone)."""
+    """How work is shared between threads never changes a bit: on the team (team.h; the engine's loop thread)
+    and on OpenMP's threads (any other caller), one thread, two, more threads than cores, and two engines'
+    threads calling at once (on the team the second runs its calls alone)."""
     torch.manual_seed(5)
     q, d, m, _ = coded_weights(4, n=293, k=576)
     packed = kernels.pack(q, d, m, 4)
@@ -387,11 +388,14 @@ def test_kernels_give_the_same_bits_on_any_number_of_threads_and_callers(ops):
         return [ops.q_q8_mm(x, *packed, 293, 4), ops.q_q8_mm(x[:3].contiguous(), *packed, 293, 4),
                 ops.paged_decode(query, cache, tables, lengths, block, dim**-0.5), ops.silu_mul(gate_up)]
 
-    def on_threads(threads: int, calls: int = 1) -> list[list[torch.Tensor]]:
+    def on_threads(threads: int, calls: int = 1, team: bool = True) -> list[list[torch.Tensor]]:
         got: list[list[torch.Tensor]] = []
 
         def engine_thread() -> None:  # each engine's loop thread sets its own thread count
-            torch.set_num_threads(threads)
+            if team:
+                ops.engine_threads(threads)
+            else:
+                torch.set_num_threads(threads)
             got.extend(compute() for _ in range(calls))
 
         thread = threading.Thread(target=engine_thread)
@@ -400,9 +404,9 @@ def test_kernels_give_the_same_bits_on_any_number_of_threads_and_callers(ops):
         return got
 
     [alone] = on_threads(1)
-    for threads in (2, 4):
-        for i, out in enumerate(on_threads(threads)[0]):
-            assert torch.equal(out, alone[i]), f"output {i} on {threads} threads"
+    for threads, team in [(2, True), (4, True), (2, False), (4, False)]:
+        for i, out in enumerate(on_threads(threads, team=team)[0]):
+            assert torch.equal(out, alone[i]), f"output {i} on {threads} threads, team {team}"
     results: list[list[list[torch.Tensor]]] = []
     callers = [threading.Thread(target=lambda: results.append(on_threads(2, calls=20))) for _ in range(2)]
     for caller in callers:

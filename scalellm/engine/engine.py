@@ -162,8 +162,8 @@ class LLMEngine:
 
     def _loop(self) -> None:
         try:
+            self.runner.nice_workers(self.config.worker_nice)  # torch's OpenMP pool on this thread, niced
             self.runner.own_threads()
-            self.runner.nice_workers(self.config.worker_nice)
             self._serve()
         except BaseException as exc:  # the thread is dying: fail every request, admit none (see _die)
             self._die(exc)

@@ -10,8 +10,8 @@
 * paged_decode.cpp: attention reading K/V where they sit in the paged cache (no gathered copy).
 * layer_ops.cpp: a decoder layer's elementwise parts fused (RMSNorm + residual add, RoPE + K/V cache write,
   silu * mul): at one token a step's time is mostly the dispatch of ~1500 small torch ops.
-* team.cpp: the threads they all run on: the caller and workers of our own instead of OpenMP regions, so that a
-  worker Triton's threads preempt never holds the engine up (team.h).
+* team.cpp: the threads they run on for the engine's loop thread: the caller and workers of our own instead of
+  OpenMP regions, so that a worker Triton's threads preempt never holds the engine up (team.h).
 
 The same sources build for three instruction sets (simd.h): AVX-512 with VNNI; the same with AMX's tiles
 (tiles.h: q_q8.cpp takes the int8 ones from 16 rows on, q_bf16.cpp the bf16 ones for every row); and AVX2 + FMA +

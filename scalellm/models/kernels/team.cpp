@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <future>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -57,12 +58,8 @@ struct Team {
   std::vector<pid_t> tids;
   int64_t nice = 0;
 
-  void work(int64_t index) {
-    {
-      std::lock_guard<std::mutex> hold(start_lock);
-      tids[index] = static_cast<pid_t>(syscall(SYS_gettid));
-      if (nice) setpriority(PRIO_PROCESS, static_cast<id_t>(tids[index]), static_cast<int>(nice));
-    }
+  void work(int64_t index, std::promise<pid_t> tid) {
+    tid.set_value(static_cast<pid_t>(syscall(SYS_gettid)));
     uint32_t seen = epoch.load();
     for (;;) {
       if (!spin([&] { return epoch.load(std::memory_order_acquire) != seen; }, kWorkerSpin)) {
@@ -84,10 +81,13 @@ struct Team {
   void ensure_workers(int64_t count) {
     std::lock_guard<std::mutex> hold(start_lock);
     while (static_cast<int64_t>(workers.size()) < count) {
-      tids.push_back(0);
-      workers.emplace_back(&Team::work, this, static_cast<int64_t>(workers.size()));
+      std::promise<pid_t> started;
+      std::future<pid_t> tid = started.get_future();
+      workers.emplace_back(&Team::work, this, static_cast<int64_t>(workers.size()), std::move(started));
       pthread_setname_np(workers.back().native_handle(), "scalellm-team");
       workers.back().detach();  // they live as long as the process
+      tids.push_back(tid.get());
+      if (nice) setpriority(PRIO_PROCESS, static_cast<id_t>(tids.back()), static_cast<int>(nice));
     }
   }
 
@@ -122,7 +122,14 @@ Team& the_team() {
 
 }  // namespace
 
-void run(const std::function<void()>& body) { the_team().run(body); }
+void run(const std::function<void()>& body) {
+  if (team_size == 0) {  // a thread that never took its threads (set_size): OpenMP's, beside torch's own ops
+#pragma omp parallel
+    body();
+    return;
+  }
+  the_team().run(body);
+}
 
 int64_t size() { return team_size > 0 ? team_size : omp_get_max_threads(); }
 
@@ -133,7 +140,7 @@ int64_t set_nice(int64_t nice) {
   std::lock_guard<std::mutex> hold(team.start_lock);
   team.nice = nice;
   int64_t done = 0;
-  for (pid_t tid : team.tids) done += tid && setpriority(PRIO_PROCESS, static_cast<id_t>(tid), static_cast<int>(nice)) == 0;
+  for (pid_t tid : team.tids) done += setpriority(PRIO_PROCESS, static_cast<id_t>(tid), static_cast<int>(nice)) == 0;
   return done;
 }
 

@@ -31,13 +31,16 @@ class Grabs {
   const int64_t n_, grain_;
 };
 
-// Runs ``body`` on the caller and on up to omp_get_max_threads() - 1 workers that join in time; each takes work
-// from the Grabs it shares. Returns when the caller's call has returned and no worker is inside ``body``.
+// Runs ``body`` on the caller and on up to size() - 1 workers that join in time; each takes work from the Grabs
+// it shares. Returns when the caller's call has returned and no worker is inside ``body``. On a thread that
+// never called set_size, ``body`` runs in an OpenMP parallel region instead, on torch's threads: where torch's
+// ops run between our kernels on OpenMP's workers, those spin ~9 ms after each op, on the cores our workers
+// would need.
 void run(const std::function<void()>& body);
 
 // How many threads a job of the calling thread runs on (itself included): set_size's, else omp_get_max_threads().
 int64_t size();
-// The calling thread's jobs on ``threads`` threads from now on (0: omp_get_max_threads(), torch's setting).
+// The calling thread's jobs on the team, ``threads`` threads, from now on (0: back to OpenMP's).
 void set_size(int64_t threads);
 
 // fn(i) for every i in 0..n, ``grain`` at a time, on the team.
