@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from scalellm.engine.sampler import apply_penalties, sample, uniform_from_counter
+from scalellm.engine.sampler import TOP_P_CANDIDATES, apply_penalties, apply_top_p, sample, uniform_from_counter
 from scalellm.engine.sequence import SamplingParams, Sequence
 
 
@@ -46,6 +46,35 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert set(sample(logits, top_k).token_ids) == {0, 1}
     top_p = [make_seq(SamplingParams(temperature=1.0, top_p=0.6, seed=i)) for i in range(500)]
     assert set(sample(logits, top_p).token_ids) == {0, 1}  # 0.5 < 0.6, so the second is needed too
+
+
+def test_top_p_keeps_the_nucleus_a_float64_sort_finds():
+    """Rows of a 49k vocabulary whose nuclei end within the first candidates, within the second, and only in the
+    whole sorted row: each keeps what sorting the row in float64 keeps, but for tokens whose mass ahead is within
+    float32's rounding of top_p."""
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(24, 49152) * scale for scale in (6.0, 2.0, 0.5)])
+    top_p = torch.rand(len(logits)) * 0.9 + 0.05
+    kept = ~apply_top_p(logits, top_p).isinf()
+    sorted_probs, order = logits.double().softmax(dim=-1).sort(dim=-1, descending=True)
+    ahead = torch.zeros_like(sorted_probs).scatter(1, order, sorted_probs.cumsum(dim=-1) - sorted_probs)
+    want = ahead <= top_p.double().unsqueeze(1)
+    sizes = want.sum(dim=-1)
+    assert (sizes < TOP_P_CANDIDATES[0]).any() and (sizes > TOP_P_CANDIDATES[-1]).any()
+    assert ((sizes > TOP_P_CANDIDATES[0]) & (sizes < TOP_P_CANDIDATES[-1])).any()
+    differ = kept != want
+    assert ((ahead - top_p.double().unsqueeze(1)).abs()[differ] < 1e-5).all()
+    assert differ.sum() <= 0.001 * want.sum()
+
+
+def test_top_p_one_leaves_a_row_alone_whatever_the_batch():
+    """top_p 1 is off: such a row keeps its whole vocabulary, also beside rows that use top-p (the float sum of a
+    peaked row's probabilities can pass 1.0 and would drop its tail)."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 49152) * 8
+    out = apply_top_p(logits, torch.tensor([0.5, 1.0, 0.9]))
+    assert torch.equal(out[1], logits[1])
+    assert (~out[0].isinf()).sum() < 49152 and (~out[2].isinf()).sum() < 49152
 
 
 def test_min_tokens_and_bad_words_mask_tokens():

@@ -16,6 +16,7 @@ from scalellm.engine.sequence import Sequence
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
+TOP_P_CANDIDATES = (256, 4096)  # the most likely tokens top-p looks among, in turn, before sorting a row whole
 
 
 def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
@@ -89,6 +90,40 @@ def _edits_logits(seq: Sequence) -> bool:
             or bool(p.bad_sequences) or len(seq.output_ids) < p.min_tokens)
 
 
+def _outside_nucleus(probs: torch.Tensor, p: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """True for each token outside its row's nucleus as far as the row's ``candidates`` most likely tokens tell,
+    and the rows whose nucleus may reach past them (their last candidate kept)."""
+    top, order = probs.topk(min(candidates, probs.shape[1]), dim=-1)
+    keep = (top.cumsum(dim=-1) - top) <= p.unsqueeze(1)
+    drop = torch.ones_like(probs, dtype=torch.bool).scatter_(1, order, ~keep)
+    return drop, keep[:, -1].nonzero().flatten()
+
+
+def apply_top_p(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``scaled`` with every token outside its row's nucleus at -inf: the most likely tokens whose mass strictly
+    ahead of them is at most top_p (the most likely token always stays). Rows with top_p >= 1 are untouched.
+
+    A nucleus is mostly a few tokens (SmolLM2 on English prose at temperature 1, top_p 0.9: median 46, 16% of
+    rows over 256), so each row looks for it among its most likely tokens first (``topk`` of each size in
+    TOP_P_CANDIDATES) and is sorted whole only when it reaches past them. Sorting all 64 rows of a 49k
+    vocabulary took 143 ms on 2 threads, as long as the model's decode step."""
+    rows = (top_p < 1.0).nonzero().flatten()
+    every = len(rows) == len(top_p)
+    probs = (scaled if every else scaled[rows]).softmax(dim=-1)
+    p, vocab = top_p[rows], probs.shape[1]
+    drop, wider = _outside_nucleus(probs, p, TOP_P_CANDIDATES[0])
+    for candidates in (*TOP_P_CANDIDATES[1:], vocab):
+        if not len(wider):
+            break
+        drop[wider], more = _outside_nucleus(probs[wider], p[wider], candidates)
+        wider = wider[more]
+    if every:
+        return scaled.masked_fill(drop, float("-inf"))
+    scaled = scaled.clone()
+    scaled[rows] = scaled[rows].masked_fill(drop, float("-inf"))
+    return scaled
+
+
 def wide_passes(seqs: list[Sequence]) -> bool:
     """Whether ``sample`` makes passes over whole rows beyond the argmax (sampling, log-probs, edits)."""
     return any(not s.params.greedy or s.params.return_log_probs or _edits_logits(s) for s in seqs)
@@ -116,11 +151,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
             scaled = torch.where((top_k > 0).unsqueeze(1) & (scaled < kth), float("-inf"), scaled)
         top_p = torch.tensor([s.params.top_p for s in seqs])
         if bool((top_p < 1.0).any()):
-            sorted_logits, order = scaled.sort(dim=-1, descending=True)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p.unsqueeze(1)
-            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-            scaled = scaled.masked_fill(drop, float("-inf"))
+            scaled = apply_top_p(scaled, top_p)
         min_p = torch.tensor([s.params.min_p for s in seqs])
         if bool((min_p > 0).any()):
             probs = scaled.softmax(dim=-1)
