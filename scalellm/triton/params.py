@@ -26,7 +26,7 @@ ENGINE_PARAMETERS: dict[str, Any] = {
     "cpu_kernels": int(EngineConfig.cpu_kernels),  # 1 = our CPU kernels where they build, 0 = torch's
     "max_queue_size": _SCHED.max_queue_size,  # None: sized from the KV cache (scalellm/engine/admission.py)
     "default_timeout_ms": 0,  # deadline of requests without timeout_ms; 0: none
-    "worker_nice": EngineConfig.worker_nice,  # nice of the engine's OpenMP workers (0: unchanged)
+    "worker_nice": EngineConfig.worker_nice,  # nice of the engine's worker threads (0: unchanged)
     "stream_interval": StreamConfig.stream_interval,  # streaming: a response every this many tokens (pacing.py)
 }
 

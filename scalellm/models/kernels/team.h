@@ -1,4 +1,5 @@
-// The threads our kernels run on: the calling thread plus workers of our own, instead of OpenMP's parallel regions.
+// The threads our kernels run on, on the engine's loop thread (the one that called set_size): that thread plus
+// workers of our own, instead of OpenMP's parallel regions. Any other caller keeps OpenMP's threads (run()).
 //
 // Why not OpenMP: a serving process shares its cores with Triton's threads. When one of them preempts a worker,
 // an OpenMP region cannot end until that worker has come back and reached the closing barrier, even when the
