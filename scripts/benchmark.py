@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from scalellm.router.launch import spawn  # noqa: E402
 from scalellm.serving import TritonServer, free_ports  # noqa: E402
+from scalellm.serving.install import STUB_NAME  # noqa: E402
 from scalellm_client import AsyncClient  # noqa: E402
 
 PEER_TOOLS = ROOT.parent / "shared" / "tools"
@@ -208,6 +209,106 @@ def run_engine_level(engine, tokenizer, c: int, n: int, args) -> tuple[list[dict
     for _ in range(n):
         finished.acquire()
     return results, time.perf_counter() - start
+
+
+# ---- CPU per generated token: where a level's CPU went --------------------------------------------------------
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat(pid: int | str) -> tuple[str, int, float] | None:
+    """(name, parent pid, user + system CPU seconds of all its threads) of a process; None once it has exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, fields = stat[stat.index("(") + 1: stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+    return name, int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def process_name(pid: int, comm: str) -> str:
+    """A Triton Python-backend stub by its model (``<repository>/<model>/<version>/model.py``), else its comm."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return comm
+    if len(argv) > 1 and Path(argv[0].decode(errors="replace")).name == STUB_NAME:
+        return Path(argv[1].decode(errors="replace")).parent.parent.name
+    return comm
+
+
+def tree_cpu_seconds(roots: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the processes under ``roots`` (them included), summed by name."""
+    stats = {int(e.name): st for e in Path("/proc").iterdir() if e.name.isdigit() and (st := proc_stat(e.name))}
+    tree, grew = {r for r in roots if r in stats}, True
+    while grew:
+        more = {pid for pid, (_, ppid, _) in stats.items() if ppid in tree and pid not in tree}
+        tree |= more
+        grew = bool(more)
+    seconds: dict[str, float] = {}
+    for pid in tree:
+        name = process_name(pid, stats[pid][0])
+        seconds[name] = seconds.get(name, 0.0) + stats[pid][2]
+    return seconds
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of all the machine's CPUs since boot (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / CLOCK_TICKS, idle / CLOCK_TICKS
+
+
+@dataclass
+class CpuSnapshot:
+    server: dict[str, float]  # the target's server processes by name
+    this_process: float  # the benchmark: the client, or for the engine target the engine itself
+    machine_busy: float
+    machine_idle: float
+
+    @staticmethod
+    def take(server_roots: list[int]) -> CpuSnapshot:
+        times = os.times()
+        return CpuSnapshot(tree_cpu_seconds(server_roots), times.user + times.system, *machine_cpu_seconds())
+
+
+def server_roots(target: str, server: TritonServer | None, router: subprocess.Popen | None,
+                 peers: dict[str, PeerServer]) -> list[int]:
+    """The processes this run started that serve ``target`` (their descendants count too): none for the engine
+    target (this process) or a server given by ``--url`` (its CPU then counts as the rest of the machine's)."""
+    if target == "engine":
+        return []
+    if target in peers:
+        return [peers[target].process.pid]
+    roots = [router.pid] if target == "router" and router is not None else []
+    if server is not None and server.pid is not None:
+        roots.append(server.pid)
+    return roots
+
+
+def cpu_per_token(before: CpuSnapshot, after: CpuSnapshot, tokens: int) -> dict:
+    """Milliseconds of CPU per generated token: the server's processes by name, this process, the rest of the
+    machine (anything else running: a leftover process shows here), and the idle share of all CPUs."""
+    per = 1e3 / max(1, tokens)
+    server = {name: (s - before.server.get(name, 0.0)) * per for name, s in after.server.items()}
+    this = (after.this_process - before.this_process) * per
+    busy = (after.machine_busy - before.machine_busy) * per
+    idle = after.machine_idle - before.machine_idle
+    return {"server": server, "this_process": this, "rest_of_machine": max(0.0, busy - this - sum(server.values())),
+            "idle_share": idle / max(1e-9, idle + after.machine_busy - before.machine_busy)}
+
+
+def cpu_table(levels: list[dict]) -> str:
+    lines = ["CPU per generated token, ms (user + system from /proc; this process: the client, the engine itself for "
+             "the engine target)", "",
+             "| target | C | server | server's processes | this process | rest of the machine | CPUs idle |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for lv in levels:
+        cpu = lv["cpu_ms_per_token"]
+        parts = sorted(cpu["server"].items(), key=lambda item: -item[1])
+        detail = ", ".join(f"{name} {ms:.2f}" for name, ms in parts if ms >= 0.005) or "-"
+        lines.append(f"| {lv['target']} | {lv['concurrency']} | {sum(cpu['server'].values()):.2f} | {detail} | "
+                     f"{cpu['this_process']:.2f} | {cpu['rest_of_machine']:.2f} | {cpu['idle_share']:.0%} |")
+    return "\n".join(lines)
 
 
 # ---- the peers: llama.cpp's llama-server (two weight formats) and vLLM's CPU build ---------------------------
@@ -546,22 +647,26 @@ def main() -> None:
         for target, c in tqdm(plan, desc="benchmark", unit="level"):
             n = args.requests_per_level or max(4, 2 * c)
             stats_before = {}
+            if target == "router" and own_router and router is None:
+                if server is not None:
+                    server.stop()
+                    server = http_url = None
+                router, router_url = start_router_replicas(args.model_dir, args.router_replicas)
+            roots = server_roots(target, server, router, peers)
+            cpu_before = CpuSnapshot.take(roots)
             if target == "engine":
                 results, duration = run_engine_level(engine, tokenizer, c, n, args)
             elif target in peers:
                 results, duration = run_peer_level(peers[target], c, n, args)
             else:
-                if target == "router" and own_router and router is None:
-                    if server is not None:
-                        server.stop()
-                        server = http_url = None
-                    router, router_url = start_router_replicas(args.model_dir, args.router_replicas)
                 if http_url:
                     stats_before = {m: triton_compute_ns(http_url, m) for m in ("preprocessing", "postprocessing")}
                 url = {"grpc": grpc_url, "http": http_url, "router": router_url}[target]
                 protocol = "http" if target == "http" else "grpc"
                 results, duration = asyncio.run(run_server_level(url, protocol, c, n, args))
             level = level_summary(target, c, results, duration)
+            level["cpu_ms_per_token"] = cpu_per_token(cpu_before, CpuSnapshot.take(roots),
+                                                      sum(r["tokens"] for r in results))
             if stats_before:
                 level["triton_compute_ms_per_execution"] = {}
                 for model, (ns0, count0) in stats_before.items():
@@ -606,6 +711,8 @@ def main() -> None:
             print(breakdown_table(lv))
             ok = abs(lv["stages_sum_over_e2e"] - 1) <= 0.10
             print(f"stages add up to E2E within 10%: {'yes' if ok else 'NO'} ({lv['stages_sum_over_e2e']:.3f})")
+    print()
+    print(cpu_table(levels))
     vs_peer = {target: peer_ratios(levels, target) for target in peers}
     for target, rows in vs_peer.items():
         if rows:
