@@ -251,11 +251,12 @@ def tree_cpu_seconds(roots: list[int]) -> dict[str, float]:
     return seconds
 
 
-def machine_cpu_seconds() -> tuple[float, float]:
-    """(busy, idle) CPU seconds of all the machine's CPUs since boot (/proc/stat)."""
+def machine_cpu_seconds() -> tuple[float, float, float]:
+    """(busy, idle, stolen) CPU seconds of all the machine's CPUs since boot (/proc/stat). Stolen: time a virtual
+    machine's CPUs were ready to run but the hypervisor ran something else (another tenant)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / CLOCK_TICKS, idle / CLOCK_TICKS
+    idle, steal = values[3] + values[4], values[7]  # idle + iowait; steal
+    return (sum(values[:7]) - idle) / CLOCK_TICKS, idle / CLOCK_TICKS, steal / CLOCK_TICKS
 
 
 @dataclass
@@ -264,6 +265,7 @@ class CpuSnapshot:
     this_process: float  # the benchmark: the client, or for the engine target the engine itself
     machine_busy: float
     machine_idle: float
+    machine_stolen: float
 
     @staticmethod
     def take(server_roots: list[int]) -> CpuSnapshot:
@@ -287,27 +289,32 @@ def server_roots(target: str, server: TritonServer | None, router: subprocess.Po
 
 def cpu_per_token(before: CpuSnapshot, after: CpuSnapshot, tokens: int) -> dict:
     """Milliseconds of CPU per generated token: the server's processes by name, this process, the rest of the
-    machine (anything else running: a leftover process shows here), and the idle share of all CPUs."""
+    machine (anything else running: a leftover process shows here); and the shares of all CPUs' time left idle
+    and stolen by the hypervisor (a noisy neighbour: the level ran on less CPU than the machine has)."""
     per = 1e3 / max(1, tokens)
     server = {name: (s - before.server.get(name, 0.0)) * per for name, s in after.server.items()}
     this = (after.this_process - before.this_process) * per
-    busy = (after.machine_busy - before.machine_busy) * per
+    busy = after.machine_busy - before.machine_busy
     idle = after.machine_idle - before.machine_idle
-    return {"server": server, "this_process": this, "rest_of_machine": max(0.0, busy - this - sum(server.values())),
-            "idle_share": idle / max(1e-9, idle + after.machine_busy - before.machine_busy)}
+    stolen = after.machine_stolen - before.machine_stolen
+    total = max(1e-9, busy + idle + stolen)
+    return {"server": server, "this_process": this,
+            "rest_of_machine": max(0.0, busy * per - this - sum(server.values())),
+            "idle_share": idle / total, "stolen_share": stolen / total}
 
 
 def cpu_table(levels: list[dict]) -> str:
     lines = ["CPU per generated token, ms (user + system from /proc; this process: the client, the engine itself for "
              "the engine target)", "",
-             "| target | C | server | server's processes | this process | rest of the machine | CPUs idle |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+             "| target | C | server | server's processes | this process | rest of the machine | CPUs idle | stolen |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
     for lv in levels:
         cpu = lv["cpu_ms_per_token"]
         parts = sorted(cpu["server"].items(), key=lambda item: -item[1])
         detail = ", ".join(f"{name} {ms:.2f}" for name, ms in parts if ms >= 0.005) or "-"
         lines.append(f"| {lv['target']} | {lv['concurrency']} | {sum(cpu['server'].values()):.2f} | {detail} | "
-                     f"{cpu['this_process']:.2f} | {cpu['rest_of_machine']:.2f} | {cpu['idle_share']:.0%} |")
+                     f"{cpu['this_process']:.2f} | {cpu['rest_of_machine']:.2f} | {cpu['idle_share']:.0%} | "
+                     f"{cpu['stolen_share']:.0%} |")
     return "\n".join(lines)
 
 
