@@ -5,8 +5,10 @@
     .venv/bin/python scripts/benchmark.py --concurrency 1 8 32 64 --targets grpc http engine \\
         --input-len 32 --output-len 64 --output build/bench.json --plot build/bench.png
 
-Targets: the ensemble over gRPC streaming, over HTTP ``generate_stream``, and the engine in process (no Triton,
-same engine directory, same token ids, same weight format) as the baseline; ``router``: gRPC streaming through the
+Targets: the ensemble over gRPC streaming, over HTTP ``generate_stream`` (``http``: our client's asyncio
+transport; ``sse``: the peers' client below, a thread and ``http.client`` per request, so ours and the peers are
+read alike), and the engine in process (no Triton, same engine directory, same token ids, same weight format) as
+the baseline; ``router``: gRPC streaming through the
 ScaleLLM router (``python -m scalellm.router``, started here in front of the same one replica unless
 ``--router-url``), so ``--targets grpc router`` measures what the router adds. ``--router-replicas N`` serves the
 router target with ``scripts/serve.sh --replicas N`` instead (each replica on its share of the cores), started
@@ -343,10 +345,11 @@ def post_stream(url: str, path: str, body: dict):
 def llamacpp_request(url: str, prompt: str, output_len: int) -> dict:
     """One streamed ``/completion``, end of sequence ignored; a token per streamed event (its final count from
     the server's timings). Every event counts as a response, the last (no token, the timings) too."""
+    start = time.perf_counter()  # TTFT from the send, as for our targets (headers may wait for a token)
     conn, response = post_stream(url, "/completion", {
         "prompt": prompt, "n_predict": output_len, "ignore_eos": True, "stream": True, "cache_prompt": False,
         "temperature": 0.0})
-    start, times, responses = time.perf_counter(), [], 0
+    times, responses = [], 0
     for event in sse_events(response):
         now = time.perf_counter()
         responses += 1
@@ -363,16 +366,35 @@ def openai_request(url: str, prompt: str, output_len: int) -> dict:
     """One streamed OpenAI ``/v1/completions`` (vLLM: ``ignore_eos``, and ``continuous_usage_stats`` so each
     chunk says how many tokens are out, since one chunk may carry several). Chunks with a choice count as
     responses; the usage-only chunk at the end does not."""
+    start = time.perf_counter()  # TTFT from the send, as for our targets (headers may wait for a token)
     conn, response = post_stream(url, "/v1/completions", {
         "model": PEER_MODEL_NAME, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "stream": True,
         "temperature": 0.0, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
-    start, times, responses = time.perf_counter(), [], 0
+    times, responses = [], 0
     for event in sse_events(response):
         now = time.perf_counter()
         usage = event.get("usage") or {}
         tokens = usage.get("completion_tokens", len(times) + (1 if event.get("choices") else 0))
         responses += bool(event.get("choices"))
         times.extend([now] * (tokens - len(times)))
+    conn.close()
+    return request_metrics(start, times, len(times), responses)
+
+
+def triton_sse_request(url: str, prompt: str, output_len: int) -> dict:
+    """Ours read the peers' way (target ``sse``): one streamed ``generate_stream`` of the ensemble over Triton's
+    HTTP, by the peers' client (a thread, ``http.client``); each event's ``num_output_tokens`` counts the tokens
+    out so far."""
+    start = time.perf_counter()  # TTFT from the send, as for our targets (headers may wait for a token)
+    conn, response = post_stream(url, "/v2/models/ensemble/generate_stream", {
+        "text_input": prompt, "max_tokens": output_len, "end_id": -1, "stream": True})
+    times, responses = [], 0
+    for event in sse_events(response):
+        now = time.perf_counter()
+        if "error" in event:
+            raise RuntimeError(f"{url}: {event['error']}")
+        responses += 1
+        times.extend([now] * (int(event["num_output_tokens"]) - len(times)))
     conn.close()
     return request_metrics(start, times, len(times), responses)
 
@@ -448,10 +470,11 @@ class PeerServer:
                 self.process.wait(30)
 
 
-def run_peer_level(peer: PeerServer, c: int, n: int, args) -> tuple[list[dict], float]:
-    """C threads keep C requests in flight until n are done (closed loop, as for our targets)."""
-    request = peer.spec.request
-    request(peer.url, synthetic_prompt(99_999, args.input_len, c), 2)  # warm
+def run_threaded_level(request: Callable[[str, str, int], dict], url: str, c: int, n: int,
+                       args) -> tuple[list[dict], float]:
+    """C threads keep C requests in flight until n are done (closed loop, as for our targets): the peers' client,
+    and ours the same way (target ``sse``)."""
+    request(url, synthetic_prompt(99_999, args.input_len, c), 2)  # warm
     todo: queue.Queue[int] = queue.Queue()
     for i in range(n):
         todo.put(i)
@@ -463,7 +486,7 @@ def run_peer_level(peer: PeerServer, c: int, n: int, args) -> tuple[list[dict], 
                 i = todo.get_nowait()
             except queue.Empty:
                 return
-            results.append(request(peer.url, synthetic_prompt(i, args.input_len, c), args.output_len))
+            results.append(request(url, synthetic_prompt(i, args.input_len, c), args.output_len))
 
     threads = [threading.Thread(target=worker) for _ in range(c)]
     start = time.perf_counter()
@@ -479,7 +502,7 @@ def peer_ratios(levels: list[dict], peer: str) -> list[dict]:
     rows = []
     for theirs in (lv for lv in levels if lv["target"] == peer):
         c = theirs["concurrency"]
-        ours = next((lv for t in ("grpc", "http", "engine") for lv in levels
+        ours = next((lv for t in ("grpc", "http", "sse", "engine") for lv in levels
                      if lv["target"] == t and lv["concurrency"] == c), None)
         if ours is None:
             continue
@@ -585,7 +608,7 @@ def main() -> None:
     parser.add_argument("--http-url", help="its HTTP URL (for the http target and Triton statistics)")
     parser.add_argument("--model-dir", default=str(ROOT / "build" / "smollm2"))
     parser.add_argument("--targets", nargs="+", default=["grpc", "http", "engine"],
-                        choices=["grpc", "http", "engine", "router"])
+                        choices=["grpc", "http", "sse", "engine", "router"])
     parser.add_argument("--router-url", help="gRPC host:port of a running router (router target; default: start one)")
     parser.add_argument("--router-replicas", type=int, default=0,
                         help="router target: N replicas behind the router (scripts/serve.sh --replicas N), run "
@@ -613,7 +636,7 @@ def main() -> None:
 
     server, grpc_url, http_url = None, args.url, args.http_url
     own_router = "router" in args.targets and args.router_url is None
-    if grpc_url is None and ({"grpc", "http"} & set(args.targets) or (own_router and not args.router_replicas)):
+    if grpc_url is None and ({"grpc", "http", "sse"} & set(args.targets) or (own_router and not args.router_replicas)):
         http_port, grpc_port, metrics_port = free_ports(3)
         server = TritonServer(Path(args.model_dir) / "model_repository", http_port=http_port, grpc_port=grpc_port,
                               metrics_port=metrics_port, log_file=ROOT / "build" / "benchmark-server.log")
@@ -664,7 +687,9 @@ def main() -> None:
             if target == "engine":
                 results, duration = run_engine_level(engine, tokenizer, c, n, args)
             elif target in peers:
-                results, duration = run_peer_level(peers[target], c, n, args)
+                results, duration = run_threaded_level(peers[target].spec.request, peers[target].url, c, n, args)
+            elif target == "sse":
+                results, duration = run_threaded_level(triton_sse_request, urlsplit(http_url).netloc, c, n, args)
             else:
                 if http_url:
                     stats_before = {m: triton_compute_ns(http_url, m) for m in ("preprocessing", "postprocessing")}
