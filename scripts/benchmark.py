@@ -74,8 +74,9 @@ RUN = random.SystemRandom().randrange(10**6)  # this run's prompts are new to an
 
 def synthetic_prompt(index: int, words: int, level: int) -> str:
     """Prompts of a fixed length (each of these common words is one token for SmolLM2), distinct across requests,
-    levels and runs: a prefix-cache hit on a prompt from an earlier level would flatter a server that caches
-    (llama.cpp's peer runs without its prompt cache)."""
+    levels (``level``: the level's place in the run, so two targets on one server, or one target twice, never
+    share a prompt) and runs: a prefix-cache hit on a prompt from an earlier level would flatter a server that
+    caches (llama.cpp's peer runs without its prompt cache)."""
     head = f"Request {RUN}.{level}.{index}: "
     return head + " ".join(WORDS[(index * 7 + i * 3) % len(WORDS)] for i in range(words))
 
@@ -120,16 +121,16 @@ async def one_request(client: AsyncClient, prompt: str, output_len: int, stages:
     return result
 
 
-async def run_server_level(url: str, protocol: str, c: int, n: int, args) -> tuple[list[dict], float]:
+async def run_server_level(url: str, protocol: str, c: int, n: int, level: int, args) -> tuple[list[dict], float]:
     async with AsyncClient(url, protocol=protocol, timeout_s=600) as client:
-        await one_request(client, synthetic_prompt(99_999, args.input_len, c), 2)  # warm the connection
+        await one_request(client, synthetic_prompt(99_999, args.input_len, level), 2)  # warm the connection
         gate, rng = asyncio.Semaphore(c), random.Random(0)
 
         async def gated(i: int, delay: float) -> dict:
             await asyncio.sleep(delay)
             async with gate:
                 stages = args.stages_every > 0 and i % args.stages_every == 0
-                return await one_request(client, synthetic_prompt(i, args.input_len, c), args.output_len, stages,
+                return await one_request(client, synthetic_prompt(i, args.input_len, level), args.output_len, stages,
                                          args.stream_interval)
 
         delays, t = [], 0.0
@@ -177,7 +178,7 @@ def triton_compute_ns(http_url: str, model: str) -> tuple[int, int]:
 
 
 # ---- in process -----------------------------------------------------------------------------------------
-def run_engine_level(engine, tokenizer, c: int, n: int, args) -> tuple[list[dict], float]:
+def run_engine_level(engine, tokenizer, c: int, n: int, level: int, args) -> tuple[list[dict], float]:
     from scalellm.engine.sequence import SamplingParams, Sequence
 
     gate, finished, lock = threading.Semaphore(c), threading.Semaphore(0), threading.Lock()
@@ -198,7 +199,7 @@ def run_engine_level(engine, tokenizer, c: int, n: int, args) -> tuple[list[dict
                 gate.release()
                 finished.release()
 
-        ids = tokenizer.encode(synthetic_prompt(i, args.input_len, c)).ids
+        ids = tokenizer.encode(synthetic_prompt(i, args.input_len, level)).ids
         engine.submit(Sequence(f"bench-{c}-{i}", ids, params, on_output))
 
     rng = random.Random(0)
@@ -470,11 +471,11 @@ class PeerServer:
                 self.process.wait(30)
 
 
-def run_threaded_level(request: Callable[[str, str, int], dict], url: str, c: int, n: int,
+def run_threaded_level(request: Callable[[str, str, int], dict], url: str, c: int, n: int, level: int,
                        args) -> tuple[list[dict], float]:
     """C threads keep C requests in flight until n are done (closed loop, as for our targets): the peers' client,
     and ours the same way (target ``sse``)."""
-    request(url, synthetic_prompt(99_999, args.input_len, c), 2)  # warm
+    request(url, synthetic_prompt(99_999, args.input_len, level), 2)  # warm
     todo: queue.Queue[int] = queue.Queue()
     for i in range(n):
         todo.put(i)
@@ -486,7 +487,7 @@ def run_threaded_level(request: Callable[[str, str, int], dict], url: str, c: in
                 i = todo.get_nowait()
             except queue.Empty:
                 return
-            results.append(request(url, synthetic_prompt(i, args.input_len, c), args.output_len))
+            results.append(request(url, synthetic_prompt(i, args.input_len, level), args.output_len))
 
     threads = [threading.Thread(target=worker) for _ in range(c)]
     start = time.perf_counter()
@@ -674,7 +675,7 @@ def main() -> None:
         plan = [step for step in plan if step[0] != "router"] + [step for step in plan if step[0] == "router"]
     levels = []
     try:
-        for target, c in tqdm(plan, desc="benchmark", unit="level"):
+        for level_no, (target, c) in enumerate(tqdm(plan, desc="benchmark", unit="level")):
             n = args.requests_per_level or max(4, 2 * c)
             stats_before = {}
             if target == "router" and own_router and router is None:
@@ -685,17 +686,19 @@ def main() -> None:
             roots = server_roots(target, server, router, peers)
             cpu_before = CpuSnapshot.take(roots)
             if target == "engine":
-                results, duration = run_engine_level(engine, tokenizer, c, n, args)
+                results, duration = run_engine_level(engine, tokenizer, c, n, level_no, args)
             elif target in peers:
-                results, duration = run_threaded_level(peers[target].spec.request, peers[target].url, c, n, args)
+                results, duration = run_threaded_level(peers[target].spec.request, peers[target].url, c, n, level_no,
+                                                       args)
             elif target == "sse":
-                results, duration = run_threaded_level(triton_sse_request, urlsplit(http_url).netloc, c, n, args)
+                results, duration = run_threaded_level(triton_sse_request, urlsplit(http_url).netloc, c, n, level_no,
+                                                       args)
             else:
                 if http_url:
                     stats_before = {m: triton_compute_ns(http_url, m) for m in ("preprocessing", "postprocessing")}
                 url = {"grpc": grpc_url, "http": http_url, "router": router_url}[target]
                 protocol = "http" if target == "http" else "grpc"
-                results, duration = asyncio.run(run_server_level(url, protocol, c, n, args))
+                results, duration = asyncio.run(run_server_level(url, protocol, c, n, level_no, args))
             level = level_summary(target, c, results, duration)
             level["cpu_ms_per_token"] = cpu_per_token(cpu_before, CpuSnapshot.take(roots),
                                                       sum(r["tokens"] for r in results))
