@@ -8,13 +8,13 @@
 Targets: the ensemble over gRPC streaming, over HTTP ``generate_stream`` (``http``: our client's asyncio
 transport; ``sse``: the peers' client below, a thread and ``http.client`` per request, so ours and the peers are
 read alike), and the engine in process (no Triton, same engine directory, same token ids, same weight format) as
-the baseline; ``router``: gRPC streaming through the
-ScaleLLM router (``python -m scalellm.router``, started here in front of the same one replica unless
-``--router-url``), so ``--targets grpc router`` measures what the router adds. ``--router-replicas N`` serves the
-router target with ``scripts/serve.sh --replicas N`` instead (each replica on its share of the cores), started
-once the other targets are done and their server stopped, so ``--targets grpc router --router-replicas 2``
-compares N replicas through the router with one replica on every core, side by side in one run. Peers, same
-prompts and lengths, streaming, in the same run, each reported as ours / peer per level: ``--peer llamacpp`` adds
+the baseline; ``router``: gRPC streaming through the ScaleLLM router (``python -m scalellm.router``, started here
+in front of the same one replica unless ``--router-url``), so ``--targets grpc router`` measures what the router
+adds. ``--router-replicas N`` serves the router target with ``scripts/serve.sh --replicas N`` instead (each
+replica on its share of the cores), started once the other targets are done and their server stopped, so
+``--targets grpc router --router-replicas 2`` compares N replicas through the router with one replica on every
+core, side by side in one run. Peers, prompts of the same lengths and words (every level has its own, see
+``synthetic_prompt``), streaming, in the same run, each reported as ours / peer per level: ``--peer llamacpp`` adds
 llama.cpp's ``llama-server`` on the same GGUF twice, as shipped (Q4_1, target ``llamacpp-q4_1``) and re-quantised by
 llama.cpp's own ``llama-quantize`` (target ``llamacpp-q8_0``), both through ``llamacpp_server.sh serve`` (which
 builds llama.cpp once, ~12 min on 2 cores); ``--peer vllm`` adds vLLM's CPU build serving the same engine
