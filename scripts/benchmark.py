@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from scalellm.router.launch import spawn  # noqa: E402
 from scalellm.serving import TritonServer, free_ports  # noqa: E402
-from scalellm.serving.install import STUB_NAME  # noqa: E402
+from scalellm.serving.process import stub_model  # noqa: E402
 from scalellm_client import AsyncClient  # noqa: E402
 
 PEER_TOOLS = ROOT.parent / "shared" / "tools"
@@ -228,17 +228,6 @@ def proc_stat(pid: int | str) -> tuple[str, int, float] | None:
     return name, int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def process_name(pid: int, comm: str) -> str:
-    """A Triton Python-backend stub by its model (``<repository>/<model>/<version>/model.py``), else its comm."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return comm
-    if len(argv) > 1 and Path(argv[0].decode(errors="replace")).name == STUB_NAME:
-        return Path(argv[1].decode(errors="replace")).parent.parent.name
-    return comm
-
-
 def tree_cpu_seconds(roots: list[int]) -> dict[str, float]:
     """CPU seconds so far of the processes under ``roots`` (them included), summed by name."""
     stats = {int(e.name): st for e in Path("/proc").iterdir() if e.name.isdigit() and (st := proc_stat(e.name))}
@@ -249,7 +238,7 @@ def tree_cpu_seconds(roots: list[int]) -> dict[str, float]:
         grew = bool(more)
     seconds: dict[str, float] = {}
     for pid in tree:
-        name = process_name(pid, stats[pid][0])
+        name = stub_model(pid) or stats[pid][0]  # a Python-backend stub by its model, else its comm
         seconds[name] = seconds.get(name, 0.0) + stats[pid][2]
     return seconds
 

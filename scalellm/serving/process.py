@@ -122,6 +122,17 @@ def _is_error_line(line: str) -> bool:
     return line[:1] == "E" and line[1:5].isdigit() and "CudaDriverHelper" not in line
 
 
+def stub_model(pid: int) -> str | None:
+    """The model a Triton Python-backend stub serves (from its command line), None for any other process."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None  # exited meanwhile
+    if len(argv) > 1 and Path(argv[0].decode(errors="replace")).name == STUB_NAME:
+        return Path(argv[1].decode(errors="replace")).parent.parent.name  # <repository>/<model>/<version>/model.py
+    return None
+
+
 class TritonServer:
     """One tritonserver process. ``with TritonServer(repo) as server:`` starts it and waits until ready.
 
@@ -329,12 +340,11 @@ class TritonServer:
                 ppid = int(stat.rsplit(")", 1)[1].split()[1])
                 if ppid != self._process.pid:
                     continue
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
             except (OSError, ValueError, IndexError):
                 continue  # exited meanwhile
-            if len(argv) > 1 and Path(argv[0].decode(errors="replace")).name == STUB_NAME:
-                model_py = Path(argv[1].decode(errors="replace"))  # <repository>/<model>/<version>/model.py
-                stubs[int(entry.name)] = model_py.parent.parent.name
+            model = stub_model(int(entry.name))
+            if model is not None:
+                stubs[int(entry.name)] = model
         return stubs
 
     def send_signal(self, signum: int) -> None:
