@@ -28,9 +28,10 @@ Each level keeps C requests in flight (or, with ``--request-rate``, sends them a
 Output lengths are fixed (``end_id=-1``). Per request: TTFT, TPOT = (E2E - TTFT) / (n - 1), ITL, E2E, and the
 responses (streamed messages) it took; per level, responses per generated token (1 when every token travels alone,
 less when the server merges tokens into one response). End-to-end efficiency = target tokens/s over engine tokens/s
-at the same C, from the same run. With ``return_perf_metrics`` each request also splits its E2E into stages (client
--> llm arrival, queue, prefill, decode, last token -> client), and Triton's statistics API gives preprocessing /
-postprocessing compute per execution.
+at the same C, from the same run. With ``--stages-every N`` every Nth request asks for ``return_perf_metrics`` and
+splits its E2E into stages (client -> llm arrival, queue, prefill, decode, last token -> client), and Triton's
+statistics API gives preprocessing / postprocessing compute per execution; off by default, as the 10 tensors it
+adds to each of those requests' responses are a load the engine target and the peers do not carry.
 """
 
 from __future__ import annotations
@@ -616,9 +617,10 @@ def main() -> None:
                         "build (the same engine directory's dense weights)")
     parser.add_argument("--peer-tools", type=Path, default=PEER_TOOLS,
                         help="the directory of llamacpp_server.sh and vllm_cpu_server.sh (default: %(default)s)")
-    parser.add_argument("--stages-every", type=int, default=8, metavar="N",
+    parser.add_argument("--stages-every", type=int, default=0, metavar="N",
                         help="ask every Nth request for the engine's timestamps (return_perf_metrics), which split "
-                        "E2E into stages; 1 = all, 0 = none. They add 10 tensors to every response of the request.")
+                        "E2E into stages; 1 = all, 0 = none (default). They add 10 tensors to every response of "
+                        "the request, a cost the engine target and the peers do not carry.")
     parser.add_argument("--output", type=Path, help="JSON results")
     parser.add_argument("--plot", type=Path, help="PNG: throughput, TTFT and TPOT against concurrency")
     args = parser.parse_args()
