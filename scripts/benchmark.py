@@ -229,6 +229,23 @@ def proc_stat(pid: int | str) -> tuple[str, int, float] | None:
     return name, int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def python_program(pid: int) -> str | None:
+    """What a Python process runs: the module after ``-m`` (``scalellm.router``), else its script's name (vLLM's
+    API server: ``vllm``); None if it has exited."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "-m":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "-c":
+            return None
+        if not arg.startswith("-"):
+            return Path(arg).name
+    return None
+
+
 def tree_cpu_seconds(roots: list[int]) -> dict[str, float]:
     """CPU seconds so far of the processes under ``roots`` (them included), summed by name."""
     stats = {int(e.name): st for e in Path("/proc").iterdir() if e.name.isdigit() and (st := proc_stat(e.name))}
@@ -239,7 +256,8 @@ def tree_cpu_seconds(roots: list[int]) -> dict[str, float]:
         grew = bool(more)
     seconds: dict[str, float] = {}
     for pid in tree:
-        name = stub_model(pid) or stats[pid][0]  # a Python-backend stub by its model, else its comm
+        comm = stats[pid][0]  # a Python-backend stub by its model, another Python by its program, else its comm
+        name = stub_model(pid) or (comm.startswith("python") and python_program(pid)) or comm
         seconds[name] = seconds.get(name, 0.0) + stats[pid][2]
     return seconds
 
