@@ -284,10 +284,32 @@ class CpuSnapshot:
         return CpuSnapshot(tree_cpu_seconds(server_roots), times.user + times.system, *machine_cpu_seconds())
 
 
+def listening_pid(port: int) -> int | None:
+    """The process on this machine listening on TCP ``port`` (a server given by ``--url``), None if none is seen."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # local address as HEXIP:HEXPORT, state 0A = LISTEN, inode
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(f"socket:[{fields[9]}]")
+    for entry in Path("/proc").iterdir():
+        if inodes and entry.name.isdigit():
+            try:
+                if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                    return int(entry.name)
+            except OSError:
+                continue  # exited, or not ours to read
+    return None
+
+
 def server_roots(target: str, server: TritonServer | None, router: subprocess.Popen | None,
-                 peers: dict[str, PeerServer]) -> list[int]:
-    """The processes this run started that serve ``target`` (their descendants count too): none for the engine
-    target (this process) or a server given by ``--url`` (its CPU then counts as the rest of the machine's)."""
+                 peers: dict[str, PeerServer], url_pid: int | None) -> list[int]:
+    """The processes that serve ``target`` (their descendants count too): none for the engine target (this
+    process); for a server given by ``--url``, the local process listening on its port (``url_pid``), if any."""
     if target == "engine":
         return []
     if target in peers:
@@ -295,6 +317,8 @@ def server_roots(target: str, server: TritonServer | None, router: subprocess.Po
     roots = [router.pid] if target == "router" and router is not None else []
     if server is not None and server.pid is not None:
         roots.append(server.pid)
+    elif url_pid is not None:
+        roots.append(url_pid)
     return roots
 
 
@@ -653,6 +677,7 @@ def main() -> None:
         server.start()
         server.wait_ready(300)
         grpc_url, http_url = server.grpc_url, server.http_url
+    url_pid = listening_pid(int(args.url.rsplit(":", 1)[1])) if args.url else None
     router, router_url = None, args.router_url
     if own_router and not args.router_replicas:
         router, router_url = start_router(http_url, grpc_url)
@@ -692,7 +717,7 @@ def main() -> None:
                     server.stop()
                     server = http_url = None
                 router, router_url = start_router_replicas(args.model_dir, args.router_replicas)
-            roots = server_roots(target, server, router, peers)
+            roots = server_roots(target, server, router, peers, url_pid)
             cpu_before = CpuSnapshot.take(roots)
             if target == "engine":
                 results, duration = run_engine_level(engine, tokenizer, c, n, level_no, args)
