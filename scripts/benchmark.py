@@ -230,8 +230,8 @@ def proc_stat(pid: int | str) -> tuple[str, int, float] | None:
 
 
 def python_program(pid: int) -> str | None:
-    """What a Python process runs: the module after ``-m`` (``scalellm.router``), else its script's name (vLLM's
-    API server: ``vllm``); None if it has exited."""
+    """What a Python process runs: the module after ``-m`` (``scalellm.router``, vLLM's
+    ``vllm.entrypoints.openai.api_server``), else its script's name; None for ``-c`` or once it has exited."""
     try:
         argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
     except OSError:
@@ -296,8 +296,10 @@ def listening_pid(port: int) -> int | None:
             fields = row.split()  # local address as HEXIP:HEXPORT, state 0A = LISTEN, inode
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
                 inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
     for entry in Path("/proc").iterdir():
-        if inodes and entry.name.isdigit():
+        if entry.name.isdigit():
             try:
                 if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
                     return int(entry.name)
@@ -677,7 +679,8 @@ def main() -> None:
         server.start()
         server.wait_ready(300)
         grpc_url, http_url = server.grpc_url, server.http_url
-    url_pid = listening_pid(int(args.url.rsplit(":", 1)[1])) if args.url else None
+    port = args.url.rsplit(":", 1)[-1] if args.url else ""
+    url_pid = listening_pid(int(port)) if port.isdigit() else None
     router, router_url = None, args.router_url
     if own_router and not args.router_replicas:
         router, router_url = start_router(http_url, grpc_url)
