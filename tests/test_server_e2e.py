@@ -327,7 +327,7 @@ def test_http_generate_stream_sends_server_sent_events(server: RunningServer) ->
     events = [json.loads(block.removeprefix("data:").strip())
               for block in raw.decode().split("\n\n") if block.strip()]
     assert len(events) > 1, events
-    assert [e["finish_reason"] for e in events[:-1]] == [""] * (len(events) - 1)
+    assert [e for e in events[:-1] if "finish_reason" in e] == []  # only the last event says why it ended
     assert events[-1]["finish_reason"] == "stop"
     text = "".join(e["text_output"] for e in events)
     assert "Paris" in text

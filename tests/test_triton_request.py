@@ -148,7 +148,7 @@ def test_responses_in_official_shapes_detokenise_byte_exactly(tokenizer, text: s
                                return_log_probs=True, request_output_len=len(tokens)),
                         EngineLimits(**{**LIMITS.__dict__, "vocab_size": 50000}))
         seq = response.start(request, 0, interval)
-        pieces = []
+        pieces, finishes = [], []
         for out in outputs(tokens, step=1):
             if not seq.pacer.add(out) and not seq.pacer.due():  # as the llm's sender does, keeping up
                 continue
@@ -158,12 +158,14 @@ def test_responses_in_official_shapes_detokenise_byte_exactly(tokenizer, text: s
             assert tensors["output_ids"].shape[:2] == (1, 1)  # [batch, beam, tokens]
             assert tensors["sequence_length"].tolist() == [[tensors["output_ids"].shape[2]]]
             assert "arrival_time_ns" not in tensors and "num_input_tokens" not in tensors
+            finishes.append(tensors["finish_reason"].item().decode() if "finish_reason" in tensors else "")
             names = {n.upper(): v for n, v in tensors.items()}
             post = postprocess(tokenizer, lambda n, names=names: names.get(
                 {"TOKENS_BATCH": "OUTPUT_IDS", "CONTEXT_IDS": "CONTEXT_IDS"}.get(n, n)))
             assert post["OUTPUT"].shape == (1,)  # one string per request: text_output[0].decode()
             pieces.append(post["OUTPUT"][0].decode())
         assert tensors["cum_log_probs"].tolist() == [[pytest.approx(-0.5 * len(tokens))]]
+        assert finishes == [""] * (len(finishes) - 1) + ["length"]  # only the last response carries it
         texts[stream] = "".join(pieces)
     assert texts[True] == text  # streaming never repeats the prompt
     assert texts[False] == (text if exclude else tokenizer.decode(prompt) + text)

@@ -185,7 +185,7 @@ LLM_OUTPUTS = [
     Tensor("output_ids", "INT32", (-1, -1)),  # [1, 1, n]: new tokens (streaming) or all (prompt first unless excluded)
     Tensor("sequence_length", "INT32", (-1,)),  # [1, 1]: n
     Tensor("context_ids", "INT32", (-1, -1)),  # ours: up to 8 tokens shown before output_ids, for detokenising
-    Tensor("finish_reason", "STRING"),  # ours: "" while streaming, then stop | length | cancelled
+    Tensor("finish_reason", "STRING"),  # ours, in a sequence's last response only: stop | length | cancelled ...
     Tensor("num_input_tokens", "INT32"),
     Tensor("num_output_tokens", "INT32"),
     Tensor("num_cached_tokens", "INT32"),  # ours: prompt tokens served from the prefix cache

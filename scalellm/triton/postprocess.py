@@ -35,9 +35,10 @@ def postprocess(tokenizer: Tokenizer, get: Get) -> dict[str, np.ndarray]:
     lengths = lengths.reshape(batch, beams)
     context = get("CONTEXT_IDS")
     context = None if context is None else _per_beam(context, batch, beams)
+    # Our llm sends finish_reason in a sequence's last response only, and CONTEXT_IDS in every one; a model that
+    # sends neither (NVIDIA's) has each response treated as complete: nothing is held back.
     finish = get("FINISH_REASON")
-    # Without our finish_reason the response is treated as complete: nothing is held back.
-    final = finish is None or bool(np.asarray(finish).reshape(-1)[0])
+    final = bool(np.asarray(finish).reshape(-1)[0]) if finish is not None else context is None
     texts = []
     for b in range(batch):
         for beam in range(beams):
