@@ -232,9 +232,11 @@ def proc_stat(pid: int | str) -> tuple[str, int, float] | None:
 def python_program(pid: int) -> str | None:
     """What a Python process runs: the module after ``-m`` (``scalellm.router``, vLLM's
     ``vllm.entrypoints.openai.api_server``), else its script's name; None for ``-c`` or once it has exited."""
+    import psutil  # the bench extra, as tqdm and matplotlib
+
     try:
-        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-    except OSError:
+        argv = psutil.Process(pid).cmdline()
+    except psutil.Error:
         return None
     for i, arg in enumerate(argv[1:], 1):
         if arg == "-m":

@@ -8,8 +8,8 @@ Optional outputs appear only when asked for (``return_log_probs``, ``return_perf
 ``return_num_input_tokens``) or when they say something: ``sequence_index`` with ``num_return_sequences`` > 1
 and never ``batch_index`` (a request is one batch row), as TensorRT-LLM's backend sends them; ``num_cached_tokens``
 in a sequence's first response, ``finish_reason`` in its last. Every tensor costs each streamed response a trip
-through postprocessing and the frontend (one tensor fewer per response: ~5% more tokens/s at 64 streams on
-2 vCPU), so constants and empty values are not sent.
+through postprocessing and the frontend (docs/benchmarks.md, "Triton's CPU per streamed token"), so constants and
+empty values are not sent.
 """
 
 from __future__ import annotations
