@@ -5,10 +5,17 @@
 holding its Python backend and the stub built for the *running* Python, and an environment where the stub
 finds this virtualenv's packages (its ``bin/`` first on PATH) and the wheel's bundled libraries (libcudart is
 needed even on CPU).
+
+The server and its stubs run on mimalloc (the ``cmeel-mimalloc`` wheel, through ``LD_PRELOAD``) where it is
+installed: Triton's own advice is a malloc other than glibc's (its containers ship tcmalloc and jemalloc for
+``LD_PRELOAD``), and per streamed token the server spends a fifth of its CPU in glibc's allocator
+(docs/benchmarks.md, "Triton's CPU per streamed token"). ``$SCALELLM_MALLOC`` chooses: ``system`` for glibc's,
+or the path of another allocator's shared library.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STUB_NAME = "triton_python_backend_stub"
+MALLOC_ENV = "SCALELLM_MALLOC"
 
 
 @dataclass(frozen=True)
@@ -98,9 +106,34 @@ def prepare_backend_dir(install: TritonInstall, root: Path | None = None) -> Pat
     return root
 
 
+def _mimalloc() -> Path | None:
+    try:
+        files = importlib.metadata.files("cmeel-mimalloc") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    lib = next((f for f in files if f.name == "libmimalloc.so"), None)
+    return Path(lib.locate()).resolve() if lib is not None else None
+
+
+def locate_malloc(env: dict[str, str] | None = None) -> Path | None:
+    """The allocator to preload: ``$SCALELLM_MALLOC`` (a path, or ``system`` for none), else mimalloc if installed."""
+    choice = (os.environ if env is None else env).get(MALLOC_ENV, "")
+    if choice == "system":
+        return None
+    if choice:
+        path = Path(choice)
+        if not path.is_file():
+            raise FileNotFoundError(f"${MALLOC_ENV}={choice}: no such file (a malloc's .so, or 'system')")
+        return path.resolve()
+    return _mimalloc()
+
+
 def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
-    """This virtualenv's bin/ first on PATH (the stub's Python finds our packages) + the wheel's libs."""
+    """This virtualenv's bin/ first on PATH (the stub's Python finds our packages), the wheel's libs, the malloc."""
     env = dict(os.environ if base is None else base)
+    preload = [p for p in env.get("LD_PRELOAD", "").replace(" ", os.pathsep).split(os.pathsep) if p]
+    if (malloc := locate_malloc(env)) is not None and str(malloc) not in preload:
+        env["LD_PRELOAD"] = os.pathsep.join([str(malloc), *preload])
     env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.prefix) / "bin"), env.get("PATH", "")) if p)
     if install.libs_dir is not None:
         libs = [env.get("LD_LIBRARY_PATH", ""), str(install.libs_dir)]
