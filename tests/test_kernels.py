@@ -284,6 +284,37 @@ def test_engine_rows_are_the_same_bits_alone_chunked_cached_and_batched():
         assert out.log_probs == alone[i % len(prompts)].log_probs
 
 
+@pytest.mark.isa_path
+@pytest.mark.parametrize(("dtype", "prompts_quantized"), [("auto", False), ("auto", True), ("bfloat16", False)])
+def test_layers_in_one_kernel_call_give_the_python_layers_bits(dtype, prompts_quantized):
+    """Generated rows (and prompt rows, where prompts are quantised) run the decoder stack in one kernel call
+    (kernels/decoder.cpp): a request's tokens and log-probs are the Python layers' to the bit, alone and batched."""
+    from conftest import ENGINE_DIR, require_engine
+
+    from scalellm.config import CacheConfig, EngineConfig
+    from scalellm.engine.engine import LLMEngine
+    from scalellm.engine.sequence import SamplingParams
+
+    require_engine()
+    config = EngineConfig(engine_dir=str(ENGINE_DIR), dtype=dtype, unquantized_prompts=not prompts_quantized,
+                          cache=CacheConfig(num_blocks=128, prefix_caching=False))
+    engine = LLMEngine(config)
+    engine.start()
+    prompts = [[(7 * i + 13 * j) % 20000 + 100 for j in range(20 + 9 * i)] for i in range(3)]
+    params = SamplingParams(max_tokens=8, stop_token_ids=(), return_log_probs=True)
+    try:
+        model = engine.runner.model
+        assert model.stack is not None and model.stack.num_layers == len(model.layers)
+        fused = engine.generate(prompts, params) + engine.generate(prompts[:1], params)
+        model.stack = None  # every step through the Python layers
+        layered = engine.generate(prompts, params) + engine.generate(prompts[:1], params)
+    finally:
+        engine.stop()
+    for one, other in zip(fused, layered, strict=True):
+        assert one.token_ids == other.token_ids
+        assert one.log_probs == other.log_probs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_ops_match_the_torch_ops_they_replace(ops, dtype):
     """RMSNorm (+ residual add), RoPE + cache write and silu * mul against the torch code they replace

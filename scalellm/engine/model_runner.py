@@ -93,9 +93,11 @@ class ModelRunner:
                             self.format.quantize, config.engine_dir)
             quantize_model(model, self.format.quantize, self.dtype, packed, kernel_matmuls, config.unquantized_prompts)
         finalize(model, kernel_matmuls)
+        fused = model.fuse_layers()
         model.rope = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta).to(self.device)
         self.model = model.eval()
         on = f", on our {kernels.best_isa()} kernels" if kernel_matmuls else ", on torch's kernels"
+        on += " (generated rows' layers in one call)" if fused else ""
         log.info("model weights: %s%s", self.format.name, on)
         if config.cache.kv_cache_dtype not in ("auto", "activations"):
             raise ValueError(f"kv_cache_dtype must be auto or activations (got {config.cache.kv_cache_dtype!r})")

@@ -51,6 +51,7 @@ at::Tensor rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, const 
 at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
                    at::Tensor cache, const at::Tensor& slots, int64_t heads, int64_t kv_heads);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+void bind_decoder_stack(pybind11::module& module);  // decoder.cpp
 
 // Every kernel lets go of the GIL while it runs, as torch's own ops do: the llm model's sender thread turns the
 // engine's outputs into Triton responses meanwhile (holding it starved the sender for whole matmuls).
@@ -73,4 +74,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("paged_decode", &paged_decode, release(), "attention over the paged KV cache, one query per row",
              pybind11::arg("q"), pybind11::arg("cache"), pybind11::arg("blocks"), pybind11::arg("lengths"),
              pybind11::arg("block_size"), pybind11::arg("scale"), pybind11::arg("bf16_dot") = false);
+  bind_decoder_stack(module);
 }
