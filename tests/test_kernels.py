@@ -364,6 +364,25 @@ def test_layer_ops_match_the_torch_ops_they_replace(ops, dtype):
                            qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim).half())
 
 
+@pytest.mark.parametrize("vocab", [49152, 37, 5])  # SmolLM2's; a tail after 8-lane chunks; shorter than a chunk
+def test_argmax_rows_is_torchs_argmax(ops, vocab):
+    """The greedy token of every row is torch.argmax's: the first of tied maxima, the first NaN of a row that has
+    one, index 0 of a row of -inf, -0.0 and 0.0 as equals; on one row and on many (threads)."""
+    torch.manual_seed(5)
+    logits = torch.randn(70, vocab)
+    logits[1, :] = float("-inf")
+    logits[2, vocab // 2] = logits[2, vocab - 1] = logits[2].max() + 1  # a tie: the first wins
+    logits[3, vocab - 1] = float("nan")
+    logits[4, 3 % vocab] = float("nan")
+    logits[4, vocab - 1] = float("inf")
+    logits[5, :] = 0.0
+    logits[5, ::2] = -0.0
+    logits[6, vocab - 1] = float("inf")
+    for rows in (logits[:1], logits[:7], logits):
+        assert torch.equal(ops.argmax_rows(rows.contiguous()), rows.argmax(dim=-1))
+    assert torch.equal(ops.argmax_rows(logits[2:3].contiguous()), torch.tensor([vocab // 2]))
+
+
 def test_models_the_kernels_cannot_take_keep_torchs_code():
     """paged_decode and the layer ops have fixed register tiles: other head shapes must not reach them."""
     assert kernels.fits(64, 3) and kernels.fits(128, 8)  # SmolLM2, Llama 3 70B / Mixtral

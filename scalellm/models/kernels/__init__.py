@@ -12,6 +12,7 @@
   silu * mul): at one token a step's time is mostly the dispatch of ~1500 small torch ops.
 * decoder.cpp: a dense decoder stack's layers in one call, for steps whose rows all take the generated path: the
   kernels above in the Python layers' order, without the Python between them.
+* argmax.cpp: the greedy sampler's argmax over a step's logits, torch.argmax's answer in two vectorised passes.
 * team.cpp: the threads they run on for the engine's loop thread: the caller and workers of our own instead of
   OpenMP regions, so that a worker Triton's threads preempt never holds the engine up (team.h).
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [str(Path(__file__).with_name(name))
            for name in ("bindings.cpp", "q_q8.cpp", "q_f32.cpp", "q_bf16.cpp", "paged_decode.cpp", "layer_ops.cpp",
-                         "decoder.cpp", "team.cpp")]
+                         "decoder.cpp", "argmax.cpp", "team.cpp")]
 # Instruction set -> its compiler flags, best first (the CPU flags each needs: scalellm/models/cpu.py's levels).
 ISAS = {
     "amx": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c", "-mamx-tile",

@@ -52,6 +52,7 @@ at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tenso
                    at::Tensor cache, const at::Tensor& slots, int64_t heads, int64_t kv_heads);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 void bind_decoder_stack(pybind11::module& module);  // decoder.cpp
+at::Tensor argmax_rows(const at::Tensor& logits);
 
 // Every kernel lets go of the GIL while it runs, as torch's own ops do: the llm model's sender thread turns the
 // engine's outputs into Triton responses meanwhile (holding it starved the sender for whole matmuls).
@@ -74,5 +75,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("paged_decode", &paged_decode, release(), "attention over the paged KV cache, one query per row",
              pybind11::arg("q"), pybind11::arg("cache"), pybind11::arg("blocks"), pybind11::arg("lengths"),
              pybind11::arg("block_size"), pybind11::arg("scale"), pybind11::arg("bf16_dot") = false);
+  module.def("argmax_rows", &argmax_rows, release(), "each row's first maximum (first NaN), as torch.argmax");
   bind_decoder_stack(module);
 }
