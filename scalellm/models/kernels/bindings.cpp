@@ -1,6 +1,7 @@
 // The Python module of scalellm/models/kernels: one extension, so the heavy headers compile once per file.
 #include <torch/extension.h>
 
+#include "entry_points.h"
 #include "team.h"
 
 #include <omp.h>
@@ -30,29 +31,6 @@ void engine_threads(int64_t threads) {
   scalellm::team::set_size(threads);
   torch_threads(1);
 }
-
-at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m, int64_t n,
-                   int64_t bits);
-at::Tensor q_q8_mm_tiles(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m,
-                         int64_t n, int64_t bits);
-std::string tile_unit();
-bool q8_tile_check();
-bool bf16_tile_check();
-at::Tensor q_f32_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m, int64_t n,
-                    int64_t bits);
-at::Tensor q_bf16_mm(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m, int64_t n,
-                     int64_t bits);
-at::Tensor q_bf16_mm_tiles(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& d, const at::Tensor& m,
-                           int64_t n, int64_t bits);
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& blocks,
-                        const at::Tensor& lengths, int64_t block_size, double scale, bool bf16_dot);
-
-at::Tensor rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps);
-at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
-                   at::Tensor cache, const at::Tensor& slots, int64_t heads, int64_t kv_heads);
-at::Tensor silu_mul(const at::Tensor& gate_up);
-void bind_decoder_stack(pybind11::module& module);  // decoder.cpp
-at::Tensor argmax_rows(const at::Tensor& logits);
 
 // Every kernel lets go of the GIL while it runs, as torch's own ops do: the llm model's sender thread turns the
 // engine's outputs into Triton responses meanwhile (holding it starved the sender for whole matmuls).

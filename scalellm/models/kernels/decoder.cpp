@@ -3,18 +3,9 @@
 // (scalellm/models/llama.py's DecoderLayer with KernelOps and int8 / int4 linears), in the same order, on the same
 // tensors, so a row comes out the same bits either way. What it removes is the Python around them: ~10 calls per
 // layer, each through pybind and torch's module machinery: a fifth of a step at one sequence (9.8 ms to 7.6 on AVX2).
-#include <torch/extension.h>
+#include "entry_points.h"
 
 #include <vector>
-
-at::Tensor q_q8_mm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& d, const at::Tensor& m, int64_t n,
-                   int64_t bits);
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& blocks,
-                        const at::Tensor& lengths, int64_t block_size, double scale, bool bf16_dot);
-at::Tensor rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps);
-at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
-                   at::Tensor cache, const at::Tensor& slots, int64_t heads, int64_t kv_heads);
-at::Tensor silu_mul(const at::Tensor& gate_up);
 
 namespace {
 
