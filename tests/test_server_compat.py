@@ -178,10 +178,11 @@ def test_num_return_sequences_samples_reproducibly(server: RunningServer) -> Non
 
 def test_optional_outputs_only_when_asked(server: RunningServer) -> None:
     url = f"{server.http_url}/v2/models/ensemble/generate"
-    status, plain = http_json(url, {"text_input": PARIS, "max_tokens": 8})
+    prompt = chatml("What is the capital of France?", system="You are a helpful assistant. " * 20)  # > 1 KV block
+    status, plain = http_json(url, {"text_input": prompt, "max_tokens": 8})
     assert status == 200, plain
     assert not {"arrival_time_ns", "num_input_tokens", "cum_log_probs", "output_log_probs"} & set(plain)
-    status, full = http_json(url, {"text_input": PARIS, "max_tokens": 8, "return_perf_metrics": True,
+    status, full = http_json(url, {"text_input": prompt, "max_tokens": 8, "return_perf_metrics": True,
                                    "return_num_input_tokens": True, "return_log_probs": True})
     assert status == 200, full
     assert full["num_input_tokens"] > 8 and full["num_output_tokens"] == plain["num_output_tokens"]
