@@ -152,7 +152,7 @@ def test_responses_in_official_shapes_detokenise_byte_exactly(tokenizer, text: s
         for out in outputs(tokens, step=1):
             if not seq.pacer.add(out) and not seq.pacer.due():  # as the llm's sender does, keeping up
                 continue
-            tensors = response.tensors(request, seq, seq.pacer.take())
+            tensors = response.tensors(request, seq, seq.pacer.take(), LIMITS.block_size)
             if tensors is None:
                 continue
             assert tensors["output_ids"].shape[:2] == (1, 1)  # [batch, beam, tokens]

@@ -48,7 +48,7 @@ def _i32(value: int) -> np.ndarray:
 
 
 def tensors(request: LLMRequest, seq: SequenceProgress, out: RequestOutput,
-            block_size: int = 16) -> dict[str, np.ndarray] | None:
+            block_size: int) -> dict[str, np.ndarray] | None:
     """The response for ``out`` (one engine output, or several merged; not streaming: the whole output), or None
     when there is nothing to send."""
     final = out.finish_reason is not None
