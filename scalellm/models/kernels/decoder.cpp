@@ -69,7 +69,9 @@ class DecoderStack {
 };
 
 void bind_decoder_stack(pybind11::module& module) {
-  pybind11::class_<DecoderStack>(module, "DecoderStack",
+  // module_local: each instruction set's build is its own module with its own DecoderStack, and a process (the
+  // tests) may load several of them.
+  pybind11::class_<DecoderStack>(module, "DecoderStack", pybind11::module_local(),
                                  "a dense decoder stack's layers in one call, every row on the generated path")
       .def(pybind11::init<int64_t, int64_t, double, bool>(), pybind11::arg("heads"), pybind11::arg("kv_heads"),
            pybind11::arg("scale"), pybind11::arg("bf16_dot"))
