@@ -110,35 +110,50 @@ void direct_rows(const uint16_t* x, const uint8_t* wp, const float* dp, const fl
   }
 }
 
-// Rows [0, m) of one panel on the tile unit, two groups of 16 rows at a time on the same weights; the last group,
-// when short, from ``tail`` (its rows padded with zero rows to 16).
+// Rows [0, m) of one or two panels (``second`` null: one) on the tile unit, two groups of 16 rows at a time on both
+// panels' weights: per step of 32 k, two A and two B tiles loaded for four products. The last group, when short,
+// comes from ``tail`` (its rows padded with zero rows to 16). Each output's sum runs over k in the same steps
+// whatever the pairing: the bits do not depend on it.
 template <class Unit>
-void tile_rows(const uint16_t* x, const uint16_t* tail, const uint8_t* panel, int64_t m, int64_t k, at::BFloat16* y,
-               int64_t n, int64_t cols) {
-  using tiles::A0, tiles::A1, tiles::B0, tiles::C0, tiles::C1, tiles::kLineBytes;
+void tile_rows(const uint16_t* x, const uint16_t* tail, const uint8_t* first, const uint8_t* second, int64_t m,
+               int64_t k, at::BFloat16* y, int64_t n, int64_t cols, int64_t second_cols) {
+  using tiles::A0, tiles::A1, tiles::B0, tiles::B1, tiles::C0, tiles::C1, tiles::C2, tiles::C3, tiles::kLineBytes;
   constexpr int64_t kTileRows = tiles::kRows;  // (kRows above is the dot-product kernel's)
   const int64_t groups = (m + kTileRows - 1) / kTileRows, full = m / kTileRows;
-  alignas(64) float sums[2][kTileRows * 16];
+  const bool both = second != nullptr;
+  alignas(64) float sums[4][kTileRows * 16];  // C0..C3: [row group + 2 * panel]
   auto rows_of = [&](int64_t g) { return g < full ? x + g * kTileRows * k : tail; };
   for (int64_t g = 0; g < groups; g += 2) {
     const bool two = g + 1 < groups;
     const uint16_t *a0 = rows_of(g), *a1 = two ? rows_of(g + 1) : nullptr;
     Unit::template zero<C0>();
     if (two) Unit::template zero<C1>();
+    if (both) Unit::template zero<C2>();
+    if (both && two) Unit::template zero<C3>();
     for (int64_t s = 0; s < k / 32; ++s) {
-      Unit::template load<B0>(panel + s * 1024, kLineBytes);
+      Unit::template load<B0>(first + s * 1024, kLineBytes);
       Unit::template load<A0>(a0 + s * 32, k * 2);
       Unit::template dot_bf16<C0, A0, B0>();
+      if (both) {
+        Unit::template load<B1>(second + s * 1024, kLineBytes);
+        Unit::template dot_bf16<C2, A0, B1>();
+      }
       if (two) {
         Unit::template load<A1>(a1 + s * 32, k * 2);
         Unit::template dot_bf16<C1, A1, B0>();
+        if (both) Unit::template dot_bf16<C3, A1, B1>();
       }
     }
     Unit::template store<C0>(sums[0], kLineBytes);
     if (two) Unit::template store<C1>(sums[1], kLineBytes);
-    for (int h = 0; h < (two ? 2 : 1); ++h) {
-      const int64_t r0 = (g + h) * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
-      for (int64_t i = 0; i < rows; ++i) store16(y + (r0 + i) * n, load16(sums[h] + i * 16), cols);
+    if (both) Unit::template store<C2>(sums[2], kLineBytes);
+    if (both && two) Unit::template store<C3>(sums[3], kLineBytes);
+    for (int p = 0; p < (both ? 2 : 1); ++p) {
+      for (int h = 0; h < (two ? 2 : 1); ++h) {
+        const int64_t r0 = (g + h) * kTileRows, rows = std::min<int64_t>(kTileRows, m - r0);
+        for (int64_t i = 0; i < rows; ++i)
+          store16(y + (r0 + i) * n + 16 * p, load16(sums[h + 2 * p] + i * 16), p == 0 ? cols : second_cols);
+      }
     }
   }
 }
@@ -147,22 +162,26 @@ template <int Bits, class Unit>
 void q_bf16_mm(const uint16_t* x, const uint8_t* wp, const float* dp, const float* mp, int64_t m, int64_t k,
                int64_t n, at::BFloat16* out, bool on_tiles) {
   const int64_t panels = (n + 15) / 16, blocks = k / 32;
-  const int64_t grain = panel_grain(m, k, panels);
   constexpr bool kCoded = Bits <= 8;
   std::vector<uint16_t> tail;
   if (on_tiles && m % tiles::kRows) {
     tail.assign(tiles::kRows * k, 0);
     std::memcpy(tail.data(), x + m / tiles::kRows * tiles::kRows * k, (m % tiles::kRows) * k * sizeof(uint16_t));
   }
-  team::Grabs grabs(panels, grain);
+  // On tiles a unit of work is two panels (tile_rows); on dot products one.
+  const int64_t per_unit = on_tiles ? 2 : 1, units = (panels + per_unit - 1) / per_unit;
+  team::Grabs grabs(units, panel_grain(m, per_unit * k, units));
   team::run([&] {
-    std::unique_ptr<__m512i[]> buffer(new __m512i[kCoded && (on_tiles || m > kDirectRows) ? k / 2 : 1]);
+    const int64_t widened = kCoded && (on_tiles || m > kDirectRows) ? k / 2 : 1;
+    std::unique_ptr<__m512i[]> buffer(new __m512i[per_unit * widened]);
     if (on_tiles) Unit::configure(tiles::config_for(64));  // A: 32 k of bf16
     for (int64_t begin, end; grabs.next(begin, end);)
-    for (int64_t g = begin; g < end; ++g) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t g = u * per_unit, c0 = g * 16, cols = std::min<int64_t>(16, n - c0);
+      const bool pair = on_tiles && g + 1 < panels;
       const uint8_t* wg = wp + g * k * 2 * Bits;
-      const int64_t c0 = g * 16, cols = std::min<int64_t>(16, n - c0);
       const __m512i* panel = reinterpret_cast<const __m512i*>(wg);
+      const __m512i* second = pair ? reinterpret_cast<const __m512i*>(wg + k * 2 * Bits) : nullptr;
       if constexpr (kCoded) {
         const float *dg = dp + g * blocks * 16, *mg = mp + g * blocks * 16;
         if (!on_tiles && m <= kDirectRows) {
@@ -171,9 +190,18 @@ void q_bf16_mm(const uint16_t* x, const uint8_t* wp, const float* dp, const floa
         }
         widen_panel<Bits>(wg, dg, mg, k, buffer.get());
         panel = buffer.get();
+        if (pair) {
+          widen_panel<Bits>(wg + k * 2 * Bits, dg + blocks * 16, mg + blocks * 16, k, buffer.get() + widened);
+          second = buffer.get() + widened;
+        }
       }
-      if (on_tiles) tile_rows<Unit>(x, tail.data(), reinterpret_cast<const uint8_t*>(panel), m, k, out + c0, n, cols);
-      else all_rows(x, panel, m, k, out + c0, n, cols);
+      if (on_tiles) {
+        tile_rows<Unit>(x, tail.data(), reinterpret_cast<const uint8_t*>(panel),
+                        reinterpret_cast<const uint8_t*>(second), m, k, out + c0, n, cols,
+                        pair ? std::min<int64_t>(16, n - c0 - 16) : 0);
+      } else {
+        all_rows(x, panel, m, k, out + c0, n, cols);
+      }
     }
     if (on_tiles) Unit::release();
   });

@@ -5,10 +5,11 @@
 // and float steps on every AVX-512 machine, against the dot-product kernels; on an AMX machine the hardware unit
 // runs the same kernels and the same tests.
 //
-// Tiles are fixed per role (an AMX instruction names its tiles in its encoding): C0, C1 the products (16 rows x 16
+// Tiles are fixed per role (an AMX instruction names its tiles in its encoding): C0..C3 the products (16 rows x 16
 // columns of int32 or float32), A0, A1 16 rows of activations, B0, B1 a 16-column block of weights.
 // q_q8.cpp: C0 = A0 B0 and C1 = A1 B1 (two 32-weight blocks in flight, int8: A 16 x 32 bytes, B 8 x 64);
-// q_bf16.cpp: C0 = A0 B0 and C1 = A1 B0 (two groups of 16 rows on one panel step, bf16: A and B 16 x 64 bytes).
+// q_bf16.cpp: C0 = A0 B0, C1 = A1 B0, C2 = A0 B1, C3 = A1 B1 (two groups of 16 rows on two panels, per step of 32
+// k: bf16, A and B 16 x 64 bytes; four products for four tile loads).
 #pragma once
 #include <ATen/ATen.h>
 #include <cpuid.h>
@@ -21,7 +22,7 @@
 
 namespace scalellm::tiles {
 
-enum Tile : int { C0 = 0, C1 = 1, A0 = 2, A1 = 3, B0 = 4, B1 = 5 };
+enum Tile : int { C0 = 0, C1 = 1, A0 = 2, A1 = 3, B0 = 4, B1 = 5, C2 = 6, C3 = 7 };
 constexpr int kRows = 16;       // activation rows per tile (A and C rows)
 constexpr int kLineBytes = 64;  // a full tile row; B's and C's rows: 16 columns x 4 bytes
 
@@ -37,7 +38,7 @@ static_assert(sizeof(Config) == 64);
 // A and B shapes for the products C (16 x 64 bytes) = A (16 rows x a_bytes) B (a_bytes / 4 rows x 64 bytes).
 inline Config config_for(int a_bytes) {
   Config config;
-  for (int t : {C0, C1}) config.rows[t] = kRows, config.colsb[t] = kLineBytes;
+  for (int t : {C0, C1, C2, C3}) config.rows[t] = kRows, config.colsb[t] = kLineBytes;
   for (int t : {A0, A1}) config.rows[t] = kRows, config.colsb[t] = static_cast<uint16_t>(a_bytes);
   for (int t : {B0, B1}) config.rows[t] = static_cast<uint8_t>(a_bytes / 4), config.colsb[t] = kLineBytes;
   return config;
@@ -165,16 +166,20 @@ struct Amx {
 
   template <int T>
   static void zero() {
-    static_assert(T == C0 || T == C1, "the kernels zero C tiles");
+    static_assert(T == C0 || T == C1 || T == C2 || T == C3, "the kernels zero C tiles");
     if constexpr (T == C0) _tile_zero(0);
-    else _tile_zero(1);
+    else if constexpr (T == C1) _tile_zero(1);
+    else if constexpr (T == C2) _tile_zero(6);
+    else _tile_zero(7);
   }
 
   template <int T>
   static void store(void* base, int64_t stride) {
-    static_assert(T == C0 || T == C1, "the kernels store C tiles");
+    static_assert(T == C0 || T == C1 || T == C2 || T == C3, "the kernels store C tiles");
     if constexpr (T == C0) _tile_stored(0, base, stride);
-    else _tile_stored(1, base, stride);
+    else if constexpr (T == C1) _tile_stored(1, base, stride);
+    else if constexpr (T == C2) _tile_stored(6, base, stride);
+    else _tile_stored(7, base, stride);
   }
 
   template <int C, int A, int B>
@@ -186,9 +191,13 @@ struct Amx {
 
   template <int C, int A, int B>
   static void dot_bf16() {
-    static_assert((C == C0 && A == A0 && B == B0) || (C == C1 && A == A1 && B == B0), "C0 = A0 B0, C1 = A1 B0");
+    static_assert((C == C0 && A == A0 && B == B0) || (C == C1 && A == A1 && B == B0) ||
+                      (C == C2 && A == A0 && B == B1) || (C == C3 && A == A1 && B == B1),
+                  "C0 = A0 B0, C1 = A1 B0, C2 = A0 B1, C3 = A1 B1");
     if constexpr (C == C0) _tile_dpbf16ps(0, 2, 4);
-    else _tile_dpbf16ps(1, 3, 4);
+    else if constexpr (C == C1) _tile_dpbf16ps(1, 3, 4);
+    else if constexpr (C == C2) _tile_dpbf16ps(6, 2, 5);
+    else _tile_dpbf16ps(7, 3, 5);
   }
 };
 
