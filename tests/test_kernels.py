@@ -33,6 +33,11 @@ def ops(request):
     return module
 
 
+def is_avx2_build(ops) -> bool:
+    """Whether ``ops`` is the AVX2 build: no bf16 dot products, no tiles (on an AMX CPU the second build is AVX-512)."""
+    return ops.tile_unit() == "none"
+
+
 def reference_q_q8(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """What q_q8_mm computes, in float64: x quantised to int8 per 32-block times the weights q * d + m."""
     rows, k = x.shape
@@ -156,9 +161,14 @@ def test_q_f32_mm_is_float32_arithmetic_on_the_weights_and_batch_invariant(ops, 
 def test_q_bf16_mm_is_bf16_products_on_the_weights_and_batch_invariant(ops, bits):
     """Prompt rows on bfloat16 activations: the weights rounded to bfloat16 times x, summed in float32, rounded
     once; each row the same bits whatever the rows around it (1-4 rows widen in registers, more on a panel)."""
-    if ops.__name__.endswith("_avx2") or not kernels.has_bf16_dot():
-        pytest.skip(f"not run: q_bf16_mm runs in the AVX-512 builds, at a level with bf16 dot products (here: "
-                    f"{cpu.level()}, {ops.__name__}; the CPU lacks {cpu.missing_flags('avx512_bf16') or 'nothing'})")
+    if is_avx2_build(ops):  # no bf16 dot products there: it says so
+        q, d, m, _ = coded_weights(4)
+        with pytest.raises(RuntimeError, match="q_bf16_mm needs the AVX-512 build"):
+            ops.q_bf16_mm(torch.randn(3, q.shape[1]).bfloat16(), *kernels.pack_panels(q, d, m, 4), q.shape[0], 4)
+        return
+    if not kernels.has_bf16_dot():
+        pytest.skip(f"not run: q_bf16_mm's AVX-512 build needs a level with bf16 dot products (here: {cpu.level()}; "
+                    f"the CPU lacks {cpu.missing_flags('avx512_bf16') or 'nothing'})")
     assert_bf16_products_rows_alone(ops.q_bf16_mm, bits)
 
 
@@ -238,7 +248,7 @@ def test_paged_decode_matches_gathered_attention(ops, dtype, cache_dtype, heads,
     width = 13
     tables = torch.randperm(80)[: batch * width].view(batch, width)
     q = torch.randn(batch, heads, dim).to(dtype)
-    if bf16_dot and ops.__name__.endswith("_avx2"):  # the AVX2 build has no bf16 dot products: it says so
+    if bf16_dot and is_avx2_build(ops):  # the AVX2 build has no bf16 dot products: it says so
         with pytest.raises(RuntimeError, match="bf16 dot products need the AVX-512 build"):
             ops.paged_decode(q, cache, tables, lengths, block, dim**-0.5, bf16_dot)
         return
